@@ -1,0 +1,3 @@
+"""kbms: conversation ingestion service."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from kbms.cli import main
+
+main()

@@ -1,0 +1,87 @@
+"""The errors kbms raises, as one tree.
+
+The core raises these; the HTTP layer (``kbms.api.errors``) and the CLI map them to status and exit codes in
+one table each. Nothing here knows about HTTP.
+
+    KbmsError
+    ├── InputError                    the caller sent something we refuse (a 4xx at the HTTP edge)
+    │   ├── InvalidJson               the body is not JSON, or not UTF-8
+    │   ├── ValidationFailed          a payload or a parameter breaks its schema (one issue per field)
+    │   ├── PayloadTooLarge           the body is larger than the configured limit
+    │   ├── UnsupportedMediaType      the Content-Type is not JSON
+    │   ├── UnknownProvider           no provider of that name is registered
+    │   └── NotFound                  the requested resource does not exist
+    └── StorageUnavailable            the database cannot be reached or written right now (retryable)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldIssue:
+    """One problem with one field: a dotted path, a machine-readable issue name and a human message."""
+
+    field: str
+    issue: str
+    message: str
+
+
+class KbmsError(Exception):
+    """Base of every error kbms raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InputError(KbmsError):
+    """The input is refused; retrying the same input will fail the same way."""
+
+
+class InvalidJson(InputError):
+    """Raised when a body is not well-formed JSON (including invalid UTF-8 and lone surrogates)."""
+
+    def __init__(self, message: str = "Malformed JSON body") -> None:
+        super().__init__(message)
+
+
+class ValidationFailed(InputError):
+    """Raised when a payload (or a query parameter) breaks its schema; carries one issue per problem."""
+
+    def __init__(self, issues: list[FieldIssue], message: str = "Payload validation failed") -> None:
+        super().__init__(message)
+        self.issues = issues
+
+
+class PayloadTooLarge(InputError):
+    """Raised while reading a body as soon as it exceeds the configured limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Request body exceeds {limit} bytes")
+        self.limit = limit
+
+
+class UnsupportedMediaType(InputError):
+    """Raised when a body arrives with a Content-Type the endpoint does not read."""
+
+    def __init__(self, content_type: str, accepted: str = "application/json") -> None:
+        super().__init__(f"Content-Type {content_type!r} is not supported; send {accepted}")
+        self.content_type = content_type
+
+
+class UnknownProvider(InputError):
+    """Raised when a provider name is not in the registry."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Unknown provider {name!r}")
+        self.name = name
+
+
+class NotFound(InputError):
+    """Raised when a conversation (or another resource) does not exist or is deleted."""
+
+
+class StorageUnavailable(KbmsError):
+    """Raised when the database cannot be reached or written; the same request may succeed later."""

@@ -1,0 +1,36 @@
+"""Typed settings, read from ``KBMS_*`` environment variables when (and only when) ``Settings()`` is built."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite:///data/kbms.db"
+MIB = 1024 * 1024
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class Settings(BaseSettings):
+    """Everything an operator can configure. CLI flags override the matching variable."""
+
+    model_config = SettingsConfigDict(env_prefix="KBMS_", extra="ignore", frozen=True)
+
+    database_url: str = Field(
+        default=DEFAULT_DATABASE_URL,
+        description="sqlite:///relative/path.db, sqlite:////absolute/path.db or postgresql://user@host/db",
+    )
+    host: str = Field(default="127.0.0.1", description="Address the HTTP server binds to")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port the HTTP server listens on")
+    log_level: LogLevel = Field(default="info", description="Minimum level of the JSON log lines")
+    max_body_bytes: int = Field(default=5 * MIB, ge=1024, description="Largest request body accepted")
+    default_workspace: str = Field(
+        default="default", min_length=1, description="Workspace of pushed conversations that name none"
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
