@@ -1,0 +1,309 @@
+"""Merging what a payload says into what is stored: DESIGN.md's lifecycle rules as pure functions.
+
+Every stored value is a *register* that remembers the version of the payload that set it, and merging keeps, for
+each register, the greatest ``(version, value)``. That order is total and does not depend on arrival, so merging is
+commutative, associative and idempotent: deliveries in any order, with any duplicates, end in the same state, and
+re-applying a payload that was already applied changes nothing. Concretely:
+
+- conversation fields (subject, state, tags, assignee, channel) follow the newest payload by the provider's
+  ``updated_at``; an older payload can add parts but never rolls a field back; a payload that omits a field says
+  nothing about it;
+- messages and events are keyed by their provider id and never removed by a later payload; a message whose
+  provider ``updated_at`` is newer (an edit, a redaction) replaces the stored one, and a redacted version beats an
+  unredacted one of the same time;
+- participant role, name and email are registers of their own, so a payload that lacks an email never erases one;
+- ties (same version, different value) go to the greater canonical JSON: arbitrary, but the same on every replica.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from kbms.model import (
+    Conversation,
+    ConversationSnapshot,
+    ConversationSummary,
+    Event,
+    Message,
+    Participant,
+    Role,
+)
+
+Keyed = TypeVar("Keyed", Message, Event)
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+PREVIEW_CHARS = 120
+HEADER_FIELDS = ("subject", "state", "tags", "assignee_participant_id", "channel", "opening_message_id")
+
+
+def micros(value: datetime) -> int:
+    """Microseconds since the epoch: the exact integer form timestamps are stored and compared in."""
+    return (value - EPOCH) // timedelta(microseconds=1)
+
+
+def from_micros(value: int) -> datetime:
+    return EPOCH + timedelta(microseconds=value)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    """A value and the version (payload ``updated_at``, in microseconds) of the payload that set it."""
+
+    version: int
+    value: Any
+
+    def key(self) -> tuple[int, str]:
+        return (self.version, _canonical(self.value))
+
+
+def pick(current: Register | None, incoming: Register | None) -> Register | None:
+    """The winning register: the greater ``(version, canonical value)``; a missing one always loses."""
+    if incoming is None:
+        return current
+    if current is None or incoming.key() > current.key():
+        return incoming
+    return current
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantState:
+    id: str
+    first_seen: int
+    role: Register | None = None
+    name: Register | None = None
+    email: Register | None = None
+
+    def participant(self) -> Participant:
+        role: Role = self.role.value if self.role is not None else "system"
+        return Participant(
+            id=self.id,
+            role=role,
+            name=self.name.value if self.name is not None else None,
+            email=self.email.value if self.email is not None else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationState:
+    """Everything stored about one conversation, with the versions merging needs."""
+
+    id: str
+    provider: str
+    workspace: str
+    external_id: str
+    created_at: int
+    updated_at: int
+    revision: int
+    header: dict[str, Register] = field(default_factory=dict)
+    participants: dict[str, ParticipantState] = field(default_factory=dict)
+    messages: dict[str, Message] = field(default_factory=dict)
+    events: dict[str, Event] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class MergeResult:
+    """The merged state and which of its parts differ from the state merged into."""
+
+    state: ConversationState
+    header_changed: bool
+    participants: frozenset[str]
+    messages: frozenset[str]
+    events: frozenset[str]
+
+    @property
+    def changed(self) -> bool:
+        return self.header_changed or bool(self.participants or self.messages or self.events)
+
+
+def message_key(message: Message) -> tuple[int, bool, str]:
+    updated = message.updated_at or message.sent_at
+    return (micros(updated), message.redacted, message.model_dump_json())
+
+
+def event_key(event: Event) -> tuple[int, str]:
+    return (micros(event.occurred_at), event.model_dump_json())
+
+
+def _merge_participant(
+    current: ParticipantState | None,
+    obs_id: str,
+    role: Register | None,
+    name: Register | None,
+    email: Register | None,
+    seen: int,
+) -> ParticipantState:
+    if current is None:
+        return ParticipantState(id=obs_id, first_seen=seen, role=role, name=name, email=email)
+    return ParticipantState(
+        id=obs_id,
+        first_seen=min(current.first_seen, seen),
+        role=pick(current.role, role),
+        name=pick(current.name, name),
+        email=pick(current.email, email),
+    )
+
+
+def _upsert_by_key(
+    stored: dict[str, Keyed], incoming: Iterable[Keyed], key: Callable[[Keyed], tuple[Any, ...]]
+) -> tuple[dict[str, Keyed], set[str]]:
+    merged = dict(stored)
+    changed: set[str] = set()
+    for item in incoming:
+        current = merged.get(item.id)
+        # A strictly greater key is always a different value, so every replacement is a change.
+        if current is None or key(item) > key(current):
+            changed.add(item.id)
+            merged[item.id] = item
+    return merged, changed
+
+
+def merge(state: ConversationState, snapshot: ConversationSnapshot) -> MergeResult:
+    """Merge one payload's snapshot into a stored conversation; pure, and safe to repeat."""
+    version = micros(snapshot.version)
+
+    header = dict(state.header)
+    observed = snapshot.header.model_fields_set
+    for name in HEADER_FIELDS:
+        if name in observed:
+            value = getattr(snapshot.header, name)
+            winner = pick(header.get(name), Register(version, list(value) if name == "tags" else value))
+            assert winner is not None
+            header[name] = winner
+    created_at = min(state.created_at, micros(snapshot.created_at))
+    updated_at = max(state.updated_at, version)
+    header_changed = header != state.header or created_at != state.created_at or updated_at != state.updated_at
+
+    participants = dict(state.participants)
+    changed_participants: set[str] = set()
+    for obs in snapshot.participants:
+        merged = _merge_participant(
+            participants.get(obs.id),
+            obs.id,
+            role=Register(version, obs.role) if obs.role is not None else None,
+            name=Register(version, obs.name) if obs.name is not None else None,
+            email=Register(version, obs.email) if obs.email is not None else None,
+            seen=micros(obs.seen_at),
+        )
+        if merged != participants.get(obs.id):
+            changed_participants.add(obs.id)
+            participants[obs.id] = merged
+
+    messages, changed_messages = _upsert_by_key(state.messages, snapshot.messages, message_key)
+    events, changed_events = _upsert_by_key(state.events, snapshot.events, event_key)
+
+    merged_state = replace(
+        state,
+        created_at=created_at,
+        updated_at=updated_at,
+        header=header,
+        participants=participants,
+        messages=messages,
+        events=events,
+    )
+    result = MergeResult(
+        state=merged_state,
+        header_changed=header_changed,
+        participants=frozenset(changed_participants),
+        messages=frozenset(changed_messages),
+        events=frozenset(changed_events),
+    )
+    if result.changed:
+        result = replace(result, state=replace(merged_state, revision=state.revision + 1))
+    return result
+
+
+def new_state(conversation_id: str, snapshot: ConversationSnapshot) -> ConversationState:
+    """The state of a conversation seen for the first time (revision 1)."""
+    empty = ConversationState(
+        id=conversation_id,
+        provider=snapshot.provider,
+        workspace=snapshot.workspace,
+        external_id=snapshot.external_id,
+        created_at=micros(snapshot.created_at),
+        updated_at=micros(snapshot.version),
+        revision=0,
+    )
+    return replace(merge(empty, snapshot).state, revision=1)
+
+
+def id_order(value: str) -> tuple[int, int, str]:
+    """Numeric ids in numeric order (Intercom and Zendesk ids grow with creation), then the rest as text."""
+    if value.isascii() and value.isdigit():
+        return (0, len(value.lstrip("0")), value.lstrip("0"))
+    return (1, 0, value)
+
+
+def ordered_messages(state: ConversationState) -> list[Message]:
+    """The opening message first, then by time; parts sharing a second keep the provider's id order.
+
+    Sorting by the provider id rather than by arrival keeps the order the same whatever order deliveries came in.
+    """
+    opening = state.header.get("opening_message_id")
+    opening_id = opening.value if opening is not None else None
+    return sorted(
+        state.messages.values(),
+        key=lambda m: (m.id != opening_id, micros(m.sent_at), id_order(m.id)),
+    )
+
+
+def render(state: ConversationState) -> Conversation:
+    """The consumer-facing detail of a stored conversation."""
+
+    def value(name: str, default: Any = None) -> Any:
+        register = state.header.get(name)
+        return register.value if register is not None else default
+
+    return Conversation(
+        id=state.id,
+        provider=state.provider,
+        external_id=state.external_id,
+        workspace=state.workspace,
+        created_at=from_micros(state.created_at),
+        updated_at=from_micros(state.updated_at),
+        participants=tuple(
+            p.participant() for p in sorted(state.participants.values(), key=lambda p: (p.first_seen, id_order(p.id)))
+        ),
+        messages=tuple(ordered_messages(state)),
+        subject=value("subject"),
+        state=value("state"),
+        tags=tuple(value("tags", ())),
+        assignee_participant_id=value("assignee_participant_id"),
+        channel=value("channel"),
+        events=tuple(sorted(state.events.values(), key=lambda e: (micros(e.occurred_at), id_order(e.id)))),
+        revision=state.revision,
+    )
+
+
+def preview(content: str) -> str:
+    """One line of at most ``PREVIEW_CHARS`` characters; an ellipsis says it was cut."""
+    line = " ".join(content.split())
+    if len(line) <= PREVIEW_CHARS:
+        return line
+    return line[: PREVIEW_CHARS - 1].rstrip() + "…"
+
+
+def summarize(conversation: Conversation) -> ConversationSummary:
+    """The list item of a conversation detail."""
+    last = conversation.messages[-1] if conversation.messages else None
+    return ConversationSummary(
+        id=conversation.id,
+        provider=conversation.provider,
+        external_id=conversation.external_id,
+        workspace=conversation.workspace,
+        created_at=conversation.created_at,
+        updated_at=conversation.updated_at,
+        participant_count=len(conversation.participants),
+        message_count=len(conversation.messages),
+        last_message_at=last.sent_at if last is not None else None,
+        last_message_preview=preview(last.content) if last is not None else None,
+        subject=conversation.subject,
+        state=conversation.state,
+    )

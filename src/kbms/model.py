@@ -1,0 +1,168 @@
+"""The internal model: what every provider maps into and what every consumer reads.
+
+This is the contract's single source of truth. It is strict (``extra="forbid"``) and frozen; fields are only ever
+added. Two invariants hold for every instance, whichever provider produced it:
+
+- strings carry no NUL character (PostgreSQL cannot store one, and no consumer wants one);
+- timestamps are timezone-aware UTC, serialized as ISO-8601 with ``Z``.
+
+``ConversationSnapshot`` is not part of the contract: it is what one provider payload says about a conversation,
+before it is merged with what is already stored (see ``kbms.merge``).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _strip_nul(value: str) -> str:
+    return value.replace("\x00", "") if "\x00" in value else value
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("timestamps must be timezone-aware")
+    return value.astimezone(UTC)
+
+
+Text = Annotated[str, AfterValidator(_strip_nul)]
+UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
+
+Role = Literal["customer", "agent", "bot", "system"]
+State = Literal["open", "closed", "snoozed", "pending", "solved"]
+Visibility = Literal["public", "internal"]
+EventType = Literal["assigned", "opened", "closed", "snoozed", "unsnoozed", "priority_changed", "tagged", "other"]
+IngestResult = Literal["created", "updated", "unchanged"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Attachment(_Frozen):
+    """A file attached to a message, as the provider describes it (kbms does not download it)."""
+
+    name: Text | None = None
+    url: Text | None = None
+    content_type: Text | None = None
+    size: int | None = None
+
+
+class Participant(_Frozen):
+    """Someone who took part: ``id`` is the provider's id for them."""
+
+    id: Text
+    role: Role
+    name: Text | None = None
+    email: Text | None = None
+
+
+class Message(_Frozen):
+    """One message. ``content`` is plain text; ``content_html`` keeps the provider's HTML when there was any."""
+
+    id: Text
+    author_participant_id: Text | None
+    sent_at: UtcDatetime
+    content: Text
+    content_html: Text | None = None
+    visibility: Visibility = "public"
+    attachments: tuple[Attachment, ...] = ()
+    redacted: bool = False
+    provider_type: Text | None = None
+    updated_at: UtcDatetime | None = Field(
+        default=None, description="When the provider last changed the message (an edit or a redaction)"
+    )
+
+
+class Event(_Frozen):
+    """A change of state that is not a message: an assignment, a close, a snooze, ..."""
+
+    id: Text
+    type: EventType
+    provider_type: Text | None = None
+    actor_participant_id: Text | None = None
+    occurred_at: UtcDatetime
+
+
+class Conversation(_Frozen):
+    """The conversation detail served by ``GET /internal/conversations/{id}``."""
+
+    id: str
+    provider: str
+    external_id: Text
+    workspace: Text
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+    participants: tuple[Participant, ...]
+    messages: tuple[Message, ...]
+    subject: Text | None = None
+    state: State | None = None
+    tags: tuple[Text, ...] = ()
+    assignee_participant_id: Text | None = None
+    channel: Text | None = None
+    events: tuple[Event, ...] = ()
+    revision: int = Field(ge=1)
+
+
+class ConversationSummary(_Frozen):
+    """One item of ``GET /internal/conversations``."""
+
+    id: str
+    provider: str
+    external_id: Text
+    workspace: Text
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+    participant_count: int
+    message_count: int
+    last_message_at: UtcDatetime | None = None
+    last_message_preview: Text | None = None
+    subject: Text | None = None
+    state: State | None = None
+
+
+class ParticipantObservation(_Frozen):
+    """What one payload says about one participant; ``None`` means the payload did not say."""
+
+    id: Text
+    role: Role | None = None
+    name: Text | None = None
+    email: Text | None = None
+    seen_at: UtcDatetime
+
+
+class ConversationHeader(_Frozen):
+    """Conversation-level fields of one payload.
+
+    Only the fields a payload actually carried are in ``model_fields_set``: a webhook that omits ``tags`` says
+    nothing about tags, while one that sends an empty tag list says there are none.
+    """
+
+    subject: Text | None = None
+    state: State | None = None
+    tags: tuple[Text, ...] = ()
+    assignee_participant_id: Text | None = None
+    channel: Text | None = None
+    opening_message_id: Text | None = None
+
+
+class ConversationSnapshot(_Frozen):
+    """Everything one provider payload says about one conversation, ready to be merged into storage."""
+
+    provider: str
+    workspace: Text
+    external_id: Text
+    created_at: UtcDatetime
+    version: UtcDatetime = Field(description="The provider's updated_at: newer payloads win field conflicts")
+    header: ConversationHeader
+    participants: tuple[ParticipantObservation, ...] = ()
+    messages: tuple[Message, ...] = ()
+    events: tuple[Event, ...] = ()
+
+
+def utc_from_timestamp(seconds: float) -> datetime:
+    """A UTC datetime from unix seconds."""
+    return datetime.fromtimestamp(seconds, tz=UTC)
