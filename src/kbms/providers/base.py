@@ -1,0 +1,59 @@
+"""What a provider is, and the one way raw bytes become a validated provider payload."""
+
+from __future__ import annotations
+
+from typing import Protocol, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from kbms.errors import FieldIssue, InvalidJson, ValidationFailed
+from kbms.model import ConversationSnapshot
+
+MAX_ISSUES = 50
+ROOT_FIELD = "body"
+
+Payload = TypeVar("Payload", bound=BaseModel)
+
+
+class Provider(Protocol):
+    """A source of conversations. Implementations live in ``providers/<name>/`` and are listed in the registry."""
+
+    @property
+    def name(self) -> str:
+        """The provider's name in URLs, in stored rows and in the ``provider`` field of the contract."""
+        ...
+
+    @property
+    def push_schema(self) -> type[BaseModel]:
+        """The schema of a directly pushed conversation (documents the request body in OpenAPI)."""
+        ...
+
+    def parse_push(self, body: bytes, *, workspace: str) -> ConversationSnapshot:
+        """Validate and map a pushed conversation; raises ``InvalidJson`` or ``ValidationFailed``."""
+        ...
+
+
+def validate_json(schema: type[Payload], body: bytes) -> Payload:
+    """Parse and validate raw bytes in one pass, translating pydantic's errors into kbms's."""
+    try:
+        return schema.model_validate_json(body)
+    except ValidationError as exc:
+        raise _translate(exc) from None
+
+
+def _translate(exc: ValidationError) -> InvalidJson | ValidationFailed:
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    if any(error["type"] == "json_invalid" for error in errors):
+        return InvalidJson()
+    issues = [
+        FieldIssue(
+            field=".".join(str(part) for part in error["loc"]) or ROOT_FIELD,
+            issue=error["type"],
+            message=error["msg"],
+        )
+        for error in errors[:MAX_ISSUES]
+    ]
+    if len(errors) > MAX_ISSUES:
+        more = len(errors) - MAX_ISSUES
+        issues.append(FieldIssue(field=ROOT_FIELD, issue="too_many_errors", message=f"{more} more not shown"))
+    return ValidationFailed(issues)

@@ -1,0 +1,94 @@
+"""Field types shared by provider schemas: tolerant of how providers spell things, strict about what they mean.
+
+- ids arrive as strings or integers; they are kept as trimmed strings and may not be empty;
+- timestamps arrive as unix seconds or ISO-8601 strings; booleans and floats are refused (a float is usually a
+  millisecond or fractional mistake), and so is anything outside 1970-2100 (milliseconds sent as seconds land there).
+
+Every error raised here names a stable issue, reported at the field's own dotted path.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, PlainValidator, WithJsonSchema
+from pydantic_core import PydanticCustomError
+
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2101, 1, 1, tzinfo=UTC)  # exclusive: "within 1970-2100"
+
+
+def _id(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise PydanticCustomError("string_type", "Input should be a string or an integer")
+    text = str(value).replace("\x00", "").strip()
+    if not text:
+        raise PydanticCustomError("string_too_short", "Id should not be empty")
+    return text
+
+
+def _optional_id(value: Any) -> str | None:
+    """Optional ids: null, "" and whitespace all mean "none" (Intercom sends each of them)."""
+    if value is None or (isinstance(value, str) and not value.replace("\x00", "").strip()):
+        return None
+    return _id(value)
+
+
+def _optional_text(value: Any) -> Any:
+    """Empty strings are null: providers send "" for "not set"."""
+    if isinstance(value, str) and not value.strip():
+        return None
+    return value
+
+
+def parse_timestamp(value: Any) -> datetime:
+    """A UTC datetime from unix seconds (int or digit string) or an ISO-8601 string."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise PydanticCustomError("timestamp_type", "Input should be unix seconds (an integer) or an ISO-8601 string")
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isascii() and text.isdigit():
+            value = int(text)
+        else:
+            try:
+                parsed = datetime.fromisoformat(text)
+            except ValueError:
+                raise PydanticCustomError(
+                    "timestamp_parsing", "Input should be an ISO-8601 timestamp or unix seconds"
+                ) from None
+            result = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+            return _in_range(result)
+    try:
+        result = datetime.fromtimestamp(value, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        raise _out_of_range() from None
+    return _in_range(result)
+
+
+def _in_range(value: datetime) -> datetime:
+    if not EARLIEST <= value < LATEST:
+        raise _out_of_range()
+    return value
+
+
+def _out_of_range() -> PydanticCustomError:
+    return PydanticCustomError("timestamp_range", "Timestamp should be between 1970-01-01 and 2100-12-31")
+
+
+_ID_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1}, {"type": "integer"}]}
+_TIMESTAMP_SCHEMA = {
+    "anyOf": [
+        {"type": "integer", "minimum": 0, "description": "unix seconds"},
+        {"type": "string", "format": "date-time"},
+    ]
+}
+
+Id = Annotated[str, PlainValidator(_id), WithJsonSchema(_ID_SCHEMA)]
+OptionalId = Annotated[
+    str | None,
+    PlainValidator(_optional_id),
+    WithJsonSchema({"anyOf": [*_ID_SCHEMA["anyOf"], {"type": "string"}, {"type": "null"}]}),
+]
+Timestamp = Annotated[datetime, PlainValidator(parse_timestamp), WithJsonSchema(_TIMESTAMP_SCHEMA)]
+OptionalText = Annotated[str | None, BeforeValidator(_optional_text)]

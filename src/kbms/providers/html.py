@@ -1,0 +1,98 @@
+"""Provider HTML to readable plain text, with selectolax (lexbor).
+
+Rules: block elements (paragraphs, list items, headings, ...) start and end lines, ``<br>`` is a line break,
+entities are decoded, link text is kept (the URL is markup), ``<script>``/``<style>`` are dropped. Spaces are
+collapsed within lines, lines are trimmed and runs of blank lines become one. A body with no markup at all is
+treated as plain text, so its newlines survive (Intercom webhooks from API 2.15 on may carry plain text).
+"""
+
+from __future__ import annotations
+
+import re
+
+from selectolax.lexbor import LexborHTMLParser
+
+_MARKUP = re.compile(r"<[A-Za-z!/]|&(?:#\d+|#[xX][0-9A-Fa-f]+|[A-Za-z][A-Za-z0-9]*);")
+_SPACES = re.compile(r"[ \t\f\v\r\u00a0\u200b]+")
+_BLANK_RUNS = re.compile(r"\n{3,}")
+_HTML_WHITESPACE = re.compile(r"[ \t\n\f\r]+")
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+BLOCK_TAGS = _words(
+    "address article aside blockquote center dd details dialog div dl dt fieldset figcaption figure footer form "
+    "h1 h2 h3 h4 h5 h6 header hr li main nav ol p pre section summary table tbody thead tfoot tr ul"
+)
+SKIPPED_TAGS = _words("script style template head title noscript iframe object svg")
+CELL_TAGS = frozenset(("td", "th"))
+
+_SOFT = "\x01"  # a block boundary: at most one line break, however many blocks meet there
+
+
+def looks_like_html(text: str) -> bool:
+    return _MARKUP.search(text) is not None
+
+
+def html_to_text(html: str) -> str:
+    """Readable text of an HTML fragment (or of plain text, which passes through normalized)."""
+    if not looks_like_html(html):
+        return _tidy(html.replace("\r\n", "\n"))
+    body = LexborHTMLParser(html).body
+    if body is None:
+        return ""
+    out: list[str] = []
+    pre_depth = 0
+    # Iterative walk: hostile input can nest far deeper than Python's recursion limit.
+    stack: list[tuple[object, bool]] = [(child, False) for child in reversed(list(body.iter(include_text=True)))]
+    while stack:
+        node, leaving = stack.pop()
+        tag = node.tag  # type: ignore[attr-defined]
+        if leaving:
+            if tag == "pre":
+                pre_depth -= 1
+            if tag in BLOCK_TAGS:
+                out.append(_SOFT)
+            elif tag in CELL_TAGS:
+                out.append(" ")
+            continue
+        if tag == "-text":
+            text = node.text_content or ""  # type: ignore[attr-defined]
+            out.append(text if pre_depth else _HTML_WHITESPACE.sub(" ", text))
+            continue
+        if tag in SKIPPED_TAGS or tag == "_comment":
+            continue
+        if tag == "br":
+            out.append("\n")
+            continue
+        if tag in BLOCK_TAGS:
+            out.append(_SOFT)
+        if tag == "pre":
+            pre_depth += 1
+        stack.append((node, True))
+        stack.extend((child, False) for child in reversed(list(node.iter(include_text=True))))  # type: ignore[attr-defined]
+    return _tidy(_resolve_breaks(out))
+
+
+def _resolve_breaks(pieces: list[str]) -> str:
+    text: list[str] = []
+    at_line_start = True
+    for piece in pieces:
+        if piece == _SOFT:
+            if not at_line_start:
+                text.append("\n")
+                at_line_start = True
+            continue
+        # Whitespace between blocks ("</p>\n<p>") is not content: it must not open a blank line.
+        if not piece or (at_line_start and "\n" not in piece and not piece.strip()):
+            continue
+        text.append(piece)
+        at_line_start = piece.endswith("\n")
+    return "".join(text)
+
+
+def _tidy(text: str) -> str:
+    lines = [_SPACES.sub(" ", line).strip() for line in text.replace("\x00", "").split("\n")]
+    return _BLANK_RUNS.sub("\n\n", "\n".join(lines)).strip("\n")

@@ -1,0 +1,229 @@
+"""Intercom conversation -> ``ConversationSnapshot``. Pure: a typed payload in, a new model out.
+
+The evidence for each rule is in ``fixtures/intercom/SOURCES.md``:
+
+- the opening message is ``source`` (2.x) or ``conversation_message`` (1.x), never a part;
+- any part with a body is a message, whatever its ``part_type``: customers and agents write inside ``open``,
+  ``assignment``, ``close`` and ``note_and_reopen`` parts too; ``note*`` parts are internal;
+- assignment and state-change parts are events as well (an ``assignment`` with a body is both), and a part
+  without a body of any other type is kept as an ``other`` event: ``part_type`` is an open set;
+- unassigned is ``0``, ``null`` or ``{"type": "nobody_admin", "id": null}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from kbms.model import (
+    Attachment,
+    ConversationHeader,
+    ConversationSnapshot,
+    Event,
+    EventType,
+    Message,
+    ParticipantObservation,
+    Role,
+    State,
+)
+from kbms.providers.html import html_to_text, looks_like_html
+from kbms.providers.intercom.schema import (
+    IntercomAttachment,
+    IntercomContact,
+    IntercomConversation,
+    IntercomPart,
+    IntercomPartAuthor,
+)
+
+PROVIDER = "intercom"
+OPENING_PROVIDER_TYPE = "conversation_message"
+
+ROLES: dict[str, Role] = {
+    "user": "customer",
+    "lead": "customer",
+    "contact": "customer",
+    "admin": "agent",
+    "team": "agent",
+    "bot": "bot",
+}
+EVENT_TYPES: dict[str, EventType] = {
+    "assignment": "assigned",
+    "default_assignment": "assigned",
+    "away_mode_assignment": "assigned",
+    "assign_and_reopen": "assigned",
+    "assign_and_unsnooze": "assigned",
+    "open": "opened",
+    "note_and_reopen": "opened",
+    "close": "closed",
+    "snoozed": "snoozed",
+    "unsnoozed": "unsnoozed",
+    "timer_unsnooze": "unsnoozed",
+    "priority_changed": "priority_changed",
+}
+STATES: frozenset[State] = frozenset(("open", "closed", "snoozed"))
+# ``source.type`` is the channel in 2.x ("conversation" is the Messenger); 1.x only says "conversation_message".
+CHANNELS = {"conversation": "messenger", OPENING_PROVIDER_TYPE: None}
+UNASSIGNED = frozenset(("0",))
+
+
+def to_snapshot(conversation: IntercomConversation, *, workspace: str) -> ConversationSnapshot:
+    """Map one Intercom conversation object to what it says about the conversation."""
+    created_at = conversation.created_at
+    version = conversation.updated_at or created_at
+    messages: list[Message] = []
+    events: list[Event] = []
+    opening = conversation.opening
+    opening_id = opening.id or conversation.id
+    if opening.body.strip() or opening.attachments:
+        messages.append(
+            Message(
+                id=opening_id,
+                author_participant_id=opening.author.id,
+                sent_at=created_at,
+                visibility="public",
+                attachments=_attachments(opening.attachments),
+                redacted=bool(opening.redacted),
+                provider_type=OPENING_PROVIDER_TYPE,
+                **_content(opening.body),
+            )
+        )
+    for part in conversation.parts:
+        message, event = _map_part(part, fallback_time=version)
+        if message is not None:
+            messages.append(message)
+        if event is not None:
+            events.append(event)
+    return ConversationSnapshot(
+        provider=PROVIDER,
+        workspace=workspace,
+        external_id=conversation.id,
+        created_at=created_at,
+        version=version,
+        header=_header(conversation, opening_id),
+        participants=tuple(_participants(conversation, version)),
+        messages=tuple(messages),
+        events=tuple(events),
+    )
+
+
+def _map_part(part: IntercomPart, *, fallback_time: datetime) -> tuple[Message | None, Event | None]:
+    part_type = part.part_type
+    sent_at = part.created_at or fallback_time
+    author_id = part.author.id if part.author is not None else None
+    message = None
+    if (part.body and part.body.strip()) or part.attachments:
+        message = Message(
+            id=part.id,
+            author_participant_id=author_id,
+            sent_at=sent_at,
+            visibility="internal" if part_type and part_type.startswith("note") else "public",
+            attachments=_attachments(part.attachments),
+            redacted=bool(part.redacted),
+            provider_type=part_type,
+            updated_at=part.updated_at,
+            **_content(part.body or ""),
+        )
+    event_type = EVENT_TYPES.get(part_type or "")
+    if event_type is None and message is None:
+        event_type = "other"
+    event = None
+    if event_type is not None:
+        event = Event(
+            id=part.id,
+            type=event_type,
+            provider_type=part_type,
+            actor_participant_id=author_id,
+            occurred_at=sent_at,
+        )
+    return message, event
+
+
+def _content(body: str) -> dict[str, Any]:
+    return {"content": html_to_text(body), "content_html": body if looks_like_html(body) else None}
+
+
+def _attachments(items: list[IntercomAttachment] | None) -> tuple[Attachment, ...]:
+    return tuple(Attachment(name=a.name, url=a.url, content_type=a.content_type, size=a.filesize) for a in items or ())
+
+
+def _header(conversation: IntercomConversation, opening_id: str) -> ConversationHeader:
+    given = conversation.model_fields_set
+    fields: dict[str, Any] = {"opening_message_id": opening_id, "subject": _subject(conversation)}
+    if "state" in given or "open" in given:
+        fields["state"] = _state(conversation)
+    if "tags" in given:
+        names = (tag.name.strip() for tag in (conversation.tags.tags if conversation.tags else ()) if tag.name)
+        fields["tags"] = tuple(dict.fromkeys(names))
+    if given & {"admin_assignee_id", "team_assignee_id", "assignee"}:
+        assignee = _assignee(conversation)
+        fields["assignee_participant_id"] = assignee.id if assignee is not None else None
+    channel = _channel(conversation)
+    if channel is not None:
+        fields["channel"] = channel
+    return ConversationHeader(**fields)
+
+
+def _subject(conversation: IntercomConversation) -> str | None:
+    for candidate in (conversation.opening.subject, conversation.title):
+        if candidate:
+            text = " ".join(html_to_text(candidate).split())
+            if text:
+                return text
+    return None
+
+
+def _state(conversation: IntercomConversation) -> State | None:
+    state = conversation.state
+    if state in STATES:
+        return state
+    if conversation.open is not None:
+        return "open" if conversation.open else "closed"
+    return None
+
+
+def _channel(conversation: IntercomConversation) -> str | None:
+    if conversation.channel is not None and (conversation.channel.current or conversation.channel.initial):
+        return conversation.channel.current or conversation.channel.initial
+    source_type = conversation.opening.type
+    if source_type is None:
+        return None
+    return CHANNELS.get(source_type, source_type)
+
+
+def _assignee(conversation: IntercomConversation) -> IntercomPartAuthor | None:
+    if conversation.admin_assignee_id and conversation.admin_assignee_id not in UNASSIGNED:
+        return IntercomPartAuthor(id=conversation.admin_assignee_id, type="admin")
+    legacy = conversation.assignee
+    if legacy is not None and legacy.id and legacy.id not in UNASSIGNED and legacy.type != "nobody_admin":
+        return legacy
+    if conversation.team_assignee_id and conversation.team_assignee_id not in UNASSIGNED:
+        return IntercomPartAuthor(id=conversation.team_assignee_id, type="team")
+    return None
+
+
+def _participants(conversation: IntercomConversation, version: datetime) -> Iterator[ParticipantObservation]:
+    created_at = conversation.created_at
+    author = conversation.opening.author
+    yield _observe(author.id, author.type, author.name, author.email, seen_at=created_at)
+    for part in conversation.parts:
+        a = part.author
+        if a is not None and a.id is not None:
+            yield _observe(a.id, a.type, a.name, a.email, seen_at=part.created_at or version)
+    assignee = _assignee(conversation)
+    if assignee is not None and assignee.id is not None:
+        yield _observe(assignee.id, assignee.type or "admin", assignee.name, assignee.email, seen_at=version)
+    contacts: list[IntercomContact] = list(conversation.contacts.contacts) if conversation.contacts else []
+    contacts += conversation.customers or []
+    if conversation.user is not None:
+        contacts.append(conversation.user)
+    for contact in contacts:
+        if contact.id:
+            yield _observe(contact.id, contact.type or "contact", contact.name, contact.email, seen_at=created_at)
+
+
+def _observe(
+    participant_id: str, author_type: str | None, name: str | None, email: str | None, *, seen_at: datetime
+) -> ParticipantObservation:
+    role = ROLES.get(author_type, "system") if author_type is not None else None
+    return ParticipantObservation(id=participant_id, role=role, name=name, email=email, seen_at=seen_at)

@@ -1,0 +1,139 @@
+"""Intercom's conversation object, read tolerantly (``extra="allow"``): only what kbms maps is declared.
+
+Both API shapes are accepted: 1.x puts the opening message in ``conversation_message``, 2.x in ``source``
+(webhooks follow the app's API version, so both arrive). The original design's required subset applies to
+whichever is present: ``id``, ``created_at``, the opening message's ``body`` and ``author.id``. When neither is
+present the error names ``conversation_message``, as the original design does. Parts need an ``id``.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from kbms.providers.fields import Id, OptionalId, OptionalText, Timestamp
+
+
+class _Tolerant(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class IntercomAuthor(_Tolerant):
+    """An author whose id is required (the opening message's)."""
+
+    id: Id
+    type: OptionalText = None
+    name: OptionalText = None
+    email: OptionalText = None
+
+
+class IntercomPartAuthor(_Tolerant):
+    """An author of a part or an assignee: nothing required (``nobody_admin`` has ``id: null``)."""
+
+    id: OptionalId = None
+    type: OptionalText = None
+    name: OptionalText = None
+    email: OptionalText = None
+
+
+class IntercomAttachment(_Tolerant):
+    name: OptionalText = None
+    url: OptionalText = None
+    content_type: OptionalText = None
+    filesize: int | None = None
+
+
+class IntercomOpeningMessage(_Tolerant):
+    """``conversation_message`` (1.x) or ``source`` (2.x): the message that opened the conversation."""
+
+    id: OptionalId = None
+    type: OptionalText = None
+    subject: str | None = None
+    body: str
+    author: IntercomAuthor
+    attachments: list[IntercomAttachment] | None = None
+    redacted: bool | None = None
+
+
+class IntercomPart(_Tolerant):
+    id: Id
+    part_type: OptionalText = None
+    body: str | None = None
+    created_at: Timestamp | None = None
+    updated_at: Timestamp | None = None
+    author: IntercomPartAuthor | None = None
+    attachments: list[IntercomAttachment] | None = None
+    redacted: bool | None = None
+
+
+class IntercomPartList(_Tolerant):
+    conversation_parts: list[IntercomPart] = Field(default_factory=list)
+
+
+class IntercomTag(_Tolerant):
+    name: OptionalText = None
+
+
+class IntercomTagList(_Tolerant):
+    tags: list[IntercomTag] = Field(default_factory=list)
+
+
+class IntercomContact(_Tolerant):
+    id: OptionalId = None
+    type: OptionalText = None
+    name: OptionalText = None
+    email: OptionalText = None
+
+
+class IntercomContactList(_Tolerant):
+    contacts: list[IntercomContact] = Field(default_factory=list)
+
+
+class IntercomChannel(_Tolerant):
+    initial: OptionalText = None
+    current: OptionalText = None
+
+
+class IntercomConversation(_Tolerant):
+    """A conversation as ``GET /conversations/{id}`` returns it, or as a webhook's ``data.item`` carries it."""
+
+    id: Id
+    created_at: Timestamp
+    updated_at: Timestamp | None = None
+    # ``source`` is declared first so the check on ``conversation_message`` can see it.
+    source: IntercomOpeningMessage | None = None
+    conversation_message: IntercomOpeningMessage | None = Field(default=None, validate_default=True)
+    conversation_parts: IntercomPartList | None = None
+    state: OptionalText = None
+    open: bool | None = None
+    title: str | None = None
+    tags: IntercomTagList | None = None
+    channel: IntercomChannel | None = None
+    # 2.x assignees are bare ids; 1.x carries an admin object (``nobody_admin`` when unassigned).
+    admin_assignee_id: OptionalId = None
+    team_assignee_id: OptionalId = None
+    assignee: IntercomPartAuthor | None = None
+    contacts: IntercomContactList | None = None
+    customers: list[IntercomContact] | None = None
+    user: IntercomContact | None = None
+
+    @field_validator("conversation_message")
+    @classmethod
+    def _opening_message_required(
+        cls, value: IntercomOpeningMessage | None, info: ValidationInfo
+    ) -> IntercomOpeningMessage | None:
+        # An absent (or null) ``source`` is in ``info.data`` as None; one that failed its own validation is not
+        # there at all, and must not be reported a second time as "missing".
+        if value is None and "source" in info.data and info.data["source"] is None:
+            raise PydanticCustomError("missing", "Field required")
+        return value
+
+    @property
+    def opening(self) -> IntercomOpeningMessage:
+        opening = self.source or self.conversation_message
+        assert opening is not None  # guaranteed by _opening_message_required
+        return opening
+
+    @property
+    def parts(self) -> list[IntercomPart]:
+        return self.conversation_parts.conversation_parts if self.conversation_parts else []
