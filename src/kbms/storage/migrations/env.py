@@ -1,0 +1,23 @@
+"""Alembic environment: runs on the connection kbms hands over (``kbms migrate``), or on ``sqlalchemy.url``."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import Connection, create_engine
+
+from kbms.storage.schema import metadata
+
+
+def _run(connection: Connection) -> None:
+    # render_as_batch: SQLite cannot ALTER most things; batch mode rebuilds the table instead.
+    context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+connection = context.config.attributes.get("connection")
+if connection is not None:
+    _run(connection)
+else:
+    with create_engine(context.config.get_main_option("sqlalchemy.url") or "").connect() as conn:
+        _run(conn)

@@ -1,0 +1,144 @@
+"""The tables, in SQLAlchemy Core: one definition for SQLite and PostgreSQL.
+
+Migrations (``storage/migrations``) create exactly this; a test compares the two. Timestamps are integer
+microseconds since the epoch (UTC): exact, engine-independent, and they sort. JSON columns are plain text so both
+engines return the bytes that were written.
+
+The unique keys are what make ingestion exact under concurrency; no read-then-write check in Python replaces them:
+- ``conversations (provider, workspace, external_id)``: one row per provider conversation;
+- ``messages``/``events``/``participants`` keyed by ``(conversation_pk, provider id)``;
+- ``ledger (provider, delivery_key)``: one row per delivery (a notification id, or the body's hash).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+
+# Named constraints, so migrations can refer to them on both engines.
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# SQLite's INTEGER PRIMARY KEY is the rowid; PostgreSQL needs BIGINT to count past 2**31.
+PrimaryKey = BigInteger().with_variant(Integer(), "sqlite")
+
+conversations = Table(
+    "conversations",
+    metadata,
+    Column("pk", PrimaryKey, primary_key=True, autoincrement=True),
+    Column("id", String(36), nullable=False, unique=True),
+    Column("provider", String(64), nullable=False),
+    Column("workspace", Text, nullable=False),
+    Column("external_id", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    Column("revision", Integer, nullable=False),
+    Column("subject", Text),
+    Column("state", String(16)),
+    Column("channel", Text),
+    Column("assignee_participant_id", Text),
+    # {field: [version, value]} for every conversation field a payload has set (see kbms.merge).
+    Column("header", Text, nullable=False),
+    Column("participant_count", Integer, nullable=False),
+    Column("message_count", Integer, nullable=False),
+    Column("last_message_at", BigInteger),
+    Column("last_message_preview", Text),
+    # The read model: the detail JSON exactly as GET /internal/conversations/{id} serves it.
+    Column("detail", Text, nullable=False),
+    Column("changed_at", BigInteger, nullable=False),
+    Column("deleted_at", BigInteger),
+    UniqueConstraint("provider", "workspace", "external_id"),
+)
+# Keyset pagination, newest-updated first, over live conversations.
+Index(
+    "ix_conversations_live_updated",
+    conversations.c.updated_at.desc(),
+    conversations.c.pk.desc(),
+    sqlite_where=text("deleted_at IS NULL"),
+    postgresql_where=text("deleted_at IS NULL"),
+)
+
+participants = Table(
+    "participants",
+    metadata,
+    Column("conversation_pk", PrimaryKey, ForeignKey("conversations.pk", ondelete="CASCADE"), nullable=False),
+    Column("participant_id", Text, nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("name", Text),
+    Column("email", Text),
+    Column("first_seen", BigInteger, nullable=False),
+    # {attribute: [version, value]} for role, name and email (see kbms.merge).
+    Column("registers", Text, nullable=False),
+    PrimaryKeyConstraint("conversation_pk", "participant_id"),
+    sqlite_with_rowid=False,
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("conversation_pk", PrimaryKey, ForeignKey("conversations.pk", ondelete="CASCADE"), nullable=False),
+    Column("message_id", Text, nullable=False),
+    Column("author_participant_id", Text),
+    Column("sent_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger),
+    Column("content", Text, nullable=False),
+    Column("content_html", Text),
+    Column("visibility", String(16), nullable=False),
+    Column("attachments", Text, nullable=False),
+    Column("redacted", Boolean, nullable=False),
+    Column("provider_type", Text),
+    PrimaryKeyConstraint("conversation_pk", "message_id"),
+    sqlite_with_rowid=False,
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("conversation_pk", PrimaryKey, ForeignKey("conversations.pk", ondelete="CASCADE"), nullable=False),
+    Column("event_id", Text, nullable=False),
+    Column("type", String(32), nullable=False),
+    Column("provider_type", Text),
+    Column("actor_participant_id", Text),
+    Column("occurred_at", BigInteger, nullable=False),
+    PrimaryKeyConstraint("conversation_pk", "event_id"),
+    sqlite_with_rowid=False,
+)
+
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("pk", PrimaryKey, primary_key=True, autoincrement=True),
+    Column("provider", String(64), nullable=False),
+    Column("workspace", Text, nullable=False),
+    Column("kind", String(16), nullable=False),  # push | webhook
+    Column("topic", Text),
+    Column("delivery_key", Text, nullable=False),
+    Column("body_hash", String(64), nullable=False),
+    Column("received_at", BigInteger, nullable=False),
+    Column("outcome", String(16), nullable=False),  # created | updated | unchanged | ignored | rejected
+    Column("error", Text),
+    Column("conversation_pk", PrimaryKey, ForeignKey("conversations.pk", ondelete="SET NULL")),
+    Column("body", LargeBinary, nullable=False),
+    UniqueConstraint("provider", "delivery_key"),
+)
+Index("ix_ledger_received", ledger.c.received_at, ledger.c.pk)

@@ -1,0 +1,74 @@
+"""The ``Store`` contract over SQL. Backends decide how a write or a read reaches a connection."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import partial
+from typing import TypeVar
+
+from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from kbms.errors import FieldIssue, StorageUnavailable
+from kbms.merge import micros
+from kbms.model import Conversation, ConversationSnapshot
+from kbms.storage import sql
+from kbms.storage.base import Applied, Cursor, Delivery, KnownDelivery, Page
+
+T = TypeVar("T")
+Job = Callable[[Connection], T]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Errors that say the database cannot be used right now (down, locked, read-only, full), not a bug."""
+    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+
+
+def unavailable(exc: BaseException) -> StorageUnavailable:
+    # The driver's message can carry SQL parameters (payload data): keep it out of what the caller sees.
+    return StorageUnavailable(f"Database unavailable ({type(exc.__cause__ or exc).__name__})")
+
+
+class SqlStore(abc.ABC):
+    """Implements ``kbms.storage.base.Store`` with the statements of ``kbms.storage.sql``."""
+
+    def __init__(self, statements: sql.Sql, *, clock: Callable[[], datetime] = utc_now) -> None:
+        self._sql = statements
+        self._clock = clock
+
+    @abc.abstractmethod
+    async def _write(self, job: Job[T]) -> T:
+        """Run ``job`` inside a write transaction; return once that transaction is committed."""
+
+    @abc.abstractmethod
+    async def _read(self, job: Job[T]) -> T:
+        """Run ``job`` on a connection that sees committed data."""
+
+    async def ingest(self, delivery: Delivery, snapshot: ConversationSnapshot) -> Applied:
+        now = micros(self._clock())
+        return await self._write(partial(sql.apply_delivery, self._sql, delivery=delivery, snapshot=snapshot, now=now))
+
+    async def reject(self, delivery: Delivery, issues: list[FieldIssue]) -> None:
+        await self._write(partial(sql.record_rejection, self._sql, delivery=delivery, issues=issues))
+
+    async def find_delivery(self, provider: str, delivery_key: str) -> KnownDelivery | None:
+        return await self._read(partial(sql.find_delivery, provider=provider, delivery_key=delivery_key))
+
+    async def get_conversation(self, conversation_id: str) -> Conversation | None:
+        return await self._read(partial(sql.get_detail, conversation_id=conversation_id))
+
+    async def get_conversation_json(self, conversation_id: str) -> bytes | None:
+        text = await self._read(partial(sql.get_detail_json, conversation_id=conversation_id))
+        return None if text is None else text.encode()
+
+    async def list_conversations(self, *, limit: int, cursor: Cursor | None) -> Page:
+        return await self._read(partial(sql.list_page, limit=limit, cursor=cursor))
+
+    async def ping(self) -> None:
+        await self._read(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
