@@ -1,0 +1,42 @@
+"""Reading request bodies: media type checked first, size enforced while the bytes arrive."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from kbms.errors import PayloadTooLarge, UnsupportedMediaType
+
+
+def is_json(content_type: str | None) -> bool:
+    """``application/json``, ``application/*+json``, in UTF-8 (RFC 8259); a missing header is taken as JSON."""
+    if not content_type:
+        return True
+    media_type, _, params = content_type.partition(";")
+    media_type = media_type.strip().lower()
+    if media_type != "application/json" and not (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        return False
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            return False
+    return True
+
+
+async def read_json_body(request: Request, *, limit: int) -> bytes:
+    """The raw body, refused with 415 if not JSON and with 413 as soon as it exceeds ``limit`` bytes."""
+    content_type = request.headers.get("content-type")
+    if not is_json(content_type):
+        raise UnsupportedMediaType(content_type or "")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)

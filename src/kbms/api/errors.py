@@ -1,0 +1,105 @@
+"""Errors to HTTP, in one table. The only place that knows status codes for kbms's errors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException
+
+from kbms.api.schemas import ErrorBody, ErrorDetail
+from kbms.errors import (
+    FieldIssue,
+    InvalidJson,
+    KbmsError,
+    NotFound,
+    PayloadTooLarge,
+    StorageUnavailable,
+    UnknownProvider,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = "1"
+STATUS: dict[type[KbmsError], tuple[int, str]] = {
+    InvalidJson: (400, "invalid_json"),
+    ValidationFailed: (422, "validation_error"),
+    NotFound: (404, "not_found"),
+    UnknownProvider: (404, "not_found"),
+    PayloadTooLarge: (413, "payload_too_large"),
+    UnsupportedMediaType: (415, "unsupported_media_type"),
+    StorageUnavailable: (503, "unavailable"),
+}
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+LOCATIONS = frozenset(("body", "query", "path", "header", "cookie"))
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    details: Sequence[FieldIssue] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body = ErrorBody(
+        error_code=code,
+        message=message,
+        details=None
+        if details is None
+        else [ErrorDetail(field=d.field, issue=d.issue, message=d.message) for d in details],
+    )
+    return Response(body.model_dump_json(), status_code=status, media_type="application/json", headers=headers)
+
+
+async def _kbms_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, KbmsError)
+    status, code = next((v for cls, v in STATUS.items() if isinstance(exc, cls)), (500, "internal_error"))
+    details = exc.issues if isinstance(exc, ValidationFailed) else None
+    headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
+    if status == 503:
+        log.warning("storage unavailable: %s", exc.message)
+    return error_response(status, code, exc.message, details, headers)
+
+
+def _field(loc: Sequence[Any]) -> str:
+    parts = list(loc)
+    if len(parts) > 1 and parts[0] in LOCATIONS:
+        parts = parts[1:]
+    return ".".join(str(p) for p in parts)
+
+
+async def _request_validation(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    issues = [FieldIssue(_field(e.get("loc", ())), e.get("type", "invalid"), e.get("msg", "")) for e in exc.errors()]
+    return error_response(422, "validation_error", "Request validation failed", issues)
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = HTTP_CODES.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), None, dict(exc.headers or {}))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    # The trace goes to the log, never to the client.
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", "Internal server error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(KbmsError, _kbms_error)
+    app.add_exception_handler(RequestValidationError, _request_validation)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    500: {"model": ErrorBody, "description": "Unexpected error (no trace is returned)"},
+    503: {"model": ErrorBody, "description": "Database unavailable; retry after the Retry-After delay"},
+}

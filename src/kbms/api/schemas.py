@@ -1,0 +1,55 @@
+"""Response bodies: the public HTTP contract (additive changes only)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kbms.ingest import IngestOutcome
+from kbms.model import Conversation, ConversationSummary, IngestResult
+
+# The detail is served from the read model, which is the model's own JSON: one definition, so the two cannot drift.
+# Should the HTTP shape ever need to differ from the model, give it its own class here and a converter.
+ConversationDetail = Conversation
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IngestResponse(_Body):
+    id: str = Field(description="kbms's id for the conversation (a UUID)")
+    provider: str
+    external_id: str
+    deduplicated: bool = Field(description="True when the conversation already existed")
+    result: IngestResult = Field(description="created (201), updated (200: new data merged), unchanged (200)")
+
+    @classmethod
+    def of(cls, outcome: IngestOutcome) -> IngestResponse:
+        return cls(
+            id=outcome.conversation_id,
+            provider=outcome.provider,
+            external_id=outcome.external_id,
+            deduplicated=outcome.deduplicated,
+            result=outcome.result,
+        )
+
+
+class ErrorDetail(_Body):
+    field: str = Field(description="Dotted path of the field, e.g. conversation_message.author.id")
+    issue: str = Field(description="Machine-readable issue, e.g. missing, string_type, timestamp_range")
+    message: str
+
+
+class ErrorBody(_Body):
+    error_code: str
+    message: str
+    details: list[ErrorDetail] | None = None
+
+
+class ConversationPage(_Body):
+    items: list[ConversationSummary]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null on the last page")
+
+
+class Health(_Body):
+    status: str

@@ -1,0 +1,244 @@
+"""The ``kbms`` command: serve, migrate, ingest. Errors become exit codes here, and only here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from kbms.errors import InputError, InvalidJson, KbmsError, StorageUnavailable, ValidationFailed
+from kbms.ingest import ingest_push
+from kbms.providers import REGISTRY, Provider, get_provider
+from kbms.settings import Settings
+from kbms.storage import Store, admin_engine, open_store
+from kbms.storage.migrate import current_revision, head_revision, is_current, upgrade
+
+EXIT_REJECTED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+IN_FLIGHT = 64  # concurrent ingests: enough to fill the SQLite writer's group commits
+SHOWN_REJECTS = 20
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="kbms: conversation ingestion service.")
+err = Console(stderr=True)
+out = Console()
+
+DatabaseUrl = Annotated[
+    str | None, typer.Option("--database-url", help="Overrides KBMS_DATABASE_URL", show_default=False)
+]
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+    except ValidationError as exc:
+        for error in exc.errors():
+            err.print(f"[red]configuration:[/] {'.'.join(map(str, error['loc']))}: {error['msg']}")
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def _require_current_schema(settings: Settings) -> None:
+    try:
+        engine = admin_engine(settings.database_url)
+    except ValueError as exc:
+        err.print(f"[red]KBMS_DATABASE_URL:[/] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    try:
+        if not is_current(engine):
+            found = current_revision(engine) or "empty"
+            err.print(
+                f"[red]The database schema is at {found}; this kbms needs {head_revision()}.[/] "
+                "Run [bold]kbms migrate[/] first."
+            )
+            raise typer.Exit(EXIT_USAGE)
+    finally:
+        engine.dispose()
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Overrides KBMS_HOST", show_default=False)] = None,
+    port: Annotated[int | None, typer.Option(help="Overrides KBMS_PORT", show_default=False)] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Serve the HTTP API (the schema must be migrated first)."""
+    import uvicorn
+
+    from kbms.api import create_app
+    from kbms.logs import configure_logging
+
+    settings = _settings(host=host, port=port, database_url=database_url)
+    configure_logging(settings.log_level)
+    _require_current_schema(settings)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        log_level=settings.log_level,
+        access_log=False,
+        server_header=False,
+    )
+
+
+@app.command()
+def migrate(database_url: DatabaseUrl = None) -> None:
+    """Create or upgrade the database schema (safe to run again)."""
+    settings = _settings(database_url=database_url)
+    try:
+        engine = admin_engine(settings.database_url)
+    except ValueError as exc:
+        err.print(f"[red]KBMS_DATABASE_URL:[/] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    try:
+        before = current_revision(engine)
+        upgrade(engine)
+        after = current_revision(engine)
+    finally:
+        engine.dispose()
+    if before == after:
+        out.print(f"Database already at revision {after}.")
+    else:
+        out.print(f"Database migrated from {before or 'empty'} to {after}.")
+
+
+@dataclass
+class IngestReport:
+    results: Counter[str] = field(default_factory=Counter)
+    rejects: list[tuple[int, str]] = field(default_factory=list)
+
+    def reject(self, line: int, reason: str) -> None:
+        self.results["rejected"] += 1
+        self.rejects.append((line, reason))
+
+
+def read_records(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, payload) for an NDJSON file, a JSON document, or a JSON array (item number, payload)."""
+    with path.open("rb") as handle:
+        first = handle.readline()
+        handle.seek(0)
+        head = first.lstrip()
+        if head.startswith(b"["):
+            for index, item in enumerate(json.load(handle), start=1):
+                yield index, json.dumps(item, ensure_ascii=False).encode()
+            return
+        if head and not _is_complete_json(first):
+            # The first line alone is not a document: the whole file is one (pretty-printed) JSON document.
+            yield 1, handle.read()
+            return
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                yield number, line
+
+
+def _is_complete_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
+def _reason(exc: InputError) -> str:
+    if isinstance(exc, ValidationFailed):
+        return "; ".join(f"{i.field}: {i.message} ({i.issue})" for i in exc.issues)
+    return exc.message
+
+
+async def _ingest_file(
+    store: Store, provider: Provider, path: Path, *, workspace: str, progress: Progress, size: int
+) -> IngestReport:
+    report = IngestReport()
+    task = progress.add_task("ingesting", total=size)
+    slots = asyncio.Semaphore(IN_FLIGHT)
+
+    async def one(number: int, payload: bytes) -> None:
+        try:
+            outcome = await ingest_push(store, provider, payload, workspace=workspace)
+            report.results[outcome.result] += 1
+        except (InvalidJson, ValidationFailed) as exc:
+            report.reject(number, _reason(exc))
+        finally:
+            slots.release()
+            progress.advance(task, len(payload) + 1)
+
+    async with asyncio.TaskGroup() as group:
+        for number, payload in read_records(path):
+            await slots.acquire()
+            group.create_task(one(number, payload))
+    return report
+
+
+@app.command()
+def ingest(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="NDJSON, a JSON document or array")],
+    provider: Annotated[str, typer.Option(help=f"One of: {', '.join(REGISTRY)}")] = "intercom",
+    workspace: Annotated[str | None, typer.Option(help="Workspace of the conversations")] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Ingest conversations from a file, exactly as if each had been pushed to the API."""
+    settings = _settings(database_url=database_url)
+    try:
+        source = get_provider(provider)
+    except KbmsError as exc:
+        err.print(f"[red]{exc.message}[/] (known: {', '.join(REGISTRY)})")
+        raise typer.Exit(EXIT_USAGE) from None
+    _require_current_schema(settings)
+    size = file.stat().st_size
+
+    async def run() -> IngestReport:
+        store = open_store(settings.database_url)
+        try:
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                transient=True,
+            ) as progress:
+                return await _ingest_file(
+                    store,
+                    source,
+                    file,
+                    workspace=workspace or settings.default_workspace,
+                    progress=progress,
+                    size=size,
+                )
+        finally:
+            await store.close()
+
+    try:
+        report = asyncio.run(run())
+    except* StorageUnavailable as group:
+        err.print(f"[red]{group.exceptions[0]}[/]")
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
+    _print_report(report)
+    if report.rejects:
+        raise typer.Exit(EXIT_REJECTED)
+
+
+def _print_report(report: IngestReport) -> None:
+    table = Table(title="kbms ingest")
+    for name in ("created", "updated", "unchanged", "rejected"):
+        table.add_column(name, justify="right")
+    table.add_row(*(str(report.results[name]) for name in ("created", "updated", "unchanged", "rejected")))
+    out.print(table)
+    for number, reason in sorted(report.rejects)[:SHOWN_REJECTS]:
+        out.print(f"line {number}: rejected: {reason}", markup=False, highlight=False)
+    if len(report.rejects) > SHOWN_REJECTS:
+        out.print(f"... and {len(report.rejects) - SHOWN_REJECTS} more rejected lines")
+
+
+def main() -> None:
+    app()
