@@ -235,7 +235,7 @@ def _print_report(report: IngestReport) -> None:
     table.add_row(*(str(report.results[name]) for name in ("created", "updated", "unchanged", "rejected")))
     out.print(table)
     for number, reason in sorted(report.rejects)[:SHOWN_REJECTS]:
-        out.print(f"line {number}: rejected: {reason}", markup=False, highlight=False)
+        out.print(f"line {number}: rejected: {reason}", markup=False, highlight=False, soft_wrap=True)
     if len(report.rejects) > SHOWN_REJECTS:
         out.print(f"... and {len(report.rejects) - SHOWN_REJECTS} more rejected lines")
 

@@ -1,0 +1,116 @@
+"""Test data: the recorded Intercom fixtures and the original design document's examples."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+FIXTURES = ROOT / "fixtures"
+INTERCOM = FIXTURES / "intercom"
+ORIGINAL_DESIGN = ROOT.parent / "docs" / "original-design.md"
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+def load(name: str) -> Any:
+    return json.loads((INTERCOM / name).read_text())
+
+
+def intercom_conversations() -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(fixture name, workspace, conversation object) for every fixture that carries a whole conversation."""
+    for path in sorted(INTERCOM.glob("*.json")):
+        doc = json.loads(path.read_text())
+        if doc.get("type") == "notification_event":
+            item = doc["data"]["item"]
+            if item.get("type") == "conversation" and ("source" in item or "conversation_message" in item):
+                yield path.stem, doc["app_id"], item
+        elif doc.get("type") == "conversation.list":
+            for conversation in doc["conversations"]:
+                yield path.stem, "default", conversation
+        elif doc.get("type") == "conversation":
+            yield path.stem, "default", doc
+    yield "20_airbyte_conversation_1_with_parts", "default", airbyte_conversation_with_parts("1")
+
+
+def airbyte_records() -> list[dict[str, Any]]:
+    lines = (INTERCOM / "20_rest_records_airbyte_test_workspace.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def airbyte_conversation_with_parts(conversation_id: str) -> dict[str, Any]:
+    """Airbyte emits conversations and their parts as separate records; put them back together."""
+    records = airbyte_records()
+    conversation = next(
+        r["data"] for r in records if r["stream"] == "conversations" and r["data"]["id"] == conversation_id
+    )
+    parts = [
+        r["data"]
+        for r in records
+        if r["stream"] == "conversation_parts" and str(r["data"]["conversation_id"]) == conversation_id
+    ]
+    return {**conversation, "conversation_parts": {"type": "conversation_part.list", "conversation_parts": parts}}
+
+
+def original_examples() -> dict[str, Any]:
+    """The JSON examples of the original design document, by the bold title above each."""
+    text = ORIGINAL_DESIGN.read_text()
+    examples: dict[str, Any] = {}
+    for match in re.finditer(r"\*\*(?P<title>[^*]+)\*\*\n```json\n(?P<body>.*?)```", text, re.S):
+        examples[match["title"]] = json.loads(match["body"])
+    for match in re.finditer(
+        r"(?P<title>Validation failures return[^\n]*|Malformed JSON returns:)\n+```json\n(?P<body>.*?)```", text, re.S
+    ):
+        examples[match["title"]] = json.loads(match["body"])
+    return examples
+
+
+def original_request_text() -> str:
+    """The example request exactly as written in the document (bytes matter for the ledger hash)."""
+    text = ORIGINAL_DESIGN.read_text()
+    start = text.index("**Example Request**\n```json\n") + len("**Example Request**\n```json\n")
+    return text[start : text.index("```", start)]
+
+
+def intercom_payload(
+    conversation_id: str = "c1",
+    *,
+    created_at: int = 1_700_000_000,
+    updated_at: int | None = None,
+    parts: list[dict[str, Any]] | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A minimal, valid Intercom conversation (2.x shape) with the given parts."""
+    return {
+        "type": "conversation",
+        "id": conversation_id,
+        "created_at": created_at,
+        "updated_at": updated_at if updated_at is not None else created_at,
+        "source": {
+            "type": "conversation",
+            "id": f"{conversation_id}-m0",
+            "body": "<p>Hello</p>",
+            "author": {"type": "user", "id": "u1", "name": "Ana", "email": "ana@example.com"},
+        },
+        "conversation_parts": {"type": "conversation_part.list", "conversation_parts": parts or []},
+        **fields,
+    }
+
+
+def part(part_id: str, body: str | None = "<p>Hi</p>", *, at: int = 1_700_000_100, **fields: Any) -> dict[str, Any]:
+    return {
+        "type": "conversation_part",
+        "id": part_id,
+        "part_type": "comment",
+        "body": body,
+        "created_at": at,
+        "updated_at": at,
+        "author": {"type": "admin", "id": "a1", "name": "Ben"},
+        **fields,
+    }
+
+
+def dumps(payload: Any) -> bytes:
+    return json.dumps(payload).encode()

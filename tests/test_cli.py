@@ -1,0 +1,115 @@
+"""The kbms command: migrate, ingest (NDJSON, JSON documents and arrays) and the schema check of serve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from kbms.cli import app
+from kbms.storage import admin_engine
+from kbms.storage.schema import conversations
+from tests.helpers import INTERCOM, intercom_payload, part
+
+runner = CliRunner()
+
+
+def kbms(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    result = runner.invoke(app, list(args), env=env)
+    return result.exit_code, result.output
+
+
+def counts(output: str) -> list[str]:
+    """The created / updated / unchanged / rejected cells of the summary table."""
+    row = [line for line in output.splitlines() if line.strip().startswith("│")][-1]
+    return [cell.strip() for cell in row.split("│")[1:5]]
+
+
+def test_migrate_is_idempotent(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db' / 'kbms.db'}"
+    code, output = kbms("migrate", "--database-url", url)
+    assert (code, "from empty to 0001" in output) == (0, True)
+    code, output = kbms("migrate", "--database-url", url)
+    assert (code, "already at revision 0001" in output) == (0, True)
+
+
+def test_ingest_ndjson_reports_every_outcome_with_line_numbers(tmp_path: Path, database_url: str) -> None:
+    lines = [
+        json.dumps(intercom_payload("a")),
+        "{not json",
+        json.dumps(intercom_payload("")),
+        "",
+        json.dumps(intercom_payload("b", parts=[part("p1")])),
+        json.dumps(intercom_payload("a")),
+        json.dumps(intercom_payload("b", updated_at=1_800_000_000, parts=[part("p2")])),
+    ]
+    path = tmp_path / "in.ndjson"
+    path.write_text("\n".join(lines) + "\n")
+    code, output = kbms("ingest", str(path), "--database-url", database_url)
+    assert code == 1
+    assert counts(output) == ["2", "1", "1", "2"]  # created, updated, unchanged, rejected
+    assert "line 2: rejected: Malformed JSON body" in output
+    assert "line 3: rejected: id: Id should not be empty (string_too_short)" in output
+
+
+def test_ingest_a_pretty_printed_json_document(database_url: str) -> None:
+    code, output = kbms("ingest", str(INTERCOM / "01_rest_get_conversation_v2.16.json"), "--database-url", database_url)
+    assert code == 0, output
+    assert counts(output) == ["1", "0", "0", "0"]
+
+
+def test_ingest_a_json_array(tmp_path: Path, database_url: str) -> None:
+    path = tmp_path / "many.json"
+    path.write_text(json.dumps([intercom_payload(f"c{i}") for i in range(3)], indent=2))
+    code, output = kbms("ingest", str(path), "--database-url", database_url)
+    assert code == 0, output
+    assert counts(output) == ["3", "0", "0", "0"]
+
+
+def test_ingest_uses_the_workspace_option(tmp_path: Path, database_url: str) -> None:
+    path = tmp_path / "one.ndjson"
+    path.write_text(json.dumps(intercom_payload("w")) + "\n")
+    assert kbms("ingest", str(path), "--workspace", "ws1", "--database-url", database_url)[0] == 0
+    assert kbms("ingest", str(path), "--workspace", "ws2", "--database-url", database_url)[0] == 0
+    engine = admin_engine(database_url)
+    with engine.connect() as conn:
+        workspaces = sorted(conn.execute(select(conversations.c.workspace)).scalars())
+    engine.dispose()
+    assert workspaces == ["ws1", "ws2"]
+
+
+@pytest.mark.parametrize("command", ["serve", "ingest"])
+def test_refuses_a_database_that_is_not_migrated(tmp_path: Path, command: str) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    args = ["ingest", str(INTERCOM / "01_rest_get_conversation_v2.16.json")] if command == "ingest" else ["serve"]
+    code, output = kbms(*args, "--database-url", url)
+    assert code == 2
+    assert "kbms migrate" in output
+
+
+def test_unknown_provider_is_a_usage_error(database_url: str) -> None:
+    code, output = kbms(
+        "ingest",
+        str(INTERCOM / "01_rest_get_conversation_v2.16.json"),
+        "--provider",
+        "nope",
+        "--database-url",
+        database_url,
+    )
+    assert code == 2
+    assert "Unknown provider 'nope'" in output
+
+
+def test_bad_settings_are_reported(database_url: str) -> None:
+    code, output = kbms("migrate", env={"KBMS_DATABASE_URL": database_url, "KBMS_MAX_BODY_BYTES": "lots"})
+    assert code == 2
+    assert "max_body_bytes" in output
+
+
+def test_unsupported_database_url_is_reported() -> None:
+    code, output = kbms("migrate", "--database-url", "mysql://x/y")
+    assert code == 2
+    assert "unsupported database" in output
