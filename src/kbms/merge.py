@@ -49,8 +49,13 @@ def from_micros(value: int) -> datetime:
     return EPOCH + timedelta(microseconds=value)
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+def _canonical(value: Any) -> tuple[int, str]:
+    """A total order over register values: null < strings < anything else (by its canonical JSON)."""
+    if value is None:
+        return (0, "")
+    if isinstance(value, str):
+        return (1, value)
+    return (2, json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,17 +65,16 @@ class Register:
     version: int
     value: Any
 
-    def key(self) -> tuple[int, str]:
-        return (self.version, _canonical(self.value))
-
 
 def pick(current: Register | None, incoming: Register | None) -> Register | None:
     """The winning register: the greater ``(version, canonical value)``; a missing one always loses."""
     if incoming is None:
         return current
-    if current is None or incoming.key() > current.key():
+    if current is None or incoming.version > current.version:
         return incoming
-    return current
+    if incoming.version < current.version or incoming.value == current.value:
+        return current
+    return incoming if _canonical(incoming.value) > _canonical(current.value) else current
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +265,8 @@ def render(state: ConversationState) -> Conversation:
         register = state.header.get(name)
         return register.value if register is not None else default
 
-    return Conversation(
+    # model_construct: every part is an already-validated model, and this runs on every stored change.
+    return Conversation.model_construct(
         id=state.id,
         provider=state.provider,
         external_id=state.external_id,
@@ -293,7 +298,7 @@ def preview(content: str) -> str:
 def summarize(conversation: Conversation) -> ConversationSummary:
     """The list item of a conversation detail."""
     last = conversation.messages[-1] if conversation.messages else None
-    return ConversationSummary(
+    return ConversationSummary.model_construct(
         id=conversation.id,
         provider=conversation.provider,
         external_id=conversation.external_id,

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, Table, and_, or_, select, update
-from sqlalchemy.sql.dml import Insert
+from sqlalchemy import Connection, RowMapping, Select, Table, and_, bindparam, or_, select, update
 
 from kbms.errors import FieldIssue
 from kbms.merge import ConversationState, from_micros, merge, micros, new_state
@@ -48,6 +46,8 @@ CHILD_TABLES: tuple[tuple[Table, tuple[str, ...]], ...] = (
     (messages, ("conversation_pk", "message_id")),
     (events, ("conversation_pk", "event_id")),
 )
+# What a delivery that was rejected before takes over when it is claimed again.
+LEDGER_RECLAIMED = ("workspace", "topic", "received_at", "outcome", "error", "body")
 SUMMARY_COLUMNS = (
     conversations.c.pk,
     conversations.c.id,
@@ -65,26 +65,68 @@ SUMMARY_COLUMNS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
 class Sql:
-    """The statements of one dialect."""
+    """Every statement kbms runs, built once per dialect and executed with parameters.
 
-    insert: InsertFactory
+    Why prebuilt: building a statement per call (``insert(...).values(**row)``, ``.excluded``) made SQLAlchemy
+    rebuild and re-hash it every time: 4.2 ms per delivery before any I/O (measured with cProfile). A prebuilt
+    statement executed with parameters hits the compiled cache.
+    """
 
-    def upsert(self, table: Table, keys: tuple[str, ...]) -> Insert:
-        stmt = self.insert(table)
-        return stmt.on_conflict_do_update(  # type: ignore[no-any-return]
-            index_elements=list(keys),
-            set_={c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys},
+    def __init__(self, insert: InsertFactory) -> None:
+        c = conversations.c
+        by_key = and_(
+            c.provider == bindparam("k_provider"),
+            c.workspace == bindparam("k_workspace"),
+            c.external_id == bindparam("k_external_id"),
         )
+        claim = insert(ledger)
+        self.claim = claim.on_conflict_do_update(
+            index_elements=["provider", "delivery_key"],
+            set_={name: claim.excluded[name] for name in LEDGER_RECLAIMED},
+            where=ledger.c.outcome == "rejected",
+        ).returning(ledger.c.pk)
+        # Updates executed with a parameter dict SET exactly the columns named in it.
+        self.settle = update(ledger).where(ledger.c.pk == bindparam("b_pk"))
+        self.save = update(conversations).where(c.pk == bindparam("b_pk"))
+        self.conversation_id = select(c.id).where(by_key)
+        self.create = (
+            insert(conversations)
+            .on_conflict_do_nothing(index_elements=["provider", "workspace", "external_id"])
+            .returning(c.pk)
+        )
+        self.lock = select(conversations).where(by_key).with_for_update()
+        self.children: dict[Table, tuple[Select[Any], Any, Any]] = {}
+        for table, keys in CHILD_TABLES:
+            upsert = insert(table)
+            upsert = upsert.on_conflict_do_update(
+                index_elements=list(keys),
+                set_={col.name: upsert.excluded[col.name] for col in table.columns if col.name not in keys},
+            )
+            load = select(table).where(table.c.conversation_pk == bindparam("b_pk"))
+            self.children[table] = (load, insert(table), upsert)
+        self.find_delivery = (
+            select(ledger.c.outcome, c.id, c.external_id)
+            .select_from(ledger.outerjoin(conversations, c.pk == ledger.c.conversation_pk))
+            .where(ledger.c.provider == bindparam("b_provider"), ledger.c.delivery_key == bindparam("b_key"))
+        )
+        self.detail = select(c.detail).where(c.id == bindparam("b_id"), c.deleted_at.is_(None))
+        live = select(*SUMMARY_COLUMNS).where(c.deleted_at.is_(None)).order_by(c.updated_at.desc(), c.pk.desc())
+        self.first_page = live.limit(bindparam("b_limit"))
+        self.next_page = live.where(
+            or_(
+                c.updated_at < bindparam("b_updated_at"),
+                and_(c.updated_at == bindparam("b_updated_at"), c.pk < bindparam("b_pk")),
+            )
+        ).limit(bindparam("b_limit"))
 
 
-def _key(snapshot: ConversationSnapshot) -> Any:
-    return and_(
-        conversations.c.provider == snapshot.provider,
-        conversations.c.workspace == snapshot.workspace,
-        conversations.c.external_id == snapshot.external_id,
-    )
+def _key_params(snapshot: ConversationSnapshot) -> dict[str, str]:
+    return {
+        "k_provider": snapshot.provider,
+        "k_workspace": snapshot.workspace,
+        "k_external_id": snapshot.external_id,
+    }
 
 
 def _ledger_values(delivery: Delivery, *, outcome: str, error: str | None) -> dict[str, Any]:
@@ -105,14 +147,7 @@ def _ledger_values(delivery: Delivery, *, outcome: str, error: str | None) -> di
 
 def _record(sql: Sql, conn: Connection, delivery: Delivery, *, outcome: str, error: str | None) -> int | None:
     """Insert the ledger row, or take over a previously rejected one; None when the delivery is a repeat."""
-    values = _ledger_values(delivery, outcome=outcome, error=error)
-    stmt = sql.insert(ledger).values(**values)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["provider", "delivery_key"],
-        set_={name: stmt.excluded[name] for name in ("workspace", "topic", "received_at", "outcome", "error", "body")},
-        where=ledger.c.outcome == "rejected",
-    ).returning(ledger.c.pk)
-    row = conn.execute(stmt).first()
+    row = conn.execute(sql.claim, _ledger_values(delivery, outcome=outcome, error=error)).first()
     return None if row is None else int(row[0])
 
 
@@ -120,15 +155,14 @@ def apply_delivery(
     sql: Sql, conn: Connection, delivery: Delivery, snapshot: ConversationSnapshot, *, now: int
 ) -> Applied:
     claim = _record(sql, conn, delivery, outcome="pending", error=None)
+    key = _key_params(snapshot)
     if claim is None:
-        existing = conn.execute(select(conversations.c.id).where(_key(snapshot))).first()
+        existing = conn.execute(sql.conversation_id, key).first()
         if existing is not None:
             return Applied("unchanged", str(existing[0]), snapshot.external_id, duplicate_delivery=True)
-    applied, conversation_pk = _store_snapshot(sql, conn, snapshot, now=now)
+    applied, conversation_pk = _store_snapshot(sql, conn, snapshot, key, now=now)
     if claim is not None:
-        conn.execute(
-            update(ledger).where(ledger.c.pk == claim).values(outcome=applied.result, conversation_pk=conversation_pk)
-        )
+        conn.execute(sql.settle, {"b_pk": claim, "outcome": applied.result, "conversation_pk": conversation_pk})
     return applied
 
 
@@ -137,29 +171,23 @@ def record_rejection(sql: Sql, conn: Connection, delivery: Delivery, issues: lis
     _record(sql, conn, delivery, outcome="rejected", error=error)
 
 
-def _store_snapshot(sql: Sql, conn: Connection, snapshot: ConversationSnapshot, *, now: int) -> tuple[Applied, int]:
+def _store_snapshot(
+    sql: Sql, conn: Connection, snapshot: ConversationSnapshot, key: dict[str, str], *, now: int
+) -> tuple[Applied, int]:
     state = new_state(str(uuid.uuid4()), snapshot)
-    stmt = (
-        sql.insert(conversations)
-        .values(**conversation_values(state, changed_at=now))
-        .on_conflict_do_nothing(index_elements=["provider", "workspace", "external_id"])
-        .returning(conversations.c.pk)
-    )
-    row = conn.execute(stmt).first()
+    row = conn.execute(sql.create, conversation_values(state, changed_at=now)).first()
     if row is not None:
         pk = int(row[0])
         _write_children(sql, conn, pk, state, state.participants, state.messages, state.events, fresh=True)
         return Applied("created", state.id, state.external_id), pk
 
-    pk, stored = load_state(conn, _key(snapshot), for_update=True)
+    pk, stored = load_state(sql, conn, key)
     result = merge(stored, snapshot)
     if not result.changed:
         return Applied("unchanged", stored.id, stored.external_id), pk
     merged = result.state
     _write_children(sql, conn, pk, merged, result.participants, result.messages, result.events, fresh=False)
-    conn.execute(
-        update(conversations).where(conversations.c.pk == pk).values(**conversation_values(merged, changed_at=now))
-    )
+    conn.execute(sql.save, {**conversation_values(merged, changed_at=now), "b_pk": pk})
     return Applied("updated", merged.id, merged.external_id), pk
 
 
@@ -179,18 +207,16 @@ def _write_children(
         [message_values(pk, state.messages[i]) for i in message_ids],
         [event_values(pk, state.events[i]) for i in event_ids],
     )
-    for (table, keys), values in zip(CHILD_TABLES, rows, strict=True):
+    for (table, _keys), values in zip(CHILD_TABLES, rows, strict=True):
         if values:
+            _load, insert, upsert = sql.children[table]
             # A fresh conversation has no children yet: a plain insert is enough (and cheaper).
-            conn.execute(sql.insert(table) if fresh else sql.upsert(table, keys), values)
+            conn.execute(insert if fresh else upsert, values)
 
 
-def load_state(conn: Connection, where: Any, *, for_update: bool) -> tuple[int, ConversationState]:
-    """The stored merge state of one conversation (which must exist), optionally row-locked."""
-    query = select(conversations).where(where)
-    if for_update:
-        query = query.with_for_update()
-    row = conn.execute(query).mappings().one()
+def load_state(sql: Sql, conn: Connection, key: dict[str, str]) -> tuple[int, ConversationState]:
+    """The stored merge state of one conversation (which must exist), row-locked where the engine can."""
+    row = conn.execute(sql.lock, key).mappings().one()
     pk = int(row["pk"])
     state = ConversationState(
         id=row["id"],
@@ -201,50 +227,41 @@ def load_state(conn: Connection, where: Any, *, for_update: bool) -> tuple[int, 
         updated_at=row["updated_at"],
         revision=row["revision"],
         header=decode_registers(row["header"]),
-        participants={p.id: p for p in map(participant_from_row, _children(conn, participants, pk))},
-        messages={m.id: m for m in map(message_from_row, _children(conn, messages, pk))},
-        events={e.id: e for e in map(event_from_row, _children(conn, events, pk))},
+        participants={p.id: p for p in map(participant_from_row, _children(sql, conn, participants, pk))},
+        messages={m.id: m for m in map(message_from_row, _children(sql, conn, messages, pk))},
+        events={e.id: e for e in map(event_from_row, _children(sql, conn, events, pk))},
     )
     return pk, state
 
 
-def _children(conn: Connection, table: Table, pk: int) -> Iterable[RowMapping]:
-    return conn.execute(select(table).where(table.c.conversation_pk == pk)).mappings()
+def _children(sql: Sql, conn: Connection, table: Table, pk: int) -> Iterable[RowMapping]:
+    return conn.execute(sql.children[table][0], {"b_pk": pk}).mappings()
 
 
-def find_delivery(conn: Connection, provider: str, delivery_key: str) -> KnownDelivery | None:
-    row = conn.execute(
-        select(ledger.c.outcome, conversations.c.id, conversations.c.external_id)
-        .select_from(ledger.outerjoin(conversations, conversations.c.pk == ledger.c.conversation_pk))
-        .where(ledger.c.provider == provider, ledger.c.delivery_key == delivery_key)
-    ).first()
+def find_delivery(sql: Sql, conn: Connection, provider: str, delivery_key: str) -> KnownDelivery | None:
+    row = conn.execute(sql.find_delivery, {"b_provider": provider, "b_key": delivery_key}).first()
     if row is None:
         return None
     return KnownDelivery(outcome=row[0], conversation_id=row[1], external_id=row[2])
 
 
-def get_detail_json(conn: Connection, conversation_id: str) -> str | None:
-    row = conn.execute(
-        select(conversations.c.detail).where(
-            conversations.c.id == conversation_id, conversations.c.deleted_at.is_(None)
-        )
-    ).first()
+def get_detail_json(sql: Sql, conn: Connection, conversation_id: str) -> str | None:
+    row = conn.execute(sql.detail, {"b_id": conversation_id}).first()
     return None if row is None else str(row[0])
 
 
-def get_detail(conn: Connection, conversation_id: str) -> Conversation | None:
-    text = get_detail_json(conn, conversation_id)
+def get_detail(sql: Sql, conn: Connection, conversation_id: str) -> Conversation | None:
+    text = get_detail_json(sql, conn, conversation_id)
     return None if text is None else Conversation.model_validate_json(text)
 
 
-def list_page(conn: Connection, *, limit: int, cursor: Cursor | None) -> Page:
-    c = conversations.c
-    query = select(*SUMMARY_COLUMNS).where(c.deleted_at.is_(None))
-    if cursor is not None:
-        query = query.where(
-            or_(c.updated_at < cursor.updated_at, and_(c.updated_at == cursor.updated_at, c.pk < cursor.pk))
-        )
-    rows = conn.execute(query.order_by(c.updated_at.desc(), c.pk.desc()).limit(limit + 1)).mappings().all()
+def list_page(sql: Sql, conn: Connection, *, limit: int, cursor: Cursor | None) -> Page:
+    if cursor is None:
+        result = conn.execute(sql.first_page, {"b_limit": limit + 1})
+    else:
+        params = {"b_limit": limit + 1, "b_updated_at": cursor.updated_at, "b_pk": cursor.pk}
+        result = conn.execute(sql.next_page, params)
+    rows = result.mappings().all()
     items = [_summary(row) for row in rows[:limit]]
     last = rows[limit - 1] if len(rows) > limit else None
     next_cursor = Cursor(updated_at=last["updated_at"], pk=last["pk"]) if last is not None else None

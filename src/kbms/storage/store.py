@@ -58,17 +58,17 @@ class SqlStore(abc.ABC):
         await self._write(partial(sql.record_rejection, self._sql, delivery=delivery, issues=issues))
 
     async def find_delivery(self, provider: str, delivery_key: str) -> KnownDelivery | None:
-        return await self._read(partial(sql.find_delivery, provider=provider, delivery_key=delivery_key))
+        return await self._read(partial(sql.find_delivery, self._sql, provider=provider, delivery_key=delivery_key))
 
     async def get_conversation(self, conversation_id: str) -> Conversation | None:
-        return await self._read(partial(sql.get_detail, conversation_id=conversation_id))
+        return await self._read(partial(sql.get_detail, self._sql, conversation_id=conversation_id))
 
     async def get_conversation_json(self, conversation_id: str) -> bytes | None:
-        text = await self._read(partial(sql.get_detail_json, conversation_id=conversation_id))
+        text = await self._read(partial(sql.get_detail_json, self._sql, conversation_id=conversation_id))
         return None if text is None else text.encode()
 
     async def list_conversations(self, *, limit: int, cursor: Cursor | None) -> Page:
-        return await self._read(partial(sql.list_page, limit=limit, cursor=cursor))
+        return await self._read(partial(sql.list_page, self._sql, limit=limit, cursor=cursor))
 
     async def ping(self) -> None:
         await self._read(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
