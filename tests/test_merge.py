@@ -140,20 +140,25 @@ def test_messages_are_never_lost_and_fields_follow_the_newest_payload(deliveries
     assert detail.updated_at == max(d.version for d in deliveries)
 
 
-def test_older_snapshot_adds_parts_but_never_rolls_fields_back() -> None:
-    def snapshot(version: int, state: str, part: str) -> ConversationSnapshot:
-        return ConversationSnapshot(
-            provider="intercom",
-            workspace="w",
-            external_id="c1",
-            created_at=at(0),
-            version=at(version),
-            header=ConversationHeader(state=state),
-            messages=(Message(id=part, author_participant_id="u1", sent_at=at(version), content=part),),
-        )
+def snapshot(version: int, header: ConversationHeader | None = None, *messages: Message) -> ConversationSnapshot:
+    return ConversationSnapshot(
+        provider="intercom",
+        workspace="w",
+        external_id="c1",
+        created_at=at(0),
+        version=at(version),
+        header=header or ConversationHeader(),
+        messages=messages,
+    )
 
-    state = new_state("id", snapshot(20, "closed", "2000"))
-    result = merge(state, snapshot(10, "open", "1000"))
+
+def text(part: str, version: int) -> Message:
+    return Message(id=part, author_participant_id="u1", sent_at=at(version), content=part)
+
+
+def test_older_snapshot_adds_parts_but_never_rolls_fields_back() -> None:
+    state = new_state("id", snapshot(20, ConversationHeader(state="closed"), text("2000", 20)))
+    result = merge(state, snapshot(10, ConversationHeader(state="open"), text("1000", 10)))
     assert result.changed
     detail = render(result.state)
     assert detail.state == "closed"
@@ -164,33 +169,14 @@ def test_older_snapshot_adds_parts_but_never_rolls_fields_back() -> None:
 def test_redaction_overwrites_and_an_older_copy_does_not_undo_it() -> None:
     original = Message(id="1", author_participant_id="u1", sent_at=at(0), updated_at=at(0), content="my card 4242")
     redacted = original.model_copy(update={"content": "[redacted]", "redacted": True, "updated_at": at(60)})
-
-    def carrying(message: Message, version: int) -> ConversationSnapshot:
-        return ConversationSnapshot(
-            provider="intercom",
-            workspace="w",
-            external_id="c1",
-            created_at=at(0),
-            version=at(version),
-            header=ConversationHeader(),
-            messages=(message,),
-        )
-
-    state = merge(new_state("id", carrying(original, 1)), carrying(redacted, 61)).state
+    state = merge(new_state("id", snapshot(1, None, original)), snapshot(61, None, redacted)).state
     assert render(state).messages[0].content == "[redacted]"
-    assert not merge(state, carrying(original, 1)).changed
+    assert not merge(state, snapshot(1, None, original)).changed
 
 
 def test_a_payload_that_omits_a_field_says_nothing_about_it() -> None:
-    base = ConversationSnapshot(
-        provider="intercom",
-        workspace="w",
-        external_id="c1",
-        created_at=at(0),
-        version=at(1),
-        header=ConversationHeader(subject="Billing", tags=("vip",)),
-    )
-    minimal = base.model_copy(update={"version": at(2), "header": ConversationHeader(state="closed")})
+    base = snapshot(1, ConversationHeader(subject="Billing", tags=("vip",)))
+    minimal = snapshot(2, ConversationHeader(state="closed"))
     detail = render(merge(new_state("id", base), minimal).state)
     assert (detail.subject, detail.tags, detail.state) == ("Billing", ("vip",), "closed")
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from sqlalchemy.engine import Engine
 
 from kbms.errors import InputError, InvalidJson, KbmsError, StorageUnavailable, ValidationFailed
 from kbms.ingest import ingest_push
@@ -47,13 +49,22 @@ def _settings(**overrides: object) -> Settings:
         raise typer.Exit(EXIT_USAGE) from None
 
 
-def _require_current_schema(settings: Settings) -> None:
+@contextmanager
+def _admin_engine(settings: Settings) -> Iterator[Engine]:
+    """An engine for schema work; a URL kbms cannot use is a usage error."""
     try:
         engine = admin_engine(settings.database_url)
     except ValueError as exc:
         err.print(f"[red]KBMS_DATABASE_URL:[/] {exc}")
         raise typer.Exit(EXIT_USAGE) from None
     try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _require_current_schema(settings: Settings) -> None:
+    with _admin_engine(settings) as engine:
         if not is_current(engine):
             found = current_revision(engine) or "empty"
             err.print(
@@ -61,8 +72,6 @@ def _require_current_schema(settings: Settings) -> None:
                 "Run [bold]kbms migrate[/] first."
             )
             raise typer.Exit(EXIT_USAGE)
-    finally:
-        engine.dispose()
 
 
 @app.command()
@@ -95,17 +104,10 @@ def serve(
 def migrate(database_url: DatabaseUrl = None) -> None:
     """Create or upgrade the database schema (safe to run again)."""
     settings = _settings(database_url=database_url)
-    try:
-        engine = admin_engine(settings.database_url)
-    except ValueError as exc:
-        err.print(f"[red]KBMS_DATABASE_URL:[/] {exc}")
-        raise typer.Exit(EXIT_USAGE) from None
-    try:
+    with _admin_engine(settings) as engine:
         before = current_revision(engine)
         upgrade(engine)
         after = current_revision(engine)
-    finally:
-        engine.dispose()
     if before == after:
         out.print(f"Database already at revision {after}.")
     else:

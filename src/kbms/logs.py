@@ -46,3 +46,5 @@ def configure_logging(level: str) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # Alembic narrates every schema check at info; only its warnings matter to an operator.
+    logging.getLogger("alembic").setLevel(max(LEVELS[level], logging.WARNING))

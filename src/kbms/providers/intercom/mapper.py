@@ -30,10 +30,9 @@ from kbms.model import (
 from kbms.providers.html import html_to_text, looks_like_html
 from kbms.providers.intercom.schema import (
     IntercomAttachment,
-    IntercomContact,
     IntercomConversation,
     IntercomPart,
-    IntercomPartAuthor,
+    IntercomPerson,
 )
 
 PROVIDER = "intercom"
@@ -191,14 +190,14 @@ def _channel(conversation: IntercomConversation) -> str | None:
     return CHANNELS.get(source_type, source_type)
 
 
-def _assignee(conversation: IntercomConversation) -> IntercomPartAuthor | None:
+def _assignee(conversation: IntercomConversation) -> IntercomPerson | None:
     if conversation.admin_assignee_id and conversation.admin_assignee_id not in UNASSIGNED:
-        return IntercomPartAuthor(id=conversation.admin_assignee_id, type="admin")
+        return IntercomPerson(id=conversation.admin_assignee_id, type="admin")
     legacy = conversation.assignee
     if legacy is not None and legacy.id and legacy.id not in UNASSIGNED and legacy.type != "nobody_admin":
         return legacy
     if conversation.team_assignee_id and conversation.team_assignee_id not in UNASSIGNED:
-        return IntercomPartAuthor(id=conversation.team_assignee_id, type="team")
+        return IntercomPerson(id=conversation.team_assignee_id, type="team")
     return None
 
 
@@ -213,7 +212,7 @@ def _participants(conversation: IntercomConversation, version: datetime) -> Iter
     assignee = _assignee(conversation)
     if assignee is not None and assignee.id is not None:
         yield _observe(assignee.id, assignee.type or "admin", assignee.name, assignee.email, seen_at=version)
-    contacts: list[IntercomContact] = list(conversation.contacts.contacts) if conversation.contacts else []
+    contacts: list[IntercomPerson] = list(conversation.contacts.contacts) if conversation.contacts else []
     contacts += conversation.customers or []
     if conversation.user is not None:
         contacts.append(conversation.user)

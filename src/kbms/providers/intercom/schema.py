@@ -27,8 +27,8 @@ class IntercomAuthor(_Tolerant):
     email: OptionalText = None
 
 
-class IntercomPartAuthor(_Tolerant):
-    """An author of a part or an assignee: nothing required (``nobody_admin`` has ``id: null``)."""
+class IntercomPerson(_Tolerant):
+    """A part's author, an assignee or a contact: nothing required (``nobody_admin`` has ``id: null``)."""
 
     id: OptionalId = None
     type: OptionalText = None
@@ -61,7 +61,7 @@ class IntercomPart(_Tolerant):
     body: str | None = None
     created_at: Timestamp | None = None
     updated_at: Timestamp | None = None
-    author: IntercomPartAuthor | None = None
+    author: IntercomPerson | None = None
     attachments: list[IntercomAttachment] | None = None
     redacted: bool | None = None
 
@@ -78,15 +78,8 @@ class IntercomTagList(_Tolerant):
     tags: list[IntercomTag] = Field(default_factory=list)
 
 
-class IntercomContact(_Tolerant):
-    id: OptionalId = None
-    type: OptionalText = None
-    name: OptionalText = None
-    email: OptionalText = None
-
-
 class IntercomContactList(_Tolerant):
-    contacts: list[IntercomContact] = Field(default_factory=list)
+    contacts: list[IntercomPerson] = Field(default_factory=list)
 
 
 class IntercomChannel(_Tolerant):
@@ -112,10 +105,10 @@ class IntercomConversation(_Tolerant):
     # 2.x assignees are bare ids; 1.x carries an admin object (``nobody_admin`` when unassigned).
     admin_assignee_id: OptionalId = None
     team_assignee_id: OptionalId = None
-    assignee: IntercomPartAuthor | None = None
+    assignee: IntercomPerson | None = None
     contacts: IntercomContactList | None = None
-    customers: list[IntercomContact] | None = None
-    user: IntercomContact | None = None
+    customers: list[IntercomPerson] | None = None
+    user: IntercomPerson | None = None
 
     @field_validator("conversation_message")
     @classmethod
