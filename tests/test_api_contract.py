@@ -82,7 +82,8 @@ def test_list_matches_the_example(client: TestClient) -> None:
     item = body["items"][0]
     assert (item["id"], item["external_id"], item["provider"]) == (created["id"], "1122334455", "intercom")
     assert (item["created_at"], item["updated_at"]) == ("2019-09-05T14:20:09Z", "2019-09-13T09:44:41Z")
-    assert (item["message_count"], item["last_message_at"]) == (2, "2019-09-05T14:21:13Z")
+    assert (item["participant_count"], item["message_count"]) == (1, 2)
+    assert item["last_message_at"] == "2019-09-05T14:21:13Z"
     assert item["last_message_preview"].startswith("We've removed this part of the conversation")
     assert body["next_cursor"] is None
 
@@ -93,6 +94,8 @@ def test_detail_matches_the_example(client: TestClient) -> None:
     assert detail.status_code == 200
     body = detail.json()
     same_shape(EXAMPLES["Example Response (200)"], body)
+    assert body["participants"] == [{"id": "5310d8e7598c9a0b24000002", "role": "customer", "name": None, "email": None}]
+    assert body["assignee_participant_id"] == "1223334"  # assigned, but never wrote: not a participant
     assert body["participants"][0] == {
         "id": "5310d8e7598c9a0b24000002",
         "role": "customer",

@@ -91,6 +91,10 @@ def mutate(path: str, value: Any, *, delete: bool = False) -> dict[str, Any]:
         ("created_at", -1, "created_at", "timestamp_range"),
         ("created_at", "2101-01-01T00:00:00Z", "created_at", "timestamp_range"),
         ("created_at", "yesterday", "created_at", "timestamp_parsing"),
+        ("created_at", "9999-12-31T23:59:59-23:59", "created_at", "timestamp_range"),
+        ("created_at", "0001-01-01T00:00:00+01:00", "created_at", "timestamp_range"),
+        ("created_at", "9" * 5000, "created_at", "timestamp_range"),
+        ("created_at", "99999999999999", "created_at", "timestamp_range"),
         ("updated_at", False, "updated_at", "timestamp_type"),
         ("conversation_message.body", None, "conversation_message.body", "string_type"),
         ("conversation_message.author.id", "", "conversation_message.author.id", "string_too_short"),
@@ -162,6 +166,30 @@ def test_rejected_payloads_are_kept_in_the_ledger_only(client: TestClient, datab
 def test_non_json_media_types_are_415(client: TestClient, content_type: str) -> None:
     response = client.post(INGEST, content=dumps(REQUEST), headers={"content-type": content_type})
     assert error(response) == (415, "unsupported_media_type")
+
+
+def test_compressed_bodies_are_415(client: TestClient) -> None:
+    headers = {**JSON_HEADERS, "content-encoding": "gzip"}
+    assert error(client.post(INGEST, content=dumps(REQUEST), headers=headers)) == (415, "unsupported_media_type")
+
+
+def test_json_nested_too_deeply_says_so(client: TestClient) -> None:
+    response = client.post(INGEST, content=b"[" * 300 + b"]" * 300, headers=JSON_HEADERS)
+    assert response.json() == {
+        "error_code": "invalid_json",
+        "message": "JSON nested deeper than 200 levels",
+        "details": None,
+    }
+
+
+def test_a_large_body_is_parsed_off_the_event_loop_and_stored(client: TestClient) -> None:
+    big = intercom_payload("big", parts=[part(f"p{i}", "<p>" + "word " * 200 + "</p>") for i in range(100)])
+    body = dumps(big)
+    assert len(body) > 64 * 1024
+    response = client.post(INGEST, content=body, headers=JSON_HEADERS)
+    assert response.status_code == 201
+    detail = client.get(f"/internal/conversations/{response.json()['id']}").json()
+    assert len(detail["messages"]) == 101
 
 
 @pytest.mark.parametrize(

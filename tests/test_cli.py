@@ -82,8 +82,8 @@ def test_ingest_uses_the_workspace_option(tmp_path: Path, database_url: str) -> 
 
 
 @pytest.mark.parametrize("command", ["serve", "ingest"])
-def test_refuses_a_database_that_is_not_migrated(tmp_path: Path, command: str) -> None:
-    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+def test_refuses_a_database_that_is_not_migrated(empty_database_url: str, command: str) -> None:
+    url = empty_database_url
     args = ["ingest", str(INTERCOM / "01_rest_get_conversation_v2.16.json")] if command == "ingest" else ["serve"]
     code, output = kbms(*args, "--database-url", url)
     assert code == 2
@@ -113,3 +113,29 @@ def test_unsupported_database_url_is_reported() -> None:
     code, output = kbms("migrate", "--database-url", "mysql://x/y")
     assert code == 2
     assert "unsupported database" in output
+
+
+def test_a_bad_first_line_costs_that_line_only(tmp_path: Path, database_url: str) -> None:
+    path = tmp_path / "in.ndjson"
+    path.write_text("garbage{\n" + json.dumps(intercom_payload("a")) + "\n" + json.dumps(intercom_payload("b")) + "\n")
+    code, output = kbms("ingest", str(path), "--database-url", database_url)
+    assert code == 1
+    assert counts(output) == ["2", "0", "0", "1"]
+    assert "line 1: rejected: Malformed JSON body" in output
+
+
+@pytest.mark.parametrize("content", [b'[{"id": "a"}, garbage]', b"[\xff]"])
+def test_a_broken_json_array_is_reported_not_a_traceback(tmp_path: Path, database_url: str, content: bytes) -> None:
+    path = tmp_path / "bad.json"
+    path.write_bytes(content)
+    code, output = kbms("ingest", str(path), "--database-url", database_url)
+    assert code == 2
+    assert "is not one" in output
+
+
+def test_workspace_option_is_validated(tmp_path: Path, database_url: str) -> None:
+    path = tmp_path / "one.ndjson"
+    path.write_text(json.dumps(intercom_payload("w")) + "\n")
+    code, output = kbms("ingest", str(path), "--workspace", "a b/%", "--database-url", database_url)
+    assert code == 2
+    assert "--workspace" in output

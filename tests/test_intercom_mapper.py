@@ -164,13 +164,9 @@ def test_conversation_fields() -> None:
     conversation = by_name("01_rest_get_conversation_v2.16")
     assert (conversation.state, conversation.tags, conversation.subject) == ("closed", ("Test tag",), None)
     roles = {p.id: p.role for p in conversation.participants}
-    assert roles == {
-        "991267645": "agent",
-        "6762f1261bb69f9f2193bba7": "customer",
-        "274": "agent",
-        "278": "bot",
-        "991267715": "agent",
-    }
+    # The assignee (991267715) never wrote or acted here: named by assignee_participant_id, not a participant.
+    assert roles == {"991267645": "agent", "6762f1261bb69f9f2193bba7": "customer", "274": "agent", "278": "bot"}
+    assert conversation.assignee_participant_id == "991267715"
 
 
 def test_unknown_author_type_is_system_and_team_is_agent() -> None:
@@ -181,8 +177,9 @@ def test_unknown_author_type_is_system_and_team_is_agent() -> None:
     conversation = to_conversation(payload)
     roles = {p.id: p.role for p in conversation.participants}
     assert roles["6762f1571bb69f9f2193bbbb"] == "system"
-    assert roles["5017691"] == "agent"
     assert conversation.assignee_participant_id == "5017691"
+    payload["conversation_parts"]["conversation_parts"][0]["author"] = {"type": "team", "id": "5017691"}
+    assert {p.id: p.role for p in to_conversation(payload).participants}["5017691"] == "agent"
 
 
 def test_nul_characters_are_stripped_everywhere() -> None:
@@ -213,3 +210,43 @@ def test_iso_timestamps_are_accepted() -> None:
 def test_goldens_are_not_orphans() -> None:
     expected = {f"{name}.json" for name, _, _ in CASES}
     assert {p.name for p in Path(GOLDEN).glob("*.json")} == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "text"),
+    [
+        ("Contact me at <john@example.com> please", "Contact me at <john@example.com> please"),
+        ("see <https://x.com/a?b=1&c=2> thanks", "see <https://x.com/a?b=1&c=2> thanks"),
+        ("a List<String>\nsecond line", "a List<String>\nsecond line"),
+    ],
+)
+def test_plain_text_that_contains_angle_brackets_is_kept(body: str, text: str) -> None:
+    payload = load("07_rest_user_reply_reopens_part_type_open_v2.16.json")
+    payload["conversation_parts"]["conversation_parts"][0]["body"] = body
+    message = to_conversation(payload).messages[1]
+    assert (message.content, message.content_html) == (text, None)
+
+
+@pytest.mark.parametrize("body", ["<p></p>", "<p> </p>", "<br>", "&nbsp;", "   ", ""])
+def test_bodies_that_render_to_nothing_are_not_messages(body: str) -> None:
+    payload = load("07_rest_user_reply_reopens_part_type_open_v2.16.json")
+    payload["conversation_parts"]["conversation_parts"][0]["body"] = body
+    payload["source"]["body"] = body
+    conversation = to_conversation(payload)
+    assert conversation.messages == ()
+    assert [e.type for e in conversation.events] == ["opened"]
+
+
+def test_an_inline_image_alone_is_a_message() -> None:
+    payload = load("07_rest_user_reply_reopens_part_type_open_v2.16.json")
+    payload["conversation_parts"]["conversation_parts"][0]["body"] = '<p><img src="https://x/y.png"></p>'
+    message = to_conversation(payload).messages[1]
+    assert (message.content, message.content_html) == ("", '<p><img src="https://x/y.png"></p>')
+
+
+def test_a_payload_without_subject_or_title_says_nothing_about_the_subject() -> None:
+    payload = load("03_rest_get_email_conversation_preview.json")
+    del payload["source"]["subject"]
+    del payload["title"]
+    snapshot = get_provider("intercom").parse_push(json.dumps(payload).encode(), workspace="w")
+    assert "subject" not in snapshot.header.model_fields_set

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -20,6 +22,7 @@ from sqlalchemy.engine import Engine
 
 from kbms.errors import InputError, InvalidJson, KbmsError, StorageUnavailable, ValidationFailed
 from kbms.ingest import ingest_push
+from kbms.model import WORKSPACE, WORKSPACE_PATTERN
 from kbms.providers import REGISTRY, Provider, get_provider
 from kbms.settings import Settings
 from kbms.storage import Store, admin_engine, open_store
@@ -30,6 +33,12 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 IN_FLIGHT = 64  # concurrent ingests: enough to fill the SQLite writer's group commits
 SHOWN_REJECTS = 20
+WHOLE_FILE_LIMIT = 64 << 20  # a single JSON document larger than this is not a conversation
+
+
+class UnreadableFile(Exception):
+    """The input file cannot be read as NDJSON, a JSON document or a JSON array."""
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="kbms: conversation ingestion service.")
 err = Console(stderr=True)
@@ -79,6 +88,7 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Overrides KBMS_HOST", show_default=False)] = None,
     port: Annotated[int | None, typer.Option(help="Overrides KBMS_PORT", show_default=False)] = None,
     database_url: DatabaseUrl = None,
+    workers: Annotated[int | None, typer.Option(help="Overrides KBMS_WORKERS", show_default=False)] = None,
 ) -> None:
     """Serve the HTTP API (the schema must be migrated first)."""
     import uvicorn
@@ -86,18 +96,23 @@ def serve(
     from kbms.api import create_app
     from kbms.logs import configure_logging
 
-    settings = _settings(host=host, port=port, database_url=database_url)
+    settings = _settings(host=host, port=port, database_url=database_url, workers=workers)
     configure_logging(settings.log_level)
     _require_current_schema(settings)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        log_level=settings.log_level,
-        access_log=False,
-        server_header=False,
-    )
+    server: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "log_level": settings.log_level,
+        "access_log": False,
+        "server_header": False,
+    }
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **server)
+        return
+    # Worker processes build their own app from KBMS_* variables: hand them the settings in effect here.
+    os.environ.update({f"KBMS_{name.upper()}": str(value) for name, value in settings.model_dump().items()})
+    uvicorn.run("kbms.api:create_app_from_environment", factory=True, workers=settings.workers, **server)
 
 
 @app.command()
@@ -125,27 +140,37 @@ class IngestReport:
 
 
 def read_records(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(line number, payload) for an NDJSON file, a JSON document, or a JSON array (item number, payload)."""
+    """(line number, payload) of an NDJSON file, a JSON document (1, whole) or a JSON array (item number, item).
+
+    A file is one document only if it parses as one; anything else is read line by line, so one bad line costs
+    that line alone. A JSON array is all or nothing: JSON cannot say where a broken array's items end.
+    """
     with path.open("rb") as handle:
-        first = handle.readline()
-        handle.seek(0)
-        head = first.lstrip()
-        if head.startswith(b"["):
-            for index, item in enumerate(json.load(handle), start=1):
+        head = handle.read(1 << 16).lstrip()
+    if head.startswith(b"["):
+        try:
+            items = json.loads(path.read_bytes())
+        except ValueError as exc:  # includes UnicodeDecodeError
+            raise UnreadableFile(f"{path} starts like a JSON array but is not one: {exc}") from None
+        if isinstance(items, list):
+            for index, item in enumerate(items, start=1):
                 yield index, json.dumps(item, ensure_ascii=False).encode()
             return
-        if head and not _is_complete_json(first):
-            # The first line alone is not a document: the whole file is one (pretty-printed) JSON document.
-            yield 1, handle.read()
+    first_line = head.split(b"\n", 1)[0]
+    if head.startswith(b"{") and not _is_complete_json(first_line) and path.stat().st_size <= WHOLE_FILE_LIMIT:
+        whole = path.read_bytes()
+        if _is_complete_json(whole):
+            yield 1, whole
             return
+    with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
             if line.strip():
                 yield number, line
 
 
-def _is_complete_json(line: bytes) -> bool:
+def _is_complete_json(data: bytes) -> bool:
     try:
-        json.loads(line)
+        json.loads(data)
     except ValueError:
         return False
     return True
@@ -185,11 +210,16 @@ async def _ingest_file(
 def ingest(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="NDJSON, a JSON document or array")],
     provider: Annotated[str, typer.Option(help=f"One of: {', '.join(REGISTRY)}")] = "intercom",
-    workspace: Annotated[str | None, typer.Option(help="Workspace of the conversations")] = None,
+    workspace: Annotated[
+        str | None, typer.Option(help="Workspace of the conversations (an Intercom app_id, for instance)")
+    ] = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Ingest conversations from a file, exactly as if each had been pushed to the API."""
     settings = _settings(database_url=database_url)
+    if workspace is not None and not re.fullmatch(WORKSPACE, workspace):
+        err.print(f"[red]--workspace {workspace!r}[/] must match {WORKSPACE_PATTERN}")
+        raise typer.Exit(EXIT_USAGE)
     try:
         source = get_provider(provider)
     except KbmsError as exc:
@@ -199,7 +229,7 @@ def ingest(
     size = file.stat().st_size
 
     async def run() -> IngestReport:
-        store = open_store(settings.database_url)
+        store = open_store(settings)
         try:
             with Progress(
                 TextColumn("{task.description}"),
@@ -225,6 +255,9 @@ def ingest(
     except* StorageUnavailable as group:
         err.print(f"[red]{group.exceptions[0]}[/]")
         raise typer.Exit(EXIT_UNAVAILABLE) from None
+    except* UnreadableFile as group:
+        err.print(f"[red]{group.exceptions[0]}[/]")
+        raise typer.Exit(EXIT_USAGE) from None
     _print_report(report)
     if report.rejects:
         raise typer.Exit(EXIT_REJECTED)

@@ -10,6 +10,7 @@ one table each. Nothing here knows about HTTP.
     │   ├── PayloadTooLarge           the body is larger than the configured limit
     │   ├── UnsupportedMediaType      the Content-Type is not JSON
     │   ├── UnknownProvider           no provider of that name is registered
+    │   ├── ClientDisconnected        the client went away before its body arrived
     │   └── NotFound                  the requested resource does not exist
     └── StorageUnavailable            the database cannot be reached or written right now (retryable)
 """
@@ -67,7 +68,7 @@ class UnsupportedMediaType(InputError):
     """Raised when a body arrives with a Content-Type the endpoint does not read."""
 
     def __init__(self, content_type: str, accepted: str = "application/json") -> None:
-        super().__init__(f"Content-Type {content_type!r} is not supported; send {accepted}")
+        super().__init__(f"{content_type!r} is not supported; send {accepted}")
         self.content_type = content_type
 
 
@@ -77,6 +78,13 @@ class UnknownProvider(InputError):
     def __init__(self, name: str) -> None:
         super().__init__(f"Unknown provider {name!r}")
         self.name = name
+
+
+class ClientDisconnected(InputError):
+    """Raised while reading a body when the client closes the connection; nobody is left to answer."""
+
+    def __init__(self) -> None:
+        super().__init__("Client disconnected")
 
 
 class NotFound(InputError):

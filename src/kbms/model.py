@@ -31,6 +31,10 @@ def _utc(value: datetime) -> datetime:
 Text = Annotated[str, AfterValidator(_strip_nul)]
 UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
 
+# A workspace names a provider account (an Intercom app_id, a Zendesk subdomain): short and URL-safe.
+WORKSPACE = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
+WORKSPACE_PATTERN = f"^{WORKSPACE}$"  # for pydantic and OpenAPI, whose "$" is the end of the text
+
 Role = Literal["customer", "agent", "bot", "system"]
 State = Literal["open", "closed", "snoozed", "pending", "solved"]
 Visibility = Literal["public", "internal"]

@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from kbms.model import WORKSPACE_PATTERN
+
 DEFAULT_DATABASE_URL = "sqlite:///data/kbms.db"
 MIB = 1024 * 1024
 
@@ -26,8 +28,13 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535, description="Port the HTTP server listens on")
     log_level: LogLevel = Field(default="info", description="Minimum level of the JSON log lines")
     max_body_bytes: int = Field(default=5 * MIB, ge=1024, description="Largest request body accepted")
+    db_pool_size: int = Field(default=10, ge=1, le=1000, description="PostgreSQL connections per process")
+    db_pool_timeout: float = Field(
+        default=1.5, gt=0, le=30, description="Seconds a request waits for a free connection before a 503"
+    )
+    workers: int = Field(default=1, ge=1, le=64, description="HTTP worker processes of `kbms serve`")
     default_workspace: str = Field(
-        default="default", min_length=1, description="Workspace of pushed conversations that name none"
+        default="default", pattern=WORKSPACE_PATTERN, description="Workspace of pushed conversations that name none"
     )
 
     @field_validator("log_level", mode="before")

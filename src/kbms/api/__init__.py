@@ -17,7 +17,20 @@ from kbms.storage import Store, open_store
 
 DESCRIPTION = """\
 Ingests conversations from support tools, normalizes them into one stable model, stores them durably and serves
-them to internal consumers. Every error body is `{error_code, message, details}`.
+them to internal consumers.
+
+Every error has the body `{error_code, message, details}`:
+
+| status | error_code | when |
+|---|---|---|
+| 400 | invalid_json | the body is not JSON, or not UTF-8 |
+| 404 | not_found | unknown conversation, path or provider |
+| 405 | method_not_allowed | a method the path does not have (with an `Allow` header) |
+| 413 | payload_too_large | the body exceeds the configured limit |
+| 415 | unsupported_media_type | a body that is not JSON, or is compressed |
+| 422 | validation_error | details: `[{field, issue, message}]` with dotted field paths |
+| 500 | internal_error | a bug (the trace is logged, never returned) |
+| 503 | unavailable | the database cannot be used right now; retry after `Retry-After` |
 """
 
 
@@ -26,7 +39,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.store = store if store is not None else open_store(settings.database_url)
+        app.state.store = store if store is not None else open_store(settings)
         try:
             yield
         finally:
@@ -43,4 +56,13 @@ def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
     return app
 
 
-__all__ = ["create_app"]
+def create_app_from_environment() -> FastAPI:
+    """For ``kbms serve --workers N``: each worker process builds its app from the ``KBMS_*`` variables."""
+    from kbms.logs import configure_logging
+
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
+
+
+__all__ = ["create_app", "create_app_from_environment"]

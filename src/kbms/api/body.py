@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
-from kbms.errors import PayloadTooLarge, UnsupportedMediaType
+from kbms.errors import ClientDisconnected, PayloadTooLarge, UnsupportedMediaType
 
 
 def is_json(content_type: str | None) -> bool:
@@ -29,14 +30,20 @@ async def read_json_body(request: Request, *, limit: int) -> bytes:
     content_type = request.headers.get("content-type")
     if not is_json(content_type):
         raise UnsupportedMediaType(content_type or "")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":  # RFC 9110: an unsupported content coding is a 415
+        raise UnsupportedMediaType(f"Content-Encoding: {encoding}", accepted="an unencoded body")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientDisconnected() from None
     return b"".join(chunks)

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 
 from kbms.api.schemas import ErrorBody, ErrorDetail
 from kbms.errors import (
+    ClientDisconnected,
     FieldIssue,
     InvalidJson,
     KbmsError,
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = "1"
 STATUS: dict[type[KbmsError], tuple[int, str]] = {
     InvalidJson: (400, "invalid_json"),
+    ClientDisconnected: (400, "client_disconnected"),
     ValidationFailed: (422, "validation_error"),
     NotFound: (404, "not_found"),
     UnknownProvider: (404, "not_found"),

@@ -13,9 +13,9 @@ from kbms.api.errors import ERROR_RESPONSES
 from kbms.api.responses import json_response
 from kbms.api.schemas import ErrorBody, IngestResponse
 from kbms.ingest import ingest_push
+from kbms.model import WORKSPACE_PATTERN
 from kbms.providers import Provider
 
-WORKSPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
 Workspace = Annotated[
     str | None,
     Query(

@@ -10,6 +10,7 @@ from kbms.errors import FieldIssue, InvalidJson, ValidationFailed
 from kbms.model import ConversationSnapshot
 
 MAX_ISSUES = 50
+MAX_DEPTH = 200  # pydantic-core's JSON parser refuses deeper nesting
 ROOT_FIELD = "body"
 
 Payload = TypeVar("Payload", bound=BaseModel)
@@ -43,8 +44,10 @@ def validate_json(schema: type[Payload], body: bytes) -> Payload:
 
 def _translate(exc: ValidationError) -> InvalidJson | ValidationFailed:
     errors = exc.errors(include_url=False, include_input=False, include_context=False)
-    if any(error["type"] == "json_invalid" for error in errors):
-        return InvalidJson()
+    invalid = [error for error in errors if error["type"] == "json_invalid"]
+    if invalid:
+        too_deep = "recursion limit" in invalid[0]["msg"]
+        return InvalidJson(f"JSON nested deeper than {MAX_DEPTH} levels") if too_deep else InvalidJson()
     issues = [
         FieldIssue(
             field=".".join(str(part) for part in error["loc"]) or ROOT_FIELD,

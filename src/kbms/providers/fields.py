@@ -48,22 +48,32 @@ def parse_timestamp(value: Any) -> datetime:
         raise PydanticCustomError("timestamp_type", "Input should be unix seconds (an integer) or an ISO-8601 string")
     if isinstance(value, str):
         text = value.strip()
-        if text.isascii() and text.isdigit():
-            value = int(text)
-        else:
-            try:
-                parsed = datetime.fromisoformat(text)
-            except ValueError:
-                raise PydanticCustomError(
-                    "timestamp_parsing", "Input should be an ISO-8601 timestamp or unix seconds"
-                ) from None
-            result = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
-            return _in_range(result)
+        if not (text.isascii() and text.isdigit()):
+            return _in_range(_parse_iso(text))
+        if len(text) > 12:  # beyond year 33658: out of range, and int() refuses very long digit strings anyway
+            raise _out_of_range()
+        value = int(text)
     try:
         result = datetime.fromtimestamp(value, tz=UTC)
     except (OverflowError, OSError, ValueError):
         raise _out_of_range() from None
     return _in_range(result)
+
+
+def _parse_iso(text: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise PydanticCustomError(
+            "timestamp_parsing", "Input should be an ISO-8601 timestamp or unix seconds"
+        ) from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    try:
+        # Offsets can push the first and last representable days out of range ("9999-12-31T23:59:59-23:59").
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise _out_of_range() from None
 
 
 def _in_range(value: datetime) -> datetime:

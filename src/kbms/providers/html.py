@@ -17,7 +17,16 @@ import re
 
 from selectolax.lexbor import LexborHTMLParser
 
-_MARKUP = re.compile(r"<[A-Za-z!/]|&(?:#\d+|#[xX][0-9A-Fa-f]+|[A-Za-z][A-Za-z0-9]*);")
+# Markup means a known HTML element or an entity: "<john@example.com>" or "List<String>" in a plain-text body
+# (Intercom webhooks may carry plain text) must stay text.
+_MARKUP = re.compile(
+    r"</?(?:a|abbr|address|article|aside|b|big|blockquote|body|br|caption|center|cite|code|col|dd|del|details|dfn|"
+    r"div|dl|dt|em|figcaption|figure|font|footer|h[1-6]|head|header|hr|html|i|iframe|img|ins|kbd|li|main|mark|nav|"
+    r"ol|p|pre|q|s|section|small|span|strike|strong|style|sub|summary|sup|table|tbody|td|tfoot|th|thead|title|tr|"
+    r"tt|u|ul|video|audio|source|script|noscript|template|svg|label|input|button|form|select|option|textarea)"
+    r"(?=[\s/>])[^<>]*>|<!--|&(?:#\d+|#[xX][0-9A-Fa-f]+|[A-Za-z][A-Za-z0-9]*);",
+    re.IGNORECASE,
+)
 _SPACES = re.compile(r"[ \t\f\v\r\u00a0\u200b]+")
 _BLANK_RUNS = re.compile(r"\n{3,}")
 _HTML_WHITESPACE = re.compile(r"[ \t\n\f\r]+")
@@ -44,7 +53,13 @@ _HARD = "\x02"  # a <br> in the fallback, before it becomes "\n"
 
 
 def looks_like_html(text: str) -> bool:
+    """Whether the text contains HTML elements or entities (and so should be parsed as HTML)."""
     return _MARKUP.search(text) is not None
+
+
+def has_image(html: str) -> bool:
+    """An inline image is content even when a message has no text."""
+    return "<img" in html.lower()
 
 
 def html_to_text(html: str) -> str:

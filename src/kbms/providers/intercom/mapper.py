@@ -27,7 +27,7 @@ from kbms.model import (
     Role,
     State,
 )
-from kbms.providers.html import html_to_text, looks_like_html
+from kbms.providers.html import has_image, html_to_text, looks_like_html
 from kbms.providers.intercom.schema import (
     IntercomAttachment,
     IntercomConversation,
@@ -74,7 +74,8 @@ def to_snapshot(conversation: IntercomConversation, *, workspace: str) -> Conver
     events: list[Event] = []
     opening = conversation.opening
     opening_id = opening.id or conversation.id
-    if opening.body.strip() or opening.attachments:
+    content = _content(opening.body, opening.attachments)
+    if content is not None:
         messages.append(
             Message(
                 id=opening_id,
@@ -84,7 +85,7 @@ def to_snapshot(conversation: IntercomConversation, *, workspace: str) -> Conver
                 attachments=_attachments(opening.attachments),
                 redacted=bool(opening.redacted),
                 provider_type=OPENING_PROVIDER_TYPE,
-                **_content(opening.body),
+                **content,
             )
         )
     for part in conversation.parts:
@@ -111,7 +112,8 @@ def _map_part(part: IntercomPart, *, fallback_time: datetime) -> tuple[Message |
     sent_at = part.created_at or fallback_time
     author_id = part.author.id if part.author is not None else None
     message = None
-    if (part.body and part.body.strip()) or part.attachments:
+    content = _content(part.body or "", part.attachments)
+    if content is not None:
         message = Message(
             id=part.id,
             author_participant_id=author_id,
@@ -121,7 +123,7 @@ def _map_part(part: IntercomPart, *, fallback_time: datetime) -> tuple[Message |
             redacted=bool(part.redacted),
             provider_type=part_type,
             updated_at=part.updated_at,
-            **_content(part.body or ""),
+            **content,
         )
     event_type = EVENT_TYPES.get(part_type or "")
     if event_type is None and message is None:
@@ -138,8 +140,13 @@ def _map_part(part: IntercomPart, *, fallback_time: datetime) -> tuple[Message |
     return message, event
 
 
-def _content(body: str) -> dict[str, Any]:
-    return {"content": html_to_text(body), "content_html": body if looks_like_html(body) else None}
+def _content(body: str, attachments: list[IntercomAttachment] | None) -> dict[str, Any] | None:
+    """Text and HTML of a body; None when there is nothing to read or see (``<p></p>``, ``<br>``, ``&nbsp;``)."""
+    html = looks_like_html(body)
+    text = html_to_text(body)
+    if not text and not attachments and not (html and has_image(body)):
+        return None
+    return {"content": text, "content_html": body if html else None}
 
 
 def _attachments(items: list[IntercomAttachment] | None) -> tuple[Attachment, ...]:
@@ -148,7 +155,9 @@ def _attachments(items: list[IntercomAttachment] | None) -> tuple[Attachment, ..
 
 def _header(conversation: IntercomConversation, opening_id: str) -> ConversationHeader:
     given = conversation.model_fields_set
-    fields: dict[str, Any] = {"opening_message_id": opening_id, "subject": _subject(conversation)}
+    fields: dict[str, Any] = {"opening_message_id": opening_id}
+    if "subject" in conversation.opening.model_fields_set or "title" in given:
+        fields["subject"] = _subject(conversation)
     if "state" in given or "open" in given:
         fields["state"] = _state(conversation)
     if "tags" in given:
@@ -205,12 +214,16 @@ def _participants(conversation: IntercomConversation, version: datetime) -> Iter
     created_at = conversation.created_at
     author = conversation.opening.author
     yield _observe(author.id, author.type, author.name, author.email, seen_at=created_at)
+    authors = {author.id}
     for part in conversation.parts:
         a = part.author
         if a is not None and a.id is not None:
+            authors.add(a.id)
             yield _observe(a.id, a.type, a.name, a.email, seen_at=part.created_at or version)
+    # An assignee takes part once they write or act (the original design's example counts one participant for
+    # a conversation assigned to an admin who never wrote); their assignee record still fills in name and email.
     assignee = _assignee(conversation)
-    if assignee is not None and assignee.id is not None:
+    if assignee is not None and assignee.id in authors:
         yield _observe(assignee.id, assignee.type or "admin", assignee.name, assignee.email, seen_at=version)
     contacts: list[IntercomPerson] = list(conversation.contacts.contacts) if conversation.contacts else []
     contacts += conversation.customers or []
