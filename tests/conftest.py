@@ -6,22 +6,29 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import make_url
 
 from kbms.api import create_app
 from kbms.settings import Settings
 from kbms.storage import Store, admin_engine, open_store
 from kbms.storage.migrate import upgrade
 
+POSTGRES_URL = os.environ.get("KBMS_TEST_POSTGRES_URL", "")
+REQUIRE_POSTGRES = os.environ.get("KBMS_REQUIRE_POSTGRES") == "1"
+NO_POSTGRES = "skipped: no PostgreSQL (set KBMS_TEST_POSTGRES_URL to run the PostgreSQL half of the suite)"
+ENGINES = [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
 
-def migrated_sqlite_url(directory: Path) -> str:
-    url = f"sqlite:///{directory / 'kbms.db'}"
+
+def migrate(url: str) -> str:
     engine = admin_engine(url)
     try:
         upgrade(engine)
@@ -30,14 +37,86 @@ def migrated_sqlite_url(directory: Path) -> str:
     return url
 
 
+def migrated_sqlite_url(directory: Path) -> str:
+    return migrate(f"sqlite:///{directory / 'kbms.db'}")
+
+
+def require_postgres() -> str:
+    if not POSTGRES_URL:
+        if REQUIRE_POSTGRES:
+            pytest.fail("KBMS_REQUIRE_POSTGRES=1 but KBMS_TEST_POSTGRES_URL is not set")
+        pytest.skip(NO_POSTGRES)
+    return POSTGRES_URL
+
+
+@contextmanager
+def postgres_schema(*, migrated: bool = True) -> Iterator[str]:
+    """A fresh schema in the test database, selected by ``search_path`` in the URL it yields; dropped after."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    admin = admin_engine(require_postgres())
+    try:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA "{name}"')
+        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={name}"})
+        text = url.render_as_string(hide_password=False)
+        yield migrate(text) if migrated else text
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        admin.dispose()
+
+
+@contextmanager
+def engine_url(engine: str, directory: Path, *, migrated: bool = True) -> Iterator[str]:
+    if engine == "postgres":
+        with postgres_schema(migrated=migrated) as url:
+            yield url
+    else:
+        url = f"sqlite:///{directory / 'kbms.db'}"
+        yield migrate(url) if migrated else url
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(params=ENGINES)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated, empty database on each engine."""
+    with engine_url(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture(params=ENGINES)
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database on each engine that no migration has touched."""
+    with engine_url(request.param, tmp_path, migrated=False) as url:
+        yield url
+
+
 @pytest.fixture
-def database_url(tmp_path: Path) -> str:
+def sqlite_url(tmp_path: Path) -> str:
     return migrated_sqlite_url(tmp_path)
+
+
+def pytest_report_header() -> str:
+    return f"PostgreSQL: {make_url(POSTGRES_URL).render_as_string()}" if POSTGRES_URL else NO_POSTGRES
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int) -> None:
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "postgres" in r.keywords]
+    if skipped:
+        terminalreporter.write_line(
+            f"{NO_POSTGRES}: {len(skipped)} PostgreSQL tests did not run", yellow=True, bold=True
+        )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = [r for r in getattr(reporter, "stats", {}).get("skipped", []) if "postgres" in r.keywords]
+    if REQUIRE_POSTGRES and skipped:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture
@@ -53,7 +132,7 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[Store]:
-    opened = open_store(database_url)
+    opened = open_store(Settings(database_url=database_url))
     try:
         yield opened
     finally:
@@ -84,11 +163,13 @@ class LiveServer:
                 self.process.wait()
 
 
-def start_server(database_url: str, log: Path, *, env: dict[str, str] | None = None) -> LiveServer:
+def start_server(
+    database_url: str, log: Path, *, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+) -> LiveServer:
     port = free_port()
     with log.open("ab") as output:  # the child keeps its own descriptor
         process = subprocess.Popen(
-            [sys.executable, "-m", "kbms", "serve", "--port", str(port), "--database-url", database_url],
+            [sys.executable, "-m", "kbms", "serve", "--port", str(port), "--database-url", database_url, *args],
             stdout=output,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},

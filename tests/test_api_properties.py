@@ -17,7 +17,7 @@ from kbms.api import create_app
 from kbms.settings import Settings
 from kbms.storage import admin_engine
 from kbms.storage.schema import conversations
-from tests.conftest import migrated_sqlite_url
+from tests.conftest import ENGINES, engine_url
 from tests.helpers import JSON_HEADERS, intercom_payload, part
 
 INGEST = "/integrations/intercom/conversations"
@@ -30,11 +30,15 @@ json_values = st.recursive(
 )
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, str]]:
+@pytest.fixture(scope="module", params=ENGINES)
+def shared(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[TestClient, str]]:
     # One app for all examples: Hypothesis runs hundreds of them and each must see the same, still-serving server.
-    url = migrated_sqlite_url(Path(tmp_path_factory.mktemp("properties")))
-    with TestClient(create_app(Settings(database_url=url))) as test_client:
+    with (
+        engine_url(request.param, Path(tmp_path_factory.mktemp("properties"))) as url,
+        TestClient(create_app(Settings(database_url=url))) as test_client,
+    ):
         yield test_client, url
 
 

@@ -174,6 +174,30 @@ def test_redaction_overwrites_and_an_older_copy_does_not_undo_it() -> None:
     assert not merge(state, snapshot(1, None, original)).changed
 
 
+def test_a_changed_body_in_a_newer_payload_wins_even_without_a_newer_part_time() -> None:
+    secret = Message(id="1", author_participant_id="u1", sent_at=at(0), content="my password is hunter2")
+    deleted = secret.model_copy(update={"content": "This message was deleted"})
+    in_order = merge(new_state("id", snapshot(100, None, secret)), snapshot(200, None, deleted))
+    assert in_order.changed
+    assert render(in_order.state).messages[0].content == "This message was deleted"
+    # The older copy, arriving late, changes nothing; in the other order the result is the same.
+    assert not merge(in_order.state, snapshot(100, None, secret)).changed
+    reversed_order = merge(new_state("id", snapshot(200, None, deleted)), snapshot(100, None, secret)).state
+    assert render(reversed_order).messages == render(in_order.state).messages
+
+
+def test_a_newer_payload_with_an_unchanged_message_is_not_a_change_but_is_remembered() -> None:
+    hello = Message(id="1", author_participant_id="u1", sent_at=at(0), content="hello")
+    state = new_state("id", snapshot(100, None, hello))
+    newer = merge(state, snapshot(200, None, hello))
+    assert not newer.messages
+    assert newer.rewritten_messages == {"1"}
+    assert newer.state.message_versions["1"] > state.message_versions["1"]
+    # An edit from a payload between the two must not win over what the newest payload said.
+    edited = hello.model_copy(update={"content": "hello (edited)"})
+    assert not merge(newer.state, snapshot(150, None, edited)).messages
+
+
 def test_a_payload_that_omits_a_field_says_nothing_about_it() -> None:
     base = snapshot(1, ConversationHeader(subject="Billing", tags=("vip",)))
     minimal = snapshot(2, ConversationHeader(state="closed"))

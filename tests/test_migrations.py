@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
@@ -30,8 +32,8 @@ def test_upgrade_twice_and_current(database_url: str) -> None:
         engine.dispose()
 
 
-def test_sqlite_is_in_wal_mode_with_durable_commits(database_url: str) -> None:
-    engine = admin_engine(database_url)
+def test_sqlite_is_in_wal_mode_with_durable_commits(sqlite_url: str) -> None:
+    engine = admin_engine(sqlite_url)
     try:
         with engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
@@ -39,3 +41,17 @@ def test_sqlite_is_in_wal_mode_with_durable_commits(database_url: str) -> None:
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     finally:
         engine.dispose()
+
+
+def test_concurrent_migrators_on_a_fresh_database_all_succeed(empty_database_url: str) -> None:
+    def run() -> str | None:
+        engine = admin_engine(empty_database_url)
+        try:
+            upgrade(engine)
+            return current_revision(engine)
+        finally:
+            engine.dispose()
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        revisions = list(pool.map(lambda _: run(), range(4)))
+    assert revisions == [head_revision()] * 4

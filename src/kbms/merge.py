@@ -8,9 +8,9 @@ re-applying a payload that was already applied changes nothing. Concretely:
 - conversation fields (subject, state, tags, assignee, channel) follow the newest payload by the provider's
   ``updated_at``; an older payload can add parts but never rolls a field back; a payload that omits a field says
   nothing about it;
-- messages and events are keyed by their provider id and never removed by a later payload; a message whose
-  provider ``updated_at`` is newer (an edit, a redaction) replaces the stored one, and a redacted version beats an
-  unredacted one of the same time;
+- messages and events are keyed by their provider id and never removed by a later payload; a message is replaced
+  by a copy with a newer provider ``updated_at`` (an edit, a redaction), then by a redacted copy, then by the copy
+  in the newer payload; so each stored message remembers the version of the payload its copy came from;
 - participant role, name and email are registers of their own, so a payload that lacks an email never erases one;
 - ties (same version, different value) go to the greater canonical JSON: arbitrary, but the same on every replica.
 """
@@ -18,10 +18,11 @@ re-applying a payload that was already applied changes nothing. Concretely:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from kbms.model import (
     Conversation,
@@ -32,8 +33,6 @@ from kbms.model import (
     Participant,
     Role,
 )
-
-Keyed = TypeVar("Keyed", Message, Event)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 PREVIEW_CHARS = 120
@@ -109,31 +108,70 @@ class ConversationState:
     header: dict[str, Register] = field(default_factory=dict)
     participants: dict[str, ParticipantState] = field(default_factory=dict)
     messages: dict[str, Message] = field(default_factory=dict)
+    # The version of the payload each stored message copy came from (see message_key).
+    message_versions: dict[str, int] = field(default_factory=dict)
     events: dict[str, Event] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class MergeResult:
-    """The merged state and which of its parts differ from the state merged into."""
+    """The merged state, which of its parts differ from the state merged into, and which rows to rewrite."""
 
     state: ConversationState
     header_changed: bool
     participants: frozenset[str]
     messages: frozenset[str]
     events: frozenset[str]
+    # Messages whose stored copy changed, plus those whose content is the same but now comes from a newer payload.
+    rewritten_messages: frozenset[str] = frozenset()
 
     @property
     def changed(self) -> bool:
         return self.header_changed or bool(self.participants or self.messages or self.events)
 
 
-def message_key(message: Message) -> tuple[int, bool, str]:
-    updated = message.updated_at or message.sent_at
-    return (micros(updated), message.redacted, message.model_dump_json())
+def message_key(message: Message, version: int) -> tuple[int, bool, int]:
+    """Newer provider updated_at, then redacted, then the newer payload: the copy that wins."""
+    return (micros(message.updated_at or message.sent_at), message.redacted, version)
 
 
-def event_key(event: Event) -> tuple[int, str]:
-    return (micros(event.occurred_at), event.model_dump_json())
+def _merge_messages(
+    state: ConversationState, incoming: Iterable[Message], version: int
+) -> tuple[dict[str, Message], dict[str, int], set[str], set[str]]:
+    messages, versions = dict(state.messages), dict(state.message_versions)
+    changed: set[str] = set()
+    rewritten: set[str] = set()
+    for message in incoming:
+        current = messages.get(message.id)
+        if current is not None:
+            ours, theirs = message_key(message, version), message_key(current, versions[message.id])
+            if ours < theirs:
+                continue
+            # Same key, different copies (one payload version carrying two bodies): the greater JSON, arbitrary but
+            # the same on every replica.
+            if ours == theirs and (message == current or message.model_dump_json() < current.model_dump_json()):
+                continue
+        if message != current:
+            changed.add(message.id)
+        messages[message.id] = message
+        versions[message.id] = version
+        rewritten.add(message.id)
+    return messages, versions, changed, rewritten
+
+
+def _merge_events(stored: dict[str, Event], incoming: Iterable[Event]) -> tuple[dict[str, Event], set[str]]:
+    def key(event: Event) -> tuple[int, str]:
+        return (micros(event.occurred_at), event.model_dump_json())
+
+    events = dict(stored)
+    changed: set[str] = set()
+    for event in incoming:
+        current = events.get(event.id)
+        # A strictly greater key is always a different value, so every replacement is a change.
+        if current is None or key(event) > key(current):
+            changed.add(event.id)
+            events[event.id] = event
+    return events, changed
 
 
 def _merge_participant(
@@ -153,20 +191,6 @@ def _merge_participant(
         name=pick(current.name, name),
         email=pick(current.email, email),
     )
-
-
-def _upsert_by_key(
-    stored: dict[str, Keyed], incoming: Iterable[Keyed], key: Callable[[Keyed], tuple[Any, ...]]
-) -> tuple[dict[str, Keyed], set[str]]:
-    merged = dict(stored)
-    changed: set[str] = set()
-    for item in incoming:
-        current = merged.get(item.id)
-        # A strictly greater key is always a different value, so every replacement is a change.
-        if current is None or key(item) > key(current):
-            changed.add(item.id)
-            merged[item.id] = item
-    return merged, changed
 
 
 def merge(state: ConversationState, snapshot: ConversationSnapshot) -> MergeResult:
@@ -200,8 +224,8 @@ def merge(state: ConversationState, snapshot: ConversationSnapshot) -> MergeResu
             changed_participants.add(obs.id)
             participants[obs.id] = merged
 
-    messages, changed_messages = _upsert_by_key(state.messages, snapshot.messages, message_key)
-    events, changed_events = _upsert_by_key(state.events, snapshot.events, event_key)
+    messages, message_versions, changed_messages, rewritten = _merge_messages(state, snapshot.messages, version)
+    events, changed_events = _merge_events(state.events, snapshot.events)
 
     merged_state = replace(
         state,
@@ -210,6 +234,7 @@ def merge(state: ConversationState, snapshot: ConversationSnapshot) -> MergeResu
         header=header,
         participants=participants,
         messages=messages,
+        message_versions=message_versions,
         events=events,
     )
     result = MergeResult(
@@ -218,10 +243,20 @@ def merge(state: ConversationState, snapshot: ConversationSnapshot) -> MergeResu
         participants=frozenset(changed_participants),
         messages=frozenset(changed_messages),
         events=frozenset(changed_events),
+        rewritten_messages=frozenset(rewritten),
     )
     if result.changed:
         result = replace(result, state=replace(merged_state, revision=state.revision + 1))
     return result
+
+
+# kbms's own UUID namespace: conversation ids are derived from the provider's key, never random.
+ID_NAMESPACE = uuid.UUID("7f1c9f52-4a1e-5d3b-9a58-6b2f0e0c4d11")
+
+
+def conversation_id(provider: str, workspace: str, external_id: str) -> str:
+    """The stable id of a conversation: the same on every engine, and after a rebuild from the ledger."""
+    return str(uuid.uuid5(ID_NAMESPACE, "\x1f".join((provider, workspace, external_id))))
 
 
 def new_state(conversation_id: str, snapshot: ConversationSnapshot) -> ConversationState:

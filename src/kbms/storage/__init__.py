@@ -5,29 +5,49 @@ from __future__ import annotations
 from sqlalchemy import URL, make_url
 from sqlalchemy.engine import Engine
 
+from kbms.settings import Settings
+from kbms.storage import postgres, sqlite
 from kbms.storage.base import Store
-from kbms.storage.sqlite import SqliteStore
-from kbms.storage.sqlite import make_engine as make_sqlite_engine
+
+POSTGRES_SCHEMES = frozenset(("postgresql", "postgres"))
 
 
 def parse_database_url(text: str) -> URL:
     """A SQLAlchemy URL from a ``KBMS_DATABASE_URL``; ``ValueError`` if kbms cannot use it."""
+    scheme = text.partition("://")[0]
+    if scheme == "postgres":  # the libpq spelling, which SQLAlchemy does not know
+        text = "postgresql" + text[len(scheme) :]
     try:
         url = make_url(text)
-    except Exception as exc:  # SQLAlchemy raises ArgumentError (and others) for garbage
-        raise ValueError(f"not a database URL: {text!r}") from exc
-    if url.get_backend_name() != "sqlite":
-        raise ValueError(f"unsupported database {url.get_backend_name()!r}: use sqlite:///path/to/kbms.db")
-    return url
+    except Exception:  # SQLAlchemy raises ArgumentError (and others) for garbage
+        raise ValueError(f"not a database URL: {text!r}") from None
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        sqlite.sqlite_path(url)  # refuses in-memory databases
+        return url
+    if backend in POSTGRES_SCHEMES and url.get_driver_name() in ("psycopg", "psycopg2", "postgresql"):
+        return postgres.postgres_url(url)
+    raise ValueError(f"unsupported database {url.drivername!r}: use sqlite:///path/to/kbms.db or postgresql://...")
 
 
-def open_store(database_url: str) -> Store:
-    return SqliteStore(parse_database_url(database_url))
+def is_postgres(url: URL) -> bool:
+    return url.get_backend_name() == "postgresql"
+
+
+def open_store(settings: Settings) -> Store:
+    """The store ``settings.database_url`` names, configured from ``settings``."""
+    url = parse_database_url(settings.database_url)
+    if is_postgres(url):
+        return postgres.PostgresStore(url, pool_size=settings.db_pool_size, pool_timeout=settings.db_pool_timeout)
+    return sqlite.SqliteStore(url)
 
 
 def admin_engine(database_url: str) -> Engine:
     """An engine for migrations and schema checks."""
-    return make_sqlite_engine(parse_database_url(database_url), immediate=True)
+    url = parse_database_url(database_url)
+    if is_postgres(url):
+        return postgres.make_engine(url, pool_size=1, pool_timeout=10)
+    return sqlite.make_engine(url, immediate=True)
 
 
 __all__ = ["Store", "admin_engine", "open_store", "parse_database_url"]

@@ -51,7 +51,7 @@ class Cursor:
     """Keyset position in the newest-updated-first order: the last item of the previous page."""
 
     updated_at: int
-    pk: int
+    conversation_id: str
 
 
 @dataclass(frozen=True, slots=True)

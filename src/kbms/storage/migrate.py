@@ -29,10 +29,17 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+MIGRATION_LOCK = 0x6B626D73  # "kbms": the PostgreSQL advisory lock that serializes concurrent migrators
+
+
 def upgrade(engine: Engine) -> None:
-    """Apply every migration not yet applied (idempotent)."""
+    """Apply every migration not yet applied (idempotent, and safe when several processes start at once)."""
     config = alembic_config()
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Replicas that start together each run `kbms migrate`: one migrates, the others wait, then find
+            # nothing to do. (SQLite's BEGIN IMMEDIATE already serializes them.)
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
         config.attributes["connection"] = conn
         command.upgrade(config, "head")
 

@@ -80,8 +80,9 @@ def participant_from_row(row: Mapping[Any, Any]) -> ParticipantState:
     )
 
 
-def message_values(conversation_pk: int, m: Message) -> dict[str, Any]:
+def message_values(conversation_pk: int, m: Message, version: int) -> dict[str, Any]:
     return {
+        "version": version,
         "conversation_pk": conversation_pk,
         "message_id": m.id,
         "author_participant_id": m.author_participant_id,

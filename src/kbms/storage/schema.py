@@ -41,12 +41,15 @@ metadata = MetaData(
 
 # SQLite's INTEGER PRIMARY KEY is the rowid; PostgreSQL needs BIGINT to count past 2**31.
 PrimaryKey = BigInteger().with_variant(Integer(), "sqlite")
+# Conversation ids order pages (after updated_at), so both engines must compare them bytewise: SQLite does by
+# default, PostgreSQL only with the "C" collation (its default collations skip hyphens).
+ConversationId = String(36).with_variant(String(36, collation="C"), "postgresql")
 
 conversations = Table(
     "conversations",
     metadata,
     Column("pk", PrimaryKey, primary_key=True, autoincrement=True),
-    Column("id", String(36), nullable=False, unique=True),
+    Column("id", ConversationId, nullable=False, unique=True),
     Column("provider", String(64), nullable=False),
     Column("workspace", Text, nullable=False),
     Column("external_id", Text, nullable=False),
@@ -69,11 +72,12 @@ conversations = Table(
     Column("deleted_at", BigInteger),
     UniqueConstraint("provider", "workspace", "external_id"),
 )
-# Keyset pagination, newest-updated first, over live conversations.
+# Keyset pagination, newest-updated first, over live conversations. The id breaks ties: it is the same on every
+# engine (derived from the provider key), unlike pk, which PostgreSQL's sequences skip on conflicts.
 Index(
     "ix_conversations_live_updated",
     conversations.c.updated_at.desc(),
-    conversations.c.pk.desc(),
+    conversations.c.id.desc(),
     sqlite_where=text("deleted_at IS NULL"),
     postgresql_where=text("deleted_at IS NULL"),
 )
@@ -107,6 +111,8 @@ messages = Table(
     Column("attachments", Text, nullable=False),
     Column("redacted", Boolean, nullable=False),
     Column("provider_type", Text),
+    # The version (payload updated_at) of the payload this copy came from; see kbms.merge.message_key.
+    Column("version", BigInteger, nullable=False),
     PrimaryKeyConstraint("conversation_pk", "message_id"),
     sqlite_with_rowid=False,
 )

@@ -15,14 +15,13 @@ nothing (on PostgreSQL it waits for the winner to commit) and it merges instead.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from sqlalchemy import Connection, RowMapping, Select, Table, and_, bindparam, or_, select, update
 
 from kbms.errors import FieldIssue
-from kbms.merge import ConversationState, from_micros, merge, micros, new_state
+from kbms.merge import ConversationState, conversation_id, from_micros, merge, micros, new_state
 from kbms.model import Conversation, ConversationSnapshot, ConversationSummary
 from kbms.storage.base import Applied, Cursor, Delivery, KnownDelivery, Page
 from kbms.storage.rows import (
@@ -49,7 +48,6 @@ CHILD_TABLES: tuple[tuple[Table, tuple[str, ...]], ...] = (
 # What a delivery that was rejected before takes over when it is claimed again.
 LEDGER_RECLAIMED = ("workspace", "topic", "received_at", "outcome", "error", "body")
 SUMMARY_COLUMNS = (
-    conversations.c.pk,
     conversations.c.id,
     conversations.c.provider,
     conversations.c.external_id,
@@ -90,11 +88,9 @@ class Sql:
         self.settle = update(ledger).where(ledger.c.pk == bindparam("b_pk"))
         self.save = update(conversations).where(c.pk == bindparam("b_pk"))
         self.conversation_id = select(c.id).where(by_key)
-        self.create = (
-            insert(conversations)
-            .on_conflict_do_nothing(index_elements=["provider", "workspace", "external_id"])
-            .returning(c.pk)
-        )
+        # No conflict target: the id is derived from (provider, workspace, external_id), so two creators of one
+        # conversation collide on both unique indexes, and either collision means "it exists: merge instead".
+        self.create = insert(conversations).on_conflict_do_nothing().returning(c.pk)
         self.lock = select(conversations).where(by_key).with_for_update()
         self.children: dict[Table, tuple[Select[Any], Any, Any]] = {}
         for table, keys in CHILD_TABLES:
@@ -111,12 +107,12 @@ class Sql:
             .where(ledger.c.provider == bindparam("b_provider"), ledger.c.delivery_key == bindparam("b_key"))
         )
         self.detail = select(c.detail).where(c.id == bindparam("b_id"), c.deleted_at.is_(None))
-        live = select(*SUMMARY_COLUMNS).where(c.deleted_at.is_(None)).order_by(c.updated_at.desc(), c.pk.desc())
+        live = select(*SUMMARY_COLUMNS).where(c.deleted_at.is_(None)).order_by(c.updated_at.desc(), c.id.desc())
         self.first_page = live.limit(bindparam("b_limit"))
         self.next_page = live.where(
             or_(
                 c.updated_at < bindparam("b_updated_at"),
-                and_(c.updated_at == bindparam("b_updated_at"), c.pk < bindparam("b_pk")),
+                and_(c.updated_at == bindparam("b_updated_at"), c.id < bindparam("b_id")),
             )
         ).limit(bindparam("b_limit"))
 
@@ -174,7 +170,8 @@ def record_rejection(sql: Sql, conn: Connection, delivery: Delivery, issues: lis
 def _store_snapshot(
     sql: Sql, conn: Connection, snapshot: ConversationSnapshot, key: dict[str, str], *, now: int
 ) -> tuple[Applied, int]:
-    state = new_state(str(uuid.uuid4()), snapshot)
+    conversation = conversation_id(snapshot.provider, snapshot.workspace, snapshot.external_id)
+    state = new_state(conversation, snapshot)
     row = conn.execute(sql.create, conversation_values(state, changed_at=now)).first()
     if row is not None:
         pk = int(row[0])
@@ -186,7 +183,7 @@ def _store_snapshot(
     if not result.changed:
         return Applied("unchanged", stored.id, stored.external_id), pk
     merged = result.state
-    _write_children(sql, conn, pk, merged, result.participants, result.messages, result.events, fresh=False)
+    _write_children(sql, conn, pk, merged, result.participants, result.rewritten_messages, result.events, fresh=False)
     conn.execute(sql.save, {**conversation_values(merged, changed_at=now), "b_pk": pk})
     return Applied("updated", merged.id, merged.external_id), pk
 
@@ -204,7 +201,7 @@ def _write_children(
 ) -> None:
     rows = (
         [participant_values(pk, state.participants[i]) for i in participant_ids],
-        [message_values(pk, state.messages[i]) for i in message_ids],
+        [message_values(pk, state.messages[i], state.message_versions[i]) for i in message_ids],
         [event_values(pk, state.events[i]) for i in event_ids],
     )
     for (table, _keys), values in zip(CHILD_TABLES, rows, strict=True):
@@ -218,6 +215,7 @@ def load_state(sql: Sql, conn: Connection, key: dict[str, str]) -> tuple[int, Co
     """The stored merge state of one conversation (which must exist), row-locked where the engine can."""
     row = conn.execute(sql.lock, key).mappings().one()
     pk = int(row["pk"])
+    message_rows = list(_children(sql, conn, messages, pk))
     state = ConversationState(
         id=row["id"],
         provider=row["provider"],
@@ -228,7 +226,8 @@ def load_state(sql: Sql, conn: Connection, key: dict[str, str]) -> tuple[int, Co
         revision=row["revision"],
         header=decode_registers(row["header"]),
         participants={p.id: p for p in map(participant_from_row, _children(sql, conn, participants, pk))},
-        messages={m.id: m for m in map(message_from_row, _children(sql, conn, messages, pk))},
+        messages={m.id: m for m in map(message_from_row, message_rows)},
+        message_versions={row["message_id"]: row["version"] for row in message_rows},
         events={e.id: e for e in map(event_from_row, _children(sql, conn, events, pk))},
     )
     return pk, state
@@ -259,12 +258,12 @@ def list_page(sql: Sql, conn: Connection, *, limit: int, cursor: Cursor | None) 
     if cursor is None:
         result = conn.execute(sql.first_page, {"b_limit": limit + 1})
     else:
-        params = {"b_limit": limit + 1, "b_updated_at": cursor.updated_at, "b_pk": cursor.pk}
+        params = {"b_limit": limit + 1, "b_updated_at": cursor.updated_at, "b_id": cursor.conversation_id}
         result = conn.execute(sql.next_page, params)
     rows = result.mappings().all()
     items = [_summary(row) for row in rows[:limit]]
     last = rows[limit - 1] if len(rows) > limit else None
-    next_cursor = Cursor(updated_at=last["updated_at"], pk=last["pk"]) if last is not None else None
+    next_cursor = Cursor(updated_at=last["updated_at"], conversation_id=last["id"]) if last is not None else None
     return Page(items=items, next_cursor=next_cursor)
 
 

@@ -61,6 +61,7 @@ def make_engine(url: URL, *, immediate: bool | None, pool_size: int = 1) -> Engi
     sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         url,
+        hide_parameters=True,  # SQL parameters are payload data: keep them out of exception messages and logs
         connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000},
         pool_size=pool_size,
         max_overflow=pool_size,

@@ -20,7 +20,9 @@ def upgrade() -> None:
     op.create_table(
         "conversations",
         sa.Column("pk", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
-        sa.Column("id", sa.String(length=36), nullable=False),
+        sa.Column(
+            "id", sa.String(length=36).with_variant(sa.String(length=36, collation="C"), "postgresql"), nullable=False
+        ),
         sa.Column("provider", sa.String(length=64), nullable=False),
         sa.Column("workspace", sa.Text(), nullable=False),
         sa.Column("external_id", sa.Text(), nullable=False),
@@ -42,16 +44,13 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("pk", name=op.f("pk_conversations")),
         sa.UniqueConstraint("id", name=op.f("uq_conversations_id")),
         sa.UniqueConstraint(
-            "provider",
-            "workspace",
-            "external_id",
-            name=op.f("uq_conversations_provider_workspace_external_id"),
+            "provider", "workspace", "external_id", name=op.f("uq_conversations_provider_workspace_external_id")
         ),
     )
     with op.batch_alter_table("conversations", schema=None) as batch_op:
         batch_op.create_index(
             "ix_conversations_live_updated",
-            [sa.literal_column("updated_at DESC"), sa.literal_column("pk DESC")],
+            [sa.literal_column("updated_at DESC"), sa.literal_column("id DESC")],
             unique=False,
             sqlite_where=sa.text("deleted_at IS NULL"),
             postgresql_where=sa.text("deleted_at IS NULL"),
@@ -66,10 +65,7 @@ def upgrade() -> None:
         sa.Column("actor_participant_id", sa.Text(), nullable=True),
         sa.Column("occurred_at", sa.BigInteger(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["conversation_pk"],
-            ["conversations.pk"],
-            name=op.f("fk_events_conversation_pk"),
-            ondelete="CASCADE",
+            ["conversation_pk"], ["conversations.pk"], name=op.f("fk_events_conversation_pk"), ondelete="CASCADE"
         ),
         sa.PrimaryKeyConstraint("conversation_pk", "event_id", name=op.f("pk_events")),
         sqlite_with_rowid=False,
@@ -89,10 +85,7 @@ def upgrade() -> None:
         sa.Column("conversation_pk", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
         sa.Column("body", sa.LargeBinary(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["conversation_pk"],
-            ["conversations.pk"],
-            name=op.f("fk_ledger_conversation_pk"),
-            ondelete="SET NULL",
+            ["conversation_pk"], ["conversations.pk"], name=op.f("fk_ledger_conversation_pk"), ondelete="SET NULL"
         ),
         sa.PrimaryKeyConstraint("pk", name=op.f("pk_ledger")),
         sa.UniqueConstraint("provider", "delivery_key", name=op.f("uq_ledger_provider_delivery_key")),
@@ -113,11 +106,9 @@ def upgrade() -> None:
         sa.Column("attachments", sa.Text(), nullable=False),
         sa.Column("redacted", sa.Boolean(), nullable=False),
         sa.Column("provider_type", sa.Text(), nullable=True),
+        sa.Column("version", sa.BigInteger(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["conversation_pk"],
-            ["conversations.pk"],
-            name=op.f("fk_messages_conversation_pk"),
-            ondelete="CASCADE",
+            ["conversation_pk"], ["conversations.pk"], name=op.f("fk_messages_conversation_pk"), ondelete="CASCADE"
         ),
         sa.PrimaryKeyConstraint("conversation_pk", "message_id", name=op.f("pk_messages")),
         sqlite_with_rowid=False,
@@ -132,10 +123,7 @@ def upgrade() -> None:
         sa.Column("first_seen", sa.BigInteger(), nullable=False),
         sa.Column("registers", sa.Text(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["conversation_pk"],
-            ["conversations.pk"],
-            name=op.f("fk_participants_conversation_pk"),
-            ondelete="CASCADE",
+            ["conversation_pk"], ["conversations.pk"], name=op.f("fk_participants_conversation_pk"), ondelete="CASCADE"
         ),
         sa.PrimaryKeyConstraint("conversation_pk", "participant_id", name=op.f("pk_participants")),
         sqlite_with_rowid=False,

@@ -1,0 +1,118 @@
+"""PostgreSQL, the scale-out store: many API processes (or hosts) on one database.
+
+Driver: psycopg 3, synchronous, in worker threads. Measured against asyncpg and psycopg's async mode (both through
+SQLAlchemy's ``run_sync``) on kbms's own statements, 32 concurrent callers, 1,500 real deliveries: equal or better
+on ingest (254-297/s vs 190-244/s) and on lookups (1,570-2,561/s vs 920-1,583/s), and it keeps one synchronous SQL
+layer (``storage/sql.py``) for both engines.
+
+Each write is its own transaction; concurrency is the database's business: unique keys settle races between
+creators, ``SELECT ... FOR UPDATE`` serializes merges of one conversation. A deadlock or serialization failure is
+retried; a lock or statement that waits too long, or a lost connection, is ``StorageUnavailable`` (a 503).
+
+The pool is bounded, and callers wait for one of its connections at most ``pool_timeout`` seconds: a slot is taken
+before a thread is, so an exhausted pool answers 503 quickly instead of queueing requests behind a 30 s timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+from sqlalchemy import URL, create_engine
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from kbms.errors import StorageUnavailable
+from kbms.storage.sql import Sql
+from kbms.storage.store import Job, SqlStore, is_unavailable, unavailable, utc_now
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+DRIVER = "postgresql+psycopg"
+RETRIED_SQLSTATES = frozenset(("40001", "40P01"))  # serialization_failure, deadlock_detected
+ATTEMPTS = 3
+# Server-side limits, so that no request waits on the database for longer than a client would.
+SESSION_OPTIONS = "-c lock_timeout=4000 -c statement_timeout=15000 -c idle_in_transaction_session_timeout=30000"
+
+
+def postgres_url(url: URL) -> URL:
+    """Any PostgreSQL URL, driven by psycopg 3."""
+    return url.set(drivername=DRIVER)
+
+
+def make_engine(url: URL, *, pool_size: int, pool_timeout: float) -> Engine:
+    options = " ".join(filter(None, (url.query.get("options"), SESSION_OPTIONS)))  # type: ignore[arg-type]
+    return create_engine(
+        postgres_url(url).difference_update_query(["options"]),
+        hide_parameters=True,  # SQL parameters are payload data: keep them out of exception messages and logs
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_timeout=pool_timeout,
+        # A restarted server leaves dead connections in the pool: test each one before use (one round trip).
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": 3, "options": options, "application_name": "kbms"},
+    )
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    orig: Any = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None)
+
+
+class PostgresStore(SqlStore):
+    def __init__(
+        self,
+        url: URL,
+        *,
+        pool_size: int = 10,
+        pool_timeout: float = 1.5,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        super().__init__(Sql(insert=pg_insert), clock=clock)
+        self._engine = make_engine(url, pool_size=pool_size, pool_timeout=pool_timeout)
+        self._pool_timeout = pool_timeout
+        self._slots = anyio.Semaphore(pool_size)
+        self._threads = anyio.CapacityLimiter(pool_size)
+
+    async def _write(self, job: Job[T]) -> T:
+        return await self._run(job)
+
+    async def _read(self, job: Job[T]) -> T:
+        return await self._run(job)
+
+    async def _run(self, job: Job[T]) -> T:
+        try:
+            with anyio.fail_after(self._pool_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise StorageUnavailable("Database busy: no connection free") from None
+        try:
+            return await anyio.to_thread.run_sync(self._transaction, job, limiter=self._threads)
+        finally:
+            self._slots.release()
+
+    def _transaction(self, job: Job[T]) -> T:
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                with self._engine.begin() as conn:
+                    return job(conn)
+            except DBAPIError as exc:
+                if _sqlstate(exc) in RETRIED_SQLSTATES and attempt < ATTEMPTS:
+                    log.info("retrying a transaction after %s", _sqlstate(exc))
+                    continue
+                if is_unavailable(exc):
+                    raise unavailable(exc) from exc
+                raise
+            except PoolTimeout as exc:
+                raise unavailable(exc) from exc
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def close(self) -> None:
+        self._engine.dispose()
