@@ -12,10 +12,10 @@ from sqlalchemy import func, select
 
 from kbms.api import create_app
 from kbms.errors import StorageUnavailable
-from kbms.model import ConversationSnapshot
+from kbms.model import Change
 from kbms.settings import Settings
 from kbms.storage import admin_engine
-from kbms.storage.base import Applied, Delivery, KnownDelivery
+from kbms.storage.base import Applied, Delivery, KnownDelivery, Redactor
 from kbms.storage.schema import conversations, ledger
 from tests.helpers import JSON_HEADERS, dumps, intercom_payload, original_examples, part
 
@@ -265,7 +265,7 @@ class ExplodingStore:
     async def find_delivery(self, provider: str, delivery_key: str) -> KnownDelivery | None:
         return None
 
-    async def ingest(self, delivery: Delivery, snapshot: ConversationSnapshot) -> Applied:
+    async def ingest(self, delivery: Delivery, change: Change | None, *, redact: Redactor | None = None) -> Applied:
         raise self.failure
 
     async def ping(self) -> None:

@@ -46,6 +46,11 @@ async def put(store: Store, payload: dict[str, Any], *, key: str | None = None, 
     return await store.ingest(delivery(body, key=key, workspace=workspace), snapshot(payload, workspace))
 
 
+def cid(applied: Applied) -> str:
+    assert applied.conversation_id is not None
+    return applied.conversation_id
+
+
 def count(database_url: str, table: Any, *where: Any) -> int:
     engine = admin_engine(database_url)
     try:
@@ -58,11 +63,11 @@ def count(database_url: str, table: Any, *where: Any) -> int:
 async def test_insert_then_read_back(store: Store) -> None:
     applied = await put(store, intercom_payload(parts=[part("p1")]))
     assert applied.result == "created"
-    detail = await store.get_conversation(applied.conversation_id)
+    detail = await store.get_conversation(cid(applied))
     assert detail is not None
     assert (detail.external_id, detail.workspace, detail.revision) == ("c1", "w1", 1)
     assert [m.id for m in detail.messages] == ["c1-m0", "p1"]
-    raw = await store.get_conversation_json(applied.conversation_id)
+    raw = await store.get_conversation_json(cid(applied))
     assert raw == detail.model_dump_json().encode()
 
 
@@ -94,7 +99,7 @@ async def test_merge_adds_parts_and_bumps_revision(store: Store) -> None:
     first = await put(store, intercom_payload(parts=[part("p1")]))
     second = await put(store, intercom_payload(updated_at=1_700_000_500, parts=[part("p2", at=1_700_000_400)]))
     assert second.result == "updated"
-    detail = await store.get_conversation(first.conversation_id)
+    detail = await store.get_conversation(cid(first))
     assert detail is not None
     assert [m.id for m in detail.messages] == ["c1-m0", "p1", "p2"]
     assert detail.revision == 2
@@ -139,8 +144,7 @@ async def test_concurrent_snapshots_each_with_a_new_part_keep_them_all(store: St
         for i in range(20)
     ]
     results = await asyncio.gather(*(put(store, p) for p in payloads))
-    conversation_id = results[0].conversation_id
-    detail = await store.get_conversation(conversation_id)
+    detail = await store.get_conversation(cid(results[0]))
     assert detail is not None
     assert {m.id for m in detail.messages} == {"c20-m0", *(f"p{i}" for i in range(20))}
     assert count(database_url, messages) == 21
@@ -180,7 +184,7 @@ async def test_unicode_survives_and_nul_is_stripped(store: Store) -> None:
     payload = intercom_payload(parts=[part("p1", f"<p>{text}\u0000!</p>")])
     payload["source"]["author"]["name"] = "Zoë\u0000 Ørsted"
     applied = await put(store, payload)
-    detail = await store.get_conversation(applied.conversation_id)
+    detail = await store.get_conversation(cid(applied))
     assert detail is not None
     assert detail.messages[1].content == f"{text}!"
     assert detail.participants[0].name == "Zoë Ørsted"
@@ -191,12 +195,12 @@ async def test_timestamps_are_utc_and_exact(store: Store) -> None:
     payload["created_at"] = "2024-06-01T12:00:00.123456+02:00"
     payload["conversation_parts"]["conversation_parts"][0]["created_at"] = "2024-06-01T09:30:00-01:00"
     applied = await put(store, payload)
-    detail = await store.get_conversation(applied.conversation_id)
+    detail = await store.get_conversation(cid(applied))
     assert detail is not None
     assert detail.created_at == datetime(2024, 6, 1, 10, 0, 0, 123456, tzinfo=UTC)
     assert detail.messages[1].sent_at == datetime(2024, 6, 1, 10, 30, tzinfo=UTC)
     assert micros(detail.created_at) % 1_000_000 == 123456
-    raw = await store.get_conversation_json(applied.conversation_id)
+    raw = await store.get_conversation_json(cid(applied))
     assert raw is not None
     assert b'"created_at":"2024-06-01T10:00:00.123456Z"' in raw
 

@@ -10,20 +10,31 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from sqlalchemy.engine import Engine
 
 from kbms.errors import InputError, InvalidJson, KbmsError, StorageUnavailable, ValidationFailed
 from kbms.ingest import ingest_push
+from kbms.merge import micros
 from kbms.model import WORKSPACE, WORKSPACE_PATTERN
 from kbms.providers import REGISTRY, Provider, get_provider
+from kbms.reprocess import ReprocessReport
+from kbms.reprocess import reprocess as run_reprocess
 from kbms.settings import Settings
 from kbms.storage import Store, admin_engine, open_store
 from kbms.storage.migrate import current_revision, head_revision, is_current, upgrade
@@ -261,6 +272,58 @@ def ingest(
     _print_report(report)
     if report.rejects:
         raise typer.Exit(EXIT_REJECTED)
+
+
+@app.command()
+def reprocess(
+    provider: Annotated[str | None, typer.Option(help="Only deliveries from this provider")] = None,
+    since: Annotated[
+        datetime | None, typer.Option(help="Only deliveries received at or after this time (UTC unless given)")
+    ] = None,
+    conversation_id: Annotated[str | None, typer.Option(help="Only this conversation (kbms's id)")] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Re-derive stored conversations from the raw ledger with today's mappers (after a mapper fix)."""
+    settings = _settings(database_url=database_url)
+    if provider is not None and provider not in REGISTRY:
+        err.print(f"[red]Unknown provider {provider!r}[/] (known: {', '.join(REGISTRY)})")
+        raise typer.Exit(EXIT_USAGE)
+    _require_current_schema(settings)
+    start = micros(since if since.tzinfo else since.replace(tzinfo=UTC)) if since is not None else None
+
+    async def run() -> ReprocessReport:
+        store = open_store(settings)
+        try:
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                transient=True,
+            ) as bar:
+                task = bar.add_task("re-deriving", total=None)
+                return await run_reprocess(
+                    store,
+                    provider=provider,
+                    since=start,
+                    conversation_id=conversation_id,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                )
+        finally:
+            await store.close()
+
+    try:
+        report = asyncio.run(run())
+    except StorageUnavailable as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
+    table = Table(title="kbms reprocess")
+    for name in ("conversations re-derived", "changed", "unchanged", "deliveries reclassified"):
+        table.add_column(name, justify="right")
+    unchanged = report.conversations - report.changed
+    table.add_row(*map(str, (report.conversations, report.changed, unchanged, report.deliveries_reclassified)))
+    out.print(table)
 
 
 def _print_report(report: IngestReport) -> None:

@@ -7,6 +7,8 @@ one table each. Nothing here knows about HTTP.
     ├── InputError                    the caller sent something we refuse (a 4xx at the HTTP edge)
     │   ├── InvalidJson               the body is not JSON, or not UTF-8
     │   ├── ValidationFailed          a payload or a parameter breaks its schema (one issue per field)
+    │   │   └── InvalidWebhookItem    a webhook's envelope is fine, but the item it carries is not
+    │   ├── InvalidSignature          a webhook is not signed with the configured secret
     │   ├── PayloadTooLarge           the body is larger than the configured limit
     │   ├── UnsupportedMediaType      the Content-Type is not JSON
     │   ├── UnknownProvider           no provider of that name is registered
@@ -17,6 +19,7 @@ one table each. Nothing here knows about HTTP.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 
@@ -27,6 +30,12 @@ class FieldIssue:
     field: str
     issue: str
     message: str
+
+
+def describe(issues: list[FieldIssue]) -> str:
+    """Issues as the JSON text kept with a rejected delivery."""
+    issues_list = [{"field": i.field, "issue": i.issue, "message": i.message} for i in issues]
+    return json.dumps(issues_list, ensure_ascii=False, separators=(",", ":"))
 
 
 class KbmsError(Exception):
@@ -54,6 +63,23 @@ class ValidationFailed(InputError):
     def __init__(self, issues: list[FieldIssue], message: str = "Payload validation failed") -> None:
         super().__init__(message)
         self.issues = issues
+
+
+class InvalidWebhookItem(ValidationFailed):
+    """Raised when a webhook envelope validates but its item does not; says which delivery it was."""
+
+    def __init__(self, issues: list[FieldIssue], *, delivery_id: str | None, topic: str | None, workspace: str) -> None:
+        super().__init__(issues)
+        self.delivery_id = delivery_id
+        self.topic = topic
+        self.workspace = workspace
+
+
+class InvalidSignature(InputError):
+    """Raised when a webhook's signature is missing, malformed, wrong, or cannot be checked (no secret)."""
+
+    def __init__(self, message: str = "Invalid or missing webhook signature") -> None:
+        super().__init__(message)
 
 
 class PayloadTooLarge(InputError):

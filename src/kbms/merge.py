@@ -12,7 +12,9 @@ re-applying a payload that was already applied changes nothing. Concretely:
   by a copy with a newer provider ``updated_at`` (an edit, a redaction), then by a redacted copy, then by the copy
   in the newer payload; so each stored message remembers the version of the payload its copy came from;
 - participant role, name and email are registers of their own, so a payload that lacks an email never erases one;
-- ties (same version, different value) go to the greater canonical JSON: arbitrary, but the same on every replica.
+- ties (same version, different value) go to the greater canonical JSON: arbitrary, but the same on every replica;
+- a deletion is final: it empties the conversation, and no later delivery (a retry, or an older one arriving late)
+  brings anything back. So deletions commute with everything else too.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kbms.model import (
+    Change,
     Conversation,
+    ConversationDeletion,
     ConversationSnapshot,
     ConversationSummary,
     Event,
@@ -111,6 +115,12 @@ class ConversationState:
     # The version of the payload each stored message copy came from (see message_key).
     message_versions: dict[str, int] = field(default_factory=dict)
     events: dict[str, Event] = field(default_factory=dict)
+    # When the provider deleted it (server time, microseconds); a deleted conversation keeps no content.
+    deleted_at: int | None = None
+
+    def same_content(self, other: ConversationState) -> bool:
+        """Equal in everything merging decides; ``revision`` only counts the changes that led here."""
+        return replace(self, revision=0) == replace(other, revision=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +205,8 @@ def _merge_participant(
 
 def merge(state: ConversationState, snapshot: ConversationSnapshot) -> MergeResult:
     """Merge one payload's snapshot into a stored conversation; pure, and safe to repeat."""
+    if state.deleted_at is not None:
+        return MergeResult(state, False, frozenset(), frozenset(), frozenset())
     version = micros(snapshot.version)
 
     header = dict(state.header)
@@ -271,6 +283,62 @@ def new_state(conversation_id: str, snapshot: ConversationSnapshot) -> Conversat
         revision=0,
     )
     return replace(merge(empty, snapshot).state, revision=1)
+
+
+def delete(state: ConversationState, *, at: int) -> ConversationState:
+    """The tombstone of a conversation: no content, and final (``merge`` leaves it as it is)."""
+    if state.deleted_at is not None:
+        return state
+    return ConversationState(
+        id=state.id,
+        provider=state.provider,
+        workspace=state.workspace,
+        external_id=state.external_id,
+        created_at=state.created_at,
+        updated_at=state.updated_at,
+        revision=state.revision + 1,
+        deleted_at=at,
+    )
+
+
+def tombstone(conversation_id: str, provider: str, workspace: str, external_id: str, *, at: int) -> ConversationState:
+    """A conversation deleted before kbms saw anything of it: the tombstone stops it from ever appearing."""
+    return ConversationState(
+        id=conversation_id,
+        provider=provider,
+        workspace=workspace,
+        external_id=external_id,
+        created_at=at,
+        updated_at=at,
+        revision=1,
+        deleted_at=at,
+    )
+
+
+def replay(conversation_id: str, changes: Iterable[tuple[Change, int]]) -> tuple[ConversationState | None, list[str]]:
+    """Apply ``(change, received_at)`` pairs in order, exactly as live ingestion does; also each one's outcome
+    (created, updated or unchanged). Re-deriving a conversation from its stored deliveries is this fold."""
+    state: ConversationState | None = None
+    outcomes: list[str] = []
+    for change, received_at in changes:
+        if isinstance(change, ConversationDeletion):
+            if state is None:
+                at = received_at
+                state = tombstone(conversation_id, change.provider, change.workspace, change.external_id, at=at)
+                outcomes.append("created")
+            elif state.deleted_at is None:
+                state = delete(state, at=received_at)
+                outcomes.append("updated")
+            else:
+                outcomes.append("unchanged")
+        elif state is None:
+            state = new_state(conversation_id, change)
+            outcomes.append("created")
+        else:
+            merged = merge(state, change)
+            state = merged.state
+            outcomes.append("updated" if merged.changed else "unchanged")
+    return state, outcomes
 
 
 def id_order(value: str) -> tuple[int, int, str]:

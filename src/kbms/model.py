@@ -33,6 +33,7 @@ UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
 
 # A workspace names a provider account (an Intercom app_id, a Zendesk subdomain): short and URL-safe.
 WORKSPACE = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
+DEFAULT_WORKSPACE = "default"
 WORKSPACE_PATTERN = f"^{WORKSPACE}$"  # for pydantic and OpenAPI, whose "$" is the end of the text
 
 Role = Literal["customer", "agent", "bot", "system"]
@@ -165,6 +166,26 @@ class ConversationSnapshot(_Frozen):
     participants: tuple[ParticipantObservation, ...] = ()
     messages: tuple[Message, ...] = ()
     events: tuple[Event, ...] = ()
+
+
+class ConversationDeletion(_Frozen):
+    """A payload saying the provider deleted a conversation: kbms keeps only a tombstone."""
+
+    provider: str
+    workspace: Text
+    external_id: Text
+
+
+Change = ConversationSnapshot | ConversationDeletion
+
+
+class WebhookEvent(_Frozen):
+    """One verified webhook delivery, as its provider reads it."""
+
+    delivery_id: Text | None = Field(description="The provider's id of this notification; None when it has none")
+    topic: Text | None
+    workspace: Text
+    change: Change | None = Field(description="None: nothing to store (a ping, or an item that is no conversation)")
 
 
 def utc_from_timestamp(seconds: float) -> datetime:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kbms.model import WORKSPACE_PATTERN
@@ -33,9 +34,27 @@ class Settings(BaseSettings):
         default=1.5, gt=0, le=30, description="Seconds a request waits for a free connection before a 503"
     )
     workers: int = Field(default=1, ge=1, le=64, description="HTTP worker processes of `kbms serve`")
+    allow_unsigned_webhooks: bool = Field(
+        default=False, description="Accept webhooks without a valid signature: local testing only, warned at start"
+    )
+    # Providers name their own secret variables (KBMS_INTERCOM_CLIENT_SECRET, ...): every KBMS_*_SECRET is kept.
+    secrets: dict[str, SecretStr] = Field(default_factory=dict, exclude=True, repr=False)
     default_workspace: str = Field(
         default="default", pattern=WORKSPACE_PATTERN, description="Workspace of pushed conversations that name none"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_environment(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "secrets" not in data:
+            found = {k: v for k, v in os.environ.items() if k.startswith("KBMS_") and k.endswith("_SECRET")}
+            data = {**data, "secrets": found}
+        return data
+
+    def secret(self, variable: str) -> str:
+        """The value of a secret variable, or "" when it is not set."""
+        value = self.secrets.get(variable)
+        return value.get_secret_value() if value is not None else ""
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from kbms import __version__
-from kbms.api import conversations, health, integrations
+from kbms.api import conversations, health, integrations, webhooks
 from kbms.api.errors import install_error_handlers
 from kbms.api.openapi import install_openapi
 from kbms.providers import REGISTRY
 from kbms.settings import Settings
 from kbms.storage import Store, open_store
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Ingests conversations from support tools, normalizes them into one stable model, stores them durably and serves
@@ -24,6 +27,7 @@ Every error has the body `{error_code, message, details}`:
 | status | error_code | when |
 |---|---|---|
 | 400 | invalid_json | the body is not JSON, or not UTF-8 |
+| 401 | invalid_signature | a webhook without a valid signature (nothing of it is kept) |
 | 404 | not_found | unknown conversation, path or provider |
 | 405 | method_not_allowed | a method the path does not have (with an `Allow` header) |
 | 413 | payload_too_large | the body exceeds the configured limit |
@@ -39,6 +43,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _warn_about_webhooks(settings)
         app.state.store = store if store is not None else open_store(settings)
         try:
             yield
@@ -51,9 +56,23 @@ def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(integrations.router(REGISTRY.values()))
+    app.include_router(webhooks.router(REGISTRY.values()))
     app.include_router(conversations.router)
     install_openapi(app, (provider.push_schema for provider in REGISTRY.values()))
     return app
+
+
+def _warn_about_webhooks(settings: Settings) -> None:
+    if settings.allow_unsigned_webhooks:
+        log.warning("KBMS_ALLOW_UNSIGNED_WEBHOOKS is on: webhooks are accepted WITHOUT signatures. Local testing only.")
+        return
+    for provider in REGISTRY.values():
+        if provider.webhooks is not None and not settings.secret(provider.webhooks.secret_variable):
+            log.warning(
+                "%s is not set: every %s webhook will be refused (401)",
+                provider.webhooks.secret_variable,
+                provider.name,
+            )
 
 
 def create_app_from_environment() -> FastAPI:

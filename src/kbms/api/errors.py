@@ -16,6 +16,7 @@ from kbms.errors import (
     ClientDisconnected,
     FieldIssue,
     InvalidJson,
+    InvalidSignature,
     KbmsError,
     NotFound,
     PayloadTooLarge,
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = "1"
 STATUS: dict[type[KbmsError], tuple[int, str]] = {
     InvalidJson: (400, "invalid_json"),
+    InvalidSignature: (401, "invalid_signature"),
     ClientDisconnected: (400, "client_disconnected"),
     ValidationFailed: (422, "validation_error"),
     NotFound: (404, "not_found"),

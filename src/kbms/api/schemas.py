@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
-from kbms.ingest import IngestOutcome
+from kbms.ingest import IngestOutcome, WebhookOutcome
 from kbms.model import Conversation, ConversationSummary, IngestResult
 
 # The detail is served from the read model, which is the model's own JSON: one definition, so the two cannot drift.
@@ -53,3 +55,27 @@ class ConversationPage(_Body):
 
 class Health(_Body):
     status: str
+
+
+class WebhookResponse(_Body):
+    provider: str
+    delivery_id: str = Field(description="The provider's notification id, or sha256:<hash of the body> without one")
+    topic: str | None
+    result: Literal["created", "updated", "unchanged", "ignored"] = Field(
+        description="What the delivery did; ignored: kept in the ledger, but it carries no conversation"
+    )
+    conversation_id: str | None
+    external_id: str | None
+    deduplicated: bool = Field(description="True when this delivery had been received before")
+
+    @classmethod
+    def of(cls, outcome: WebhookOutcome) -> WebhookResponse:
+        return cls(
+            provider=outcome.provider,
+            delivery_id=outcome.delivery_id,
+            topic=outcome.topic,
+            result=outcome.result,
+            conversation_id=outcome.conversation_id,
+            external_id=outcome.external_id,
+            deduplicated=outcome.deduplicated,
+        )

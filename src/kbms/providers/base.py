@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from datetime import datetime
 from typing import Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from kbms.errors import FieldIssue, InvalidJson, ValidationFailed
-from kbms.model import ConversationSnapshot
+from kbms.model import ConversationSnapshot, Message, WebhookEvent
 
 MAX_ISSUES = 50
 MAX_DEPTH = 200  # pydantic-core's JSON parser refuses deeper nesting
 ROOT_FIELD = "body"
 
 Payload = TypeVar("Payload", bound=BaseModel)
+
+
+class WebhookReceiver(Protocol):
+    """How a provider's webhooks are authenticated and read."""
+
+    @property
+    def secret_variable(self) -> str:
+        """The environment variable holding the signing secret, e.g. ``KBMS_INTERCOM_CLIENT_SECRET``."""
+        ...
+
+    def verify(self, body: bytes, headers: Mapping[str, str], secret: str, *, now: datetime) -> bool:
+        """Whether the raw body is signed with ``secret``; constant-time, before any parsing."""
+        ...
+
+    def parse(self, body: bytes) -> WebhookEvent:
+        """Read a verified delivery; raises ``InvalidJson``, ``ValidationFailed`` or ``InvalidWebhookItem``."""
+        ...
 
 
 class Provider(Protocol):
@@ -33,6 +52,15 @@ class Provider(Protocol):
         """Validate and map a pushed conversation; raises ``InvalidJson`` or ``ValidationFailed``."""
         ...
 
+    @property
+    def webhooks(self) -> WebhookReceiver | None:
+        """The provider's webhooks, if it sends any."""
+        ...
+
+    def redact(self, body: bytes, redacted: Mapping[str, Message]) -> bytes | None:
+        """A raw payload of this provider with the given messages' text replaced by their redacted copies."""
+        ...
+
 
 def validate_json(schema: type[Payload], body: bytes) -> Payload:
     """Parse and validate raw bytes in one pass, translating pydantic's errors into kbms's."""
@@ -48,9 +76,15 @@ def _translate(exc: ValidationError) -> InvalidJson | ValidationFailed:
     if invalid:
         too_deep = "recursion limit" in invalid[0]["msg"]
         return InvalidJson(f"JSON nested deeper than {MAX_DEPTH} levels") if too_deep else InvalidJson()
+    return ValidationFailed(translate_issues(exc))
+
+
+def translate_issues(exc: ValidationError, *, prefix: tuple[str, ...] = ()) -> list[FieldIssue]:
+    """One issue per pydantic error (at most ``MAX_ISSUES``), at dotted paths under ``prefix``."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
     issues = [
         FieldIssue(
-            field=".".join(str(part) for part in error["loc"]) or ROOT_FIELD,
+            field=".".join(str(part) for part in (*prefix, *error["loc"])) or ROOT_FIELD,
             issue=error["type"],
             message=error["msg"],
         )
@@ -59,4 +93,4 @@ def _translate(exc: ValidationError) -> InvalidJson | ValidationFailed:
     if len(errors) > MAX_ISSUES:
         more = len(errors) - MAX_ISSUES
         issues.append(FieldIssue(field=ROOT_FIELD, issue="too_many_errors", message=f"{more} more not shown"))
-    return ValidationFailed(issues)
+    return issues

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol
 
 from kbms.errors import FieldIssue
-from kbms.model import Conversation, ConversationSnapshot, ConversationSummary, IngestResult
+from kbms.model import Change, Conversation, ConversationSummary, IngestResult, Message
 
 DeliveryKind = Literal["push", "webhook"]
 Outcome = Literal["created", "updated", "unchanged", "ignored", "rejected"]
@@ -27,13 +28,16 @@ class Delivery:
     received_at: datetime
 
 
+Redactor = Callable[[bytes, Mapping[str, Message]], "bytes | None"]
+
+
 @dataclass(frozen=True, slots=True)
 class Applied:
-    """What storing one delivery did to its conversation."""
+    """What storing one delivery did to its conversation (none for an ignored delivery)."""
 
-    result: IngestResult
-    conversation_id: str
-    external_id: str
+    result: IngestResult | Literal["ignored"]
+    conversation_id: str | None
+    external_id: str | None
     duplicate_delivery: bool = False
 
 
@@ -44,6 +48,48 @@ class KnownDelivery:
     outcome: Outcome
     conversation_id: str | None
     external_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """A delivery as the ledger keeps it, for re-deriving what it says."""
+
+    pk: int
+    provider: str
+    kind: DeliveryKind
+    workspace: str
+    topic: str | None
+    body: bytes
+    received_at: int
+    outcome: Outcome
+    error: str | None
+    conversation_pk: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """What today's mappers make of a stored delivery: a change, nothing (ignored), or a rejection (``error``)."""
+
+    change: Change | None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationKey:
+    provider: str
+    workspace: str
+    external_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rebuilt:
+    """What re-deriving one conversation from its deliveries did."""
+
+    changed: bool
+    deliveries_reclassified: int
+
+
+Reader = Callable[[LedgerEntry], Reading]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +113,36 @@ class Store(Protocol):
     the database raise ``StorageUnavailable``.
     """
 
-    async def ingest(self, delivery: Delivery, snapshot: ConversationSnapshot) -> Applied:
-        """Record the delivery and merge its snapshot into the stored conversation, in one transaction."""
+    async def ingest(self, delivery: Delivery, change: Change | None, *, redact: Redactor | None = None) -> Applied:
+        """Record the delivery and apply its change (merge, or delete), in one transaction.
+
+        ``change`` None records the delivery as ignored. ``redact`` (the provider's) rewrites raw payloads in the
+        ledger when a message is redacted, so the old text survives nowhere.
+        """
         ...
 
     async def reject(self, delivery: Delivery, issues: list[FieldIssue]) -> None:
         """Record a delivery that failed validation (so a later mapper can re-derive it)."""
+        ...
+
+    async def unlinked_deliveries(
+        self, *, provider: str | None, since: int | None, after: tuple[int, int] | None, limit: int
+    ) -> list[LedgerEntry]:
+        """Deliveries tied to no conversation (rejected or ignored), in received order, after ``after``."""
+        ...
+
+    async def conversations_in_scope(
+        self, *, provider: str | None, since: int | None, conversation_id: str | None
+    ) -> list[ConversationKey]:
+        """Conversations with deliveries from ``provider`` received at or after ``since`` (all filters optional)."""
+        ...
+
+    async def rebuild(self, key: ConversationKey, extra: list[int], read: Reader) -> Rebuilt:
+        """Re-derive one conversation from all its ledger deliveries (plus ``extra`` ones), in received order."""
+        ...
+
+    async def reclassify(self, ledger_pk: int, outcome: Outcome, error: str | None) -> None:
+        """Record a new outcome for a delivery that still belongs to no conversation."""
         ...
 
     async def find_delivery(self, provider: str, delivery_key: str) -> KnownDelivery | None:

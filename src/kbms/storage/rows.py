@@ -53,6 +53,7 @@ def conversation_values(state: ConversationState, *, changed_at: int) -> dict[st
         "last_message_preview": summary.last_message_preview,
         "detail": detail.model_dump_json(),
         "changed_at": changed_at,
+        "deleted_at": state.deleted_at,
     }
 
 

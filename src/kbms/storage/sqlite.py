@@ -9,7 +9,7 @@ is committed: a 2xx always means "on disk" (``synchronous=FULL``).
 Reads run inline, on the event loop's own connection: every read the API makes is bounded (a row by key, or an
 index-ordered page of at most 500), takes microseconds, and in WAL mode never waits for the writer. Handing them
 to a thread pool cost more than the reads (about 120 us per hop, and 300-500 us per lookup with the GIL
-hand-offs, measured). Reads that may run long (search, exports) must use ``_read_in_thread``.
+hand-offs, measured). Reads that may run long (scans, search, exports) use ``_read_long``.
 
 Several processes on one file still work: ``BEGIN IMMEDIATE`` plus a busy timeout serialize their writers.
 """
@@ -146,8 +146,8 @@ class SqliteStore(SqlStore):
             # No BEGIN was sent; this only ends SQLAlchemy's own bookkeeping of the "autobegun" transaction.
             self._inline.rollback()
 
-    async def _read_in_thread(self, job: Job[T]) -> T:
-        """For reads that may take long: they must not hold up the event loop."""
+    async def _read_long(self, job: Job[T]) -> T:
+        """Reads that may take long (scans) must not hold up the event loop: a pooled connection, in a thread."""
         return await anyio.to_thread.run_sync(self._read_now, job)
 
     def _read_now(self, job: Job[T]) -> T:

@@ -13,9 +13,21 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from kbms.errors import FieldIssue, StorageUnavailable
 from kbms.merge import micros
-from kbms.model import Conversation, ConversationSnapshot
+from kbms.model import Change, Conversation
 from kbms.storage import sql
-from kbms.storage.base import Applied, Cursor, Delivery, KnownDelivery, Page
+from kbms.storage.base import (
+    Applied,
+    ConversationKey,
+    Cursor,
+    Delivery,
+    KnownDelivery,
+    LedgerEntry,
+    Outcome,
+    Page,
+    Reader,
+    Rebuilt,
+    Redactor,
+)
 
 T = TypeVar("T")
 Job = Callable[[Connection], T]
@@ -48,14 +60,38 @@ class SqlStore(abc.ABC):
 
     @abc.abstractmethod
     async def _read(self, job: Job[T]) -> T:
-        """Run ``job`` on a connection that sees committed data."""
+        """Run ``job`` on a connection that sees committed data (a short, bounded read)."""
 
-    async def ingest(self, delivery: Delivery, snapshot: ConversationSnapshot) -> Applied:
+    async def _read_long(self, job: Job[T]) -> T:
+        """A read that may take long (scans): backends that read on the event loop move it elsewhere."""
+        return await self._read(job)
+
+    async def ingest(self, delivery: Delivery, change: Change | None, *, redact: Redactor | None = None) -> Applied:
         now = micros(self._clock())
-        return await self._write(partial(sql.apply_delivery, self._sql, delivery=delivery, snapshot=snapshot, now=now))
+        job = partial(sql.apply_delivery, self._sql, delivery=delivery, change=change, now=now, redact=redact)
+        return await self._write(job)
 
     async def reject(self, delivery: Delivery, issues: list[FieldIssue]) -> None:
         await self._write(partial(sql.record_rejection, self._sql, delivery=delivery, issues=issues))
+
+    async def unlinked_deliveries(
+        self, *, provider: str | None, since: int | None, after: tuple[int, int] | None, limit: int
+    ) -> list[LedgerEntry]:
+        job = partial(sql.unlinked_deliveries, provider=provider, since=since, after=after, limit=limit)
+        return await self._read_long(job)
+
+    async def conversations_in_scope(
+        self, *, provider: str | None, since: int | None, conversation_id: str | None
+    ) -> list[ConversationKey]:
+        job = partial(sql.conversations_in_scope, provider=provider, since=since, conversation_id=conversation_id)
+        return await self._read_long(job)
+
+    async def rebuild(self, key: ConversationKey, extra: list[int], read: Reader) -> Rebuilt:
+        now = micros(self._clock())
+        return await self._write(partial(sql.rebuild, self._sql, key=key, extra=extra, read=read, now=now))
+
+    async def reclassify(self, ledger_pk: int, outcome: Outcome, error: str | None) -> None:
+        await self._write(partial(sql.reclassify, ledger_pk=ledger_pk, outcome=outcome, error=error))
 
     async def find_delivery(self, provider: str, delivery_key: str) -> KnownDelivery | None:
         return await self._read(partial(sql.find_delivery, self._sql, provider=provider, delivery_key=delivery_key))

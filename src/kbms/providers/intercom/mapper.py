@@ -30,7 +30,7 @@ from kbms.model import (
 from kbms.providers.html import has_image, html_to_text, looks_like_html
 from kbms.providers.intercom.schema import (
     IntercomAttachment,
-    IntercomConversation,
+    IntercomConversationItem,
     IntercomPart,
     IntercomPerson,
 )
@@ -66,16 +66,16 @@ CHANNELS = {"conversation": "messenger", OPENING_PROVIDER_TYPE: None}
 UNASSIGNED = frozenset(("0",))
 
 
-def to_snapshot(conversation: IntercomConversation, *, workspace: str) -> ConversationSnapshot:
-    """Map one Intercom conversation object to what it says about the conversation."""
+def to_snapshot(conversation: IntercomConversationItem, *, workspace: str) -> ConversationSnapshot:
+    """Map one Intercom conversation object (pushed, or a webhook's item) to what it says about the conversation."""
     created_at = conversation.created_at
     version = conversation.updated_at or created_at
     messages: list[Message] = []
     events: list[Event] = []
     opening = conversation.opening
-    opening_id = opening.id or conversation.id
-    content = _content(opening.body, opening.attachments)
-    if content is not None:
+    opening_id = (opening.id or conversation.id) if opening is not None else None
+    content = _content(opening.body, opening.attachments) if opening is not None else None
+    if opening is not None and opening_id is not None and content is not None:
         messages.append(
             Message(
                 id=opening_id,
@@ -153,10 +153,11 @@ def _attachments(items: list[IntercomAttachment] | None) -> tuple[Attachment, ..
     return tuple(Attachment(name=a.name, url=a.url, content_type=a.content_type, size=a.filesize) for a in items or ())
 
 
-def _header(conversation: IntercomConversation, opening_id: str) -> ConversationHeader:
+def _header(conversation: IntercomConversationItem, opening_id: str | None) -> ConversationHeader:
     given = conversation.model_fields_set
-    fields: dict[str, Any] = {"opening_message_id": opening_id}
-    if "subject" in conversation.opening.model_fields_set or "title" in given:
+    opening = conversation.opening
+    fields: dict[str, Any] = {} if opening_id is None else {"opening_message_id": opening_id}
+    if (opening is not None and "subject" in opening.model_fields_set) or "title" in given:
         fields["subject"] = _subject(conversation)
     if "state" in given or "open" in given:
         fields["state"] = _state(conversation)
@@ -172,8 +173,9 @@ def _header(conversation: IntercomConversation, opening_id: str) -> Conversation
     return ConversationHeader(**fields)
 
 
-def _subject(conversation: IntercomConversation) -> str | None:
-    for candidate in (conversation.opening.subject, conversation.title):
+def _subject(conversation: IntercomConversationItem) -> str | None:
+    opening = conversation.opening
+    for candidate in (opening.subject if opening is not None else None, conversation.title):
         if candidate:
             text = " ".join(html_to_text(candidate).split())
             if text:
@@ -181,7 +183,7 @@ def _subject(conversation: IntercomConversation) -> str | None:
     return None
 
 
-def _state(conversation: IntercomConversation) -> State | None:
+def _state(conversation: IntercomConversationItem) -> State | None:
     state = conversation.state
     if state in STATES:
         return state
@@ -190,16 +192,16 @@ def _state(conversation: IntercomConversation) -> State | None:
     return None
 
 
-def _channel(conversation: IntercomConversation) -> str | None:
+def _channel(conversation: IntercomConversationItem) -> str | None:
     if conversation.channel is not None and (conversation.channel.current or conversation.channel.initial):
         return conversation.channel.current or conversation.channel.initial
-    source_type = conversation.opening.type
+    source_type = conversation.opening.type if conversation.opening is not None else None
     if source_type is None:
         return None
     return CHANNELS.get(source_type, source_type)
 
 
-def _assignee(conversation: IntercomConversation) -> IntercomPerson | None:
+def _assignee(conversation: IntercomConversationItem) -> IntercomPerson | None:
     if conversation.admin_assignee_id and conversation.admin_assignee_id not in UNASSIGNED:
         return IntercomPerson(id=conversation.admin_assignee_id, type="admin")
     legacy = conversation.assignee
@@ -210,11 +212,13 @@ def _assignee(conversation: IntercomConversation) -> IntercomPerson | None:
     return None
 
 
-def _participants(conversation: IntercomConversation, version: datetime) -> Iterator[ParticipantObservation]:
+def _participants(conversation: IntercomConversationItem, version: datetime) -> Iterator[ParticipantObservation]:
     created_at = conversation.created_at
-    author = conversation.opening.author
-    yield _observe(author.id, author.type, author.name, author.email, seen_at=created_at)
-    authors = {author.id}
+    authors: set[str] = set()
+    if conversation.opening is not None:
+        author = conversation.opening.author
+        authors.add(author.id)
+        yield _observe(author.id, author.type, author.name, author.email, seen_at=created_at)
     for part in conversation.parts:
         a = part.author
         if a is not None and a.id is not None:

@@ -8,6 +8,8 @@ present the error names ``conversation_message``, as the original design does. P
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
@@ -87,15 +89,15 @@ class IntercomChannel(_Tolerant):
     current: OptionalText = None
 
 
-class IntercomConversation(_Tolerant):
-    """A conversation as ``GET /conversations/{id}`` returns it, or as a webhook's ``data.item`` carries it."""
+class IntercomConversationItem(_Tolerant):
+    """A conversation as a webhook's ``data.item`` carries it: some topics send a minimal item, without the
+    opening message (``conversation.read`` in fixture 10), and it still says something about the conversation."""
 
     id: Id
     created_at: Timestamp
     updated_at: Timestamp | None = None
-    # ``source`` is declared first so the check on ``conversation_message`` can see it.
     source: IntercomOpeningMessage | None = None
-    conversation_message: IntercomOpeningMessage | None = Field(default=None, validate_default=True)
+    conversation_message: IntercomOpeningMessage | None = None
     conversation_parts: IntercomPartList | None = None
     state: OptionalText = None
     open: bool | None = None
@@ -110,6 +112,21 @@ class IntercomConversation(_Tolerant):
     customers: list[IntercomPerson] | None = None
     user: IntercomPerson | None = None
 
+    @property
+    def opening(self) -> IntercomOpeningMessage | None:
+        return self.source or self.conversation_message
+
+    @property
+    def parts(self) -> list[IntercomPart]:
+        return self.conversation_parts.conversation_parts if self.conversation_parts else []
+
+
+class IntercomConversation(IntercomConversationItem):
+    """A conversation pushed to kbms, as ``GET /conversations/{id}`` returns it: the opening message is required."""
+
+    # Redeclared so that it is validated after ``source`` (and can see it), even when absent.
+    conversation_message: IntercomOpeningMessage | None = Field(default=None, validate_default=True)
+
     @field_validator("conversation_message")
     @classmethod
     def _opening_message_required(
@@ -121,12 +138,15 @@ class IntercomConversation(_Tolerant):
             raise PydanticCustomError("missing", "Field required")
         return value
 
-    @property
-    def opening(self) -> IntercomOpeningMessage:
-        opening = self.source or self.conversation_message
-        assert opening is not None  # guaranteed by _opening_message_required
-        return opening
 
-    @property
-    def parts(self) -> list[IntercomPart]:
-        return self.conversation_parts.conversation_parts if self.conversation_parts else []
+class IntercomNotificationData(_Tolerant):
+    item: dict[str, Any] | None = None
+
+
+class IntercomNotification(_Tolerant):
+    """The webhook envelope (``type: notification_event``); the item is validated once its kind is known."""
+
+    id: OptionalId = None
+    topic: OptionalText = None
+    app_id: OptionalText = None
+    data: IntercomNotificationData | None = None

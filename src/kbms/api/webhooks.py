@@ -1,0 +1,72 @@
+"""``POST /webhooks/{provider}`` (and ``HEAD``, which Intercom uses to validate the URL), from the registry.
+
+Authenticated by the provider's signature only. Never answers 410: providers read it as "unsubscribe me".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+
+from fastapi import APIRouter, Request, Response
+
+from kbms.api.body import read_json_body
+from kbms.api.deps import SettingsDep, StoreDep
+from kbms.api.errors import ERROR_RESPONSES
+from kbms.api.responses import json_response
+from kbms.api.schemas import ErrorBody, WebhookResponse
+from kbms.ingest import receive_webhook
+from kbms.providers import Provider
+
+
+def _endpoint(provider: Provider, secret_variable: str) -> Callable[..., Awaitable[Response]]:
+    async def receive(request: Request, store: StoreDep, settings: SettingsDep) -> Response:
+        body = await read_json_body(request, limit=settings.max_body_bytes)
+        outcome = await receive_webhook(
+            store,
+            provider,
+            body,
+            request.headers,
+            secret=settings.secret(secret_variable),
+            verify=not settings.allow_unsigned_webhooks,
+        )
+        return json_response(WebhookResponse.of(outcome))
+
+    return receive
+
+
+async def _probe() -> Response:
+    return Response(status_code=200)
+
+
+def router(providers: Iterable[Provider]) -> APIRouter:
+    api = APIRouter(tags=["webhooks"])
+    for provider in providers:
+        if provider.webhooks is None:
+            continue
+        path = f"/webhooks/{provider.name}"
+        api.add_api_route(
+            path,
+            _endpoint(provider, provider.webhooks.secret_variable),
+            methods=["POST"],
+            name=f"receive_{provider.name}_webhook",
+            summary=f"Receive a signed {provider.name} webhook",
+            description=(
+                f"The signature is checked on the raw bytes with `{provider.webhooks.secret_variable}` before "
+                "anything is read. Redeliveries are recognized by their delivery id and answered without being "
+                "processed again. Every verified payload is kept in the ledger, rejected ones included."
+            ),
+            response_model=WebhookResponse,
+            responses={
+                400: {"model": ErrorBody, "description": "Malformed JSON (kept in the ledger as rejected)"},
+                401: {"model": ErrorBody, "description": "Missing or invalid signature: nothing is kept"},
+                413: {"model": ErrorBody, "description": "Body larger than KBMS_MAX_BODY_BYTES"},
+                415: {"model": ErrorBody, "description": "Content-Type is not JSON"},
+                422: {"model": ErrorBody, "description": "Invalid payload (kept in the ledger as rejected)"},
+                **ERROR_RESPONSES,
+            },
+            openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {}}}}},
+        )
+        api.add_api_route(
+            path, _probe, methods=["HEAD"], name=f"probe_{provider.name}_webhook", summary="URL validation"
+        )
+    return api

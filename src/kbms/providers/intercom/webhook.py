@@ -1,0 +1,55 @@
+"""Intercom webhooks: the ``notification_event`` envelope, read into a provider-neutral ``WebhookEvent``.
+
+- ``app_id`` is the workspace; ``id`` is the delivery id (null on some topics, e.g. ``ping``);
+- an item of ``type: conversation`` merges into the stored conversation (webhooks carry only the new parts);
+- ``conversation.deleted`` carries only ``{type, conversation_id}``: it becomes a deletion;
+- anything else (``ping``, ``contact.attached``'s internal shape, ...) is recorded and otherwise ignored.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import ValidationError
+
+from kbms.errors import FieldIssue, InvalidWebhookItem, ValidationFailed
+from kbms.model import DEFAULT_WORKSPACE, WORKSPACE, Change, ConversationDeletion, WebhookEvent
+from kbms.providers.base import translate_issues, validate_json
+from kbms.providers.intercom.mapper import PROVIDER, to_snapshot
+from kbms.providers.intercom.schema import IntercomConversationItem, IntercomNotification
+
+DELETED = "conversation.deleted"
+ITEM = ("data", "item")
+
+
+def parse_webhook(body: bytes) -> WebhookEvent:
+    envelope = validate_json(IntercomNotification, body)
+    workspace = envelope.app_id or DEFAULT_WORKSPACE
+    if not re.fullmatch(WORKSPACE, workspace):
+        raise ValidationFailed([FieldIssue("app_id", "string_pattern_mismatch", "Not a workspace id")])
+    item = envelope.data.item if envelope.data is not None else None
+    delivery_id, topic = envelope.id, envelope.topic
+
+    def refused(issues: list[FieldIssue]) -> InvalidWebhookItem:
+        return InvalidWebhookItem(issues, delivery_id=delivery_id, topic=topic, workspace=workspace)
+
+    def event(change: Change | None) -> WebhookEvent:
+        return WebhookEvent(delivery_id=delivery_id, topic=topic, workspace=workspace, change=change)
+
+    if item is None:
+        return event(None)
+    if envelope.topic == DELETED:
+        external_id = item.get("conversation_id", item.get("id"))
+        if isinstance(external_id, int) and not isinstance(external_id, bool):
+            external_id = str(external_id)
+        if not isinstance(external_id, str) or not external_id.strip():
+            issue = FieldIssue("data.item.conversation_id", "missing", "A deletion names its conversation")
+            raise refused([issue])
+        return event(ConversationDeletion(provider=PROVIDER, workspace=workspace, external_id=external_id.strip()))
+    if item.get("type") != "conversation":
+        return event(None)
+    try:
+        conversation = IntercomConversationItem.model_validate(item)
+    except ValidationError as exc:
+        raise refused(translate_issues(exc, prefix=ITEM)) from None
+    return event(to_snapshot(conversation, workspace=workspace))
