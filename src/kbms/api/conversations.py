@@ -1,22 +1,25 @@
-"""``/internal/conversations``: what internal consumers read."""
+"""``/internal/conversations``: what internal consumers read. Lean routes (see ``api/lean.py``): these are hot."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Request, Response
+from pydantic import Field, TypeAdapter
 
 from kbms.api.cursor import decode_cursor, encode_cursor
-from kbms.api.deps import StoreDep
 from kbms.api.errors import ERROR_RESPONSES
+from kbms.api.lean import LeanRoute, parameter, query, store_of
 from kbms.api.responses import json_response
 from kbms.api.schemas import ConversationDetail, ConversationPage, ErrorBody
 from kbms.errors import NotFound
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
+LIMIT = TypeAdapter(Annotated[int, Field(ge=1, le=MAX_LIMIT)])
+CURSOR = TypeAdapter(Annotated[str, Field(max_length=256)])
 
-router = APIRouter(prefix="/internal/conversations", tags=["internal"])
+router = APIRouter(prefix="/internal/conversations", tags=["internal"], route_class=LeanRoute)
 
 
 @router.get(
@@ -24,13 +27,19 @@ router = APIRouter(prefix="/internal/conversations", tags=["internal"])
     response_model=ConversationPage,
     summary="List conversations, newest-updated first",
     responses={422: {"model": ErrorBody, "description": "Bad limit or cursor"}, **ERROR_RESPONSES},
+    openapi_extra={
+        "parameters": [
+            parameter(
+                "limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 50}, "Page size"
+            ),
+            parameter("cursor", "query", {"type": "string", "maxLength": 256}, "next_cursor of the previous page"),
+        ]
+    },
 )
-async def list_conversations(
-    store: StoreDep,
-    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size")] = DEFAULT_LIMIT,
-    cursor: Annotated[str | None, Query(max_length=256, description="next_cursor of the previous page")] = None,
-) -> Response:
-    page = await store.list_conversations(limit=limit, cursor=decode_cursor(cursor) if cursor else None)
+async def list_conversations(request: Request) -> Response:
+    limit = query(request, "limit", LIMIT, DEFAULT_LIMIT)
+    cursor = query(request, "cursor", CURSOR, "")
+    page = await store_of(request).list_conversations(limit=limit, cursor=decode_cursor(cursor) if cursor else None)
     next_cursor = encode_cursor(page.next_cursor) if page.next_cursor is not None else None
     return json_response(ConversationPage(items=page.items, next_cursor=next_cursor))
 
@@ -39,13 +48,13 @@ async def list_conversations(
     "/{conversation_id}",
     response_model=ConversationDetail,
     summary="One conversation with its participants, messages and events",
-    responses={
-        404: {"model": ErrorBody, "description": "Unknown or deleted conversation"},
-        **ERROR_RESPONSES,
+    responses={404: {"model": ErrorBody, "description": "Unknown or deleted conversation"}, **ERROR_RESPONSES},
+    openapi_extra={
+        "parameters": [parameter("conversation_id", "path", {"type": "string"}, "kbms's id", required=True)]
     },
 )
-async def get_conversation(conversation_id: str, store: StoreDep) -> Response:
-    detail = await store.get_conversation_json(conversation_id)
+async def get_conversation(request: Request) -> Response:
+    detail = await store_of(request).get_conversation_json(request.path_params["conversation_id"])
     if detail is None:
         raise NotFound("Conversation not found")
     return json_response(detail)

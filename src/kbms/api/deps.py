@@ -10,11 +10,13 @@ from kbms.settings import Settings
 from kbms.storage import Store
 
 
-def get_store(request: Request) -> Store:
+# async, though they await nothing: FastAPI runs a plain ``def`` dependency in its thread pool, a hop that cost
+# more than the whole detail read (measured with py-spy).
+async def get_store(request: Request) -> Store:
     return cast(Store, request.app.state.store)
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return cast(Settings, request.app.state.settings)
 
 

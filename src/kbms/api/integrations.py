@@ -5,32 +5,27 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
+from pydantic import StringConstraints, TypeAdapter
 
 from kbms.api.body import read_json_body
-from kbms.api.deps import SettingsDep, StoreDep
 from kbms.api.errors import ERROR_RESPONSES
+from kbms.api.lean import LeanRoute, parameter, query, settings_of, store_of
 from kbms.api.responses import json_response
 from kbms.api.schemas import ErrorBody, IngestResponse
 from kbms.ingest import ingest_push
 from kbms.model import WORKSPACE_PATTERN
 from kbms.providers import Provider
 
-Workspace = Annotated[
-    str | None,
-    Query(
-        min_length=1,
-        max_length=128,
-        pattern=WORKSPACE_PATTERN,
-        description="The provider account this conversation belongs to (Intercom app_id); default: 'default'",
-    ),
-]
+WORKSPACE = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=WORKSPACE_PATTERN)])
 
 
-def _endpoint(provider: Provider) -> Callable[..., Awaitable[Response]]:
-    async def ingest(request: Request, store: StoreDep, settings: SettingsDep, workspace: Workspace = None) -> Response:
+def _endpoint(provider: Provider) -> Callable[[Request], Awaitable[Response]]:
+    async def ingest(request: Request) -> Response:
+        settings = settings_of(request)
+        workspace = query(request, "workspace", WORKSPACE, settings.default_workspace)
         body = await read_json_body(request, limit=settings.max_body_bytes)
-        outcome = await ingest_push(store, provider, body, workspace=workspace or settings.default_workspace)
+        outcome = await ingest_push(store_of(request), provider, body, workspace=workspace)
         return json_response(IngestResponse.of(outcome), status=201 if outcome.result == "created" else 200)
 
     return ingest
@@ -42,12 +37,20 @@ def request_body(schema_name: str) -> dict[str, Any]:
         "requestBody": {
             "required": True,
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}},
-        }
+        },
+        "parameters": [
+            parameter(
+                "workspace",
+                "query",
+                {"type": "string", "minLength": 1, "maxLength": 128, "pattern": WORKSPACE_PATTERN},
+                "The provider account this conversation belongs to (Intercom app_id); default: 'default'",
+            )
+        ],
     }
 
 
 def router(providers: Iterable[Provider]) -> APIRouter:
-    api = APIRouter(tags=["ingestion"])
+    api = APIRouter(tags=["ingestion"], route_class=LeanRoute)
     for provider in providers:
         api.add_api_route(
             f"/integrations/{provider.name}/conversations",

@@ -10,19 +10,20 @@ from collections.abc import Awaitable, Callable, Iterable
 from fastapi import APIRouter, Request, Response
 
 from kbms.api.body import read_json_body
-from kbms.api.deps import SettingsDep, StoreDep
 from kbms.api.errors import ERROR_RESPONSES
+from kbms.api.lean import LeanRoute, settings_of, store_of
 from kbms.api.responses import json_response
 from kbms.api.schemas import ErrorBody, WebhookResponse
 from kbms.ingest import receive_webhook
 from kbms.providers import Provider
 
 
-def _endpoint(provider: Provider, secret_variable: str) -> Callable[..., Awaitable[Response]]:
-    async def receive(request: Request, store: StoreDep, settings: SettingsDep) -> Response:
+def _endpoint(provider: Provider, secret_variable: str) -> Callable[[Request], Awaitable[Response]]:
+    async def receive(request: Request) -> Response:
+        settings = settings_of(request)
         body = await read_json_body(request, limit=settings.max_body_bytes)
         outcome = await receive_webhook(
-            store,
+            store_of(request),
             provider,
             body,
             request.headers,
@@ -34,12 +35,12 @@ def _endpoint(provider: Provider, secret_variable: str) -> Callable[..., Awaitab
     return receive
 
 
-async def _probe() -> Response:
+async def _probe(request: Request) -> Response:
     return Response(status_code=200)
 
 
 def router(providers: Iterable[Provider]) -> APIRouter:
-    api = APIRouter(tags=["webhooks"])
+    api = APIRouter(tags=["webhooks"], route_class=LeanRoute)
     for provider in providers:
         if provider.webhooks is None:
             continue

@@ -5,6 +5,10 @@ entities are decoded, link text is kept (the URL is markup), ``<script>``/``<sty
 collapsed within lines, lines are trimmed and runs of blank lines become one. A body with no markup at all is
 treated as plain text, so its newlines survive (Intercom webhooks from API 2.15 on may carry plain text).
 
+Speed: almost every support message is simple HTML (``<p>``, ``<br>``, ``<a>``, ``<b>``, lists, headings). Such a
+body is converted by a few C-level regex substitutions (about 8x faster than walking lexbor's tree, with the same
+output on 15,000 corpus bodies and in a property test); anything else goes through lexbor.
+
 Hostile input: lexbor builds deeply nested block elements in quadratic time (40,000 nested ``<div>`` take 4 s,
 300,000 take minutes), so HTML nested deeper than ``MAX_DEPTH`` is converted by a linear, regex-based fallback
 instead. Real messages nest a few dozen levels at most.
@@ -27,9 +31,8 @@ _MARKUP = re.compile(
     r"(?=[\s/>])[^<>]*>|<!--|&(?:#\d+|#[xX][0-9A-Fa-f]+|[A-Za-z][A-Za-z0-9]*);",
     re.IGNORECASE,
 )
-_SPACES = re.compile(r"[ \t\f\v\r\u00a0\u200b]+")
 _BLANK_RUNS = re.compile(r"\n{3,}")
-_HTML_WHITESPACE = re.compile(r"[ \t\n\f\r]+")
+_HTML_WHITESPACE = re.compile(r"(?: [ \t\n\f\r]|[\t\n\f\r])[ \t\n\f\r]*")
 # ``[^<>]*`` rather than ``[^>]*``: a run of "<" without ">" must not make every match attempt scan to the end.
 _TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9-]*)[^<>]*?(/?)>")
 _ANY_TAG = re.compile(r"<[A-Za-z/!][^<>]*>")
@@ -51,6 +54,20 @@ VOID_TAGS = _words("area base br col embed hr img input link meta param source t
 _SOFT = "\x01"  # a block boundary: at most one line break, however many blocks meet there
 _HARD = "\x02"  # a <br> in the fallback, before it becomes "\n"
 
+# The simple subset: these tags only, attribute values free of "<" and ">", no comments, no stray "<". Atomic
+# groups keep the check linear whatever the input.
+SIMPLE_BLOCKS = "p|div|li|ul|ol|h[1-6]|blockquote|hr"
+SIMPLE_INLINES = "a|b|i|u|em|strong|span|s|strike|small|big|sub|sup|code|font|mark|tt|del|ins|q|abbr|cite|kbd"
+_SIMPLE = re.compile(
+    rf"""\A(?>[^<]+|<(?:/?(?:{SIMPLE_BLOCKS}|{SIMPLE_INLINES}|br)(?=[\s/>])(?>[^<>"']+|"[^"<>]*"|'[^'<>]*')*)>)*\Z""",
+    re.IGNORECASE,
+)
+_SIMPLE_BLOCK = re.compile(rf"</?(?:{SIMPLE_BLOCKS})(?=[\s/>])[^<>]*>", re.IGNORECASE)
+_SIMPLE_BR = re.compile(r"<br(?=[\s/>])[^<>]*>", re.IGNORECASE)
+_SIMPLE_TAG = re.compile(r"<[^<>]*>")
+_SOFT_RUNS = re.compile(f"{_SOFT}[ ]*(?={_SOFT})")
+_SOFT_AT_LINE_START = re.compile(f"(\\A|\n)[ ]*{_SOFT}")
+
 
 def looks_like_html(text: str) -> bool:
     """Whether the text contains HTML elements or entities (and so should be parsed as HTML)."""
@@ -66,6 +83,8 @@ def html_to_text(html: str) -> str:
     """Readable text of an HTML fragment (or of plain text, which passes through normalized)."""
     if not looks_like_html(html):
         return _tidy(html.replace("\r\n", "\n"))
+    if _SIMPLE.match(html):
+        return _simple_text(html)
     if too_deep(html):
         return _flat_text(html)
     body = LexborHTMLParser(html).body
@@ -122,8 +141,29 @@ def _resolve_breaks(pieces: list[str]) -> str:
 
 
 def _tidy(text: str) -> str:
-    lines = [_SPACES.sub(" ", line).strip() for line in text.replace("\x00", "").split("\n")]
-    return _BLANK_RUNS.sub("\n\n", "\n".join(lines)).strip("\n")
+    """Spaces collapsed, lines trimmed, runs of blank lines made one.
+
+    With ``str.split``/``join`` rather than regular expressions: this runs for every message, and Python's ``re``
+    pays for every position it tries (a whitespace regex took 6 us on a 300-character body, split/join 1 us).
+    """
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    text = "\n".join(" ".join(line.split()) for line in text.split("\n"))
+    if "\n\n\n" in text:
+        text = _BLANK_RUNS.sub("\n\n", text)
+    return text.strip("\n")
+
+
+def _simple_text(html: str) -> str:
+    """Text of simple HTML, with the same rules as the tree walk, by constant substitutions."""
+    text = _SIMPLE_TAG.sub("", _SIMPLE_BR.sub(_HARD, _SIMPLE_BLOCK.sub(_SOFT, html)))
+    if "&" in text:
+        text = htmllib.unescape(text)
+    # HTML whitespace (newlines included) is a space; the break markers are not whitespace to split().
+    text = " ".join(text.split()).replace(_HARD, "\n")
+    # A block boundary breaks a line only where a line is open: drop repeated ones and those at a line start.
+    text = _SOFT_AT_LINE_START.sub(r"\1", _SOFT_RUNS.sub("", text)).replace(_SOFT, "\n")
+    return _tidy(text)
 
 
 def too_deep(html: str, limit: int = MAX_DEPTH) -> bool:

@@ -75,8 +75,8 @@ class PostgresStore(SqlStore):
         pool_timeout: float = 1.5,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
-        super().__init__(Sql(insert=pg_insert), clock=clock)
         self._engine = make_engine(url, pool_size=pool_size, pool_timeout=pool_timeout)
+        super().__init__(Sql(insert=pg_insert, dialect=self._engine.dialect), clock=clock)
         self._pool_timeout = pool_timeout
         self._slots = anyio.Semaphore(pool_size)
         self._threads = anyio.CapacityLimiter(pool_size)

@@ -114,9 +114,9 @@ _STOP = object()
 
 class SqliteStore(SqlStore):
     def __init__(self, url: URL, *, max_batch: int = MAX_BATCH, clock: Callable[[], datetime] = utc_now) -> None:
-        super().__init__(Sql(insert=sqlite_insert), clock=clock)
-        self._max_batch = max_batch
         self._writer_engine = make_engine(url, immediate=True)
+        super().__init__(Sql(insert=sqlite_insert, dialect=self._writer_engine.dialect), clock=clock)
+        self._max_batch = max_batch
         self._reader_engine = make_engine(url, immediate=False, pool_size=READ_POOL_SIZE)
         self._inline_engine = make_engine(url, immediate=None)
         self._inline: Connection | None = None
@@ -171,7 +171,9 @@ class SqliteStore(SqlStore):
             engine.dispose()
 
     def _drain(self) -> None:
-        """The writer thread: take every write waiting, run them in one transaction, answer them all."""
+        """The writer thread: take every write waiting, run them in one transaction, answer them all.
+
+        It must outlive any bug in a write: a dead writer would leave every caller waiting forever."""
         while True:
             first = self._queue.get()
             if first is _STOP:
@@ -187,7 +189,12 @@ class SqliteStore(SqlStore):
                     stopping = True
                     break
                 batch.append(item)  # type: ignore[arg-type]
-            self._commit(batch)
+            try:
+                self._commit(batch)
+            except BaseException as exc:  # a bug in _commit itself: answer the batch, keep the thread alive
+                log.exception("SQLite writer failed a batch")
+                for write in batch:
+                    write.settle(None, exc)
             if stopping:
                 return
 

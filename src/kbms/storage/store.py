@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import abc
+import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 from typing import TypeVar
 
+import psycopg
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -37,9 +39,15 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+# Hot statements run on the driver (see Sql.run), so its own errors arrive unwrapped.
+DRIVER_UNAVAILABLE: tuple[type[Exception], ...] = (sqlite3.OperationalError, psycopg.OperationalError)
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """Errors that say the database cannot be used right now (down, locked, read-only, full), not a bug."""
-    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+    return isinstance(exc, (OperationalError, *DRIVER_UNAVAILABLE)) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
 
 
 def unavailable(exc: BaseException) -> StorageUnavailable:
