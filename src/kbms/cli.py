@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -121,9 +122,28 @@ def serve(
     if settings.workers == 1:
         uvicorn.run(create_app(settings), **server)
         return
-    # Worker processes build their own app from KBMS_* variables: hand them the settings in effect here.
+    # Worker processes build their own app from KBMS_* variables: hand them the settings in effect here. And the
+    # supervisor only supervises: replacing this process by uvicorn's own command keeps the app out of it
+    # (93 MB here, against about 25 MB), which counts three processes over.
     os.environ.update({f"KBMS_{name.upper()}": str(value) for name, value in settings.model_dump().items()})
-    uvicorn.run("kbms.api:create_app_from_environment", factory=True, workers=settings.workers, **server)
+    arguments = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "kbms.api:create_app_from_environment",
+        "--factory",
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.port),
+        "--workers",
+        str(settings.workers),
+        "--log-level",
+        settings.log_level,
+        "--no-access-log",
+        "--no-server-header",
+    ]
+    os.execv(sys.executable, arguments)  # noqa: S606 (our own interpreter, with arguments we built)
 
 
 @app.command()

@@ -43,9 +43,14 @@ PREVIEW_CHARS = 120
 HEADER_FIELDS = ("subject", "state", "tags", "assignee_participant_id", "channel", "opening_message_id")
 
 
+EPOCH_ORDINAL = EPOCH.toordinal()
+
+
 def micros(value: datetime) -> int:
-    """Microseconds since the epoch: the exact integer form timestamps are stored and compared in."""
-    return (value - EPOCH) // timedelta(microseconds=1)
+    """Microseconds since the epoch: the exact integer form timestamps are stored and compared in (UTC values)."""
+    # Integer arithmetic on the fields: exact, and several times cheaper than timedelta division on a hot path.
+    seconds = (value.toordinal() - EPOCH_ORDINAL) * 86_400 + value.hour * 3_600 + value.minute * 60 + value.second
+    return seconds * 1_000_000 + value.microsecond
 
 
 def from_micros(value: int) -> datetime:
@@ -368,8 +373,9 @@ def render(state: ConversationState) -> Conversation:
         register = state.header.get(name)
         return register.value if register is not None else default
 
-    # model_construct: every part is an already-validated model, and this runs on every stored change.
-    return Conversation.model_construct(
+    # Validated, although every part already is: pydantic validates in Rust, and measured faster than its
+    # Python-level model_construct (3.6 vs 4.5 us for a Message).
+    return Conversation(
         id=state.id,
         provider=state.provider,
         external_id=state.external_id,
@@ -401,7 +407,7 @@ def preview(content: str) -> str:
 def summarize(conversation: Conversation) -> ConversationSummary:
     """The list item of a conversation detail."""
     last = conversation.messages[-1] if conversation.messages else None
-    return ConversationSummary.model_construct(
+    return ConversationSummary(
         id=conversation.id,
         provider=conversation.provider,
         external_id=conversation.external_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -45,6 +46,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _warn_about_webhooks(settings)
         app.state.store = store if store is not None else open_store(settings)
+        _tune_garbage_collection()
         try:
             yield
         finally:
@@ -60,6 +62,18 @@ def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
     app.include_router(conversations.router)
     install_openapi(app, (provider.push_schema for provider in REGISTRY.values()))
     return app
+
+
+def _tune_garbage_collection() -> None:
+    """Everything alive at startup lives as long as the process: keep the collector from rescanning it.
+
+    Each request allocates many short-lived objects; with the default thresholds the collector kept walking the
+    whole long-lived heap (modules, compiled statements, models). Freezing it and collecting the young generation
+    less often cut CPU per ingested conversation by about a tenth (measured in-process).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def _warn_about_webhooks(settings: Settings) -> None:

@@ -65,8 +65,6 @@ _SIMPLE = re.compile(
 _SIMPLE_BLOCK = re.compile(rf"</?(?:{SIMPLE_BLOCKS})(?=[\s/>])[^<>]*>", re.IGNORECASE)
 _SIMPLE_BR = re.compile(r"<br(?=[\s/>])[^<>]*>", re.IGNORECASE)
 _SIMPLE_TAG = re.compile(r"<[^<>]*>")
-_SOFT_RUNS = re.compile(f"{_SOFT}[ ]*(?={_SOFT})")
-_SOFT_AT_LINE_START = re.compile(f"(\\A|\n)[ ]*{_SOFT}")
 
 
 def looks_like_html(text: str) -> bool:
@@ -81,8 +79,17 @@ def has_image(html: str) -> bool:
 
 def html_to_text(html: str) -> str:
     """Readable text of an HTML fragment (or of plain text, which passes through normalized)."""
+    return convert(html)[0]
+
+
+def convert(html: str) -> tuple[str, bool]:
+    """The readable text, and whether the input was HTML at all (one look at the markup, not two)."""
     if not looks_like_html(html):
-        return _tidy(html.replace("\r\n", "\n"))
+        return _tidy(html.replace("\r\n", "\n")), False
+    return _html_text(html), True
+
+
+def _html_text(html: str) -> str:
     if _SIMPLE.match(html):
         return _simple_text(html)
     if too_deep(html):
@@ -155,15 +162,22 @@ def _tidy(text: str) -> str:
 
 
 def _simple_text(html: str) -> str:
-    """Text of simple HTML, with the same rules as the tree walk, by constant substitutions."""
+    """Text of simple HTML, with the same rules as the tree walk: three substitutions, then ``str`` methods."""
     text = _SIMPLE_TAG.sub("", _SIMPLE_BR.sub(_HARD, _SIMPLE_BLOCK.sub(_SOFT, html)))
     if "&" in text:
         text = htmllib.unescape(text)
     # HTML whitespace (newlines included) is a space; the break markers are not whitespace to split().
-    text = " ".join(text.split()).replace(_HARD, "\n")
+    text = " ".join(text.split()).replace(f"{_SOFT} ", _SOFT).replace(f" {_SOFT}", _SOFT)
+    text = text.replace(f"{_HARD} ", _HARD).replace(f" {_HARD}", _HARD)
     # A block boundary breaks a line only where a line is open: drop repeated ones and those at a line start.
-    text = _SOFT_AT_LINE_START.sub(r"\1", _SOFT_RUNS.sub("", text)).replace(_SOFT, "\n")
-    return _tidy(text)
+    while _SOFT * 2 in text:
+        text = text.replace(_SOFT * 2, _SOFT)
+    text = text.replace(_HARD + _SOFT, _HARD).lstrip(_SOFT).replace(_HARD, "\n").replace(_SOFT, "\n")
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    if "\n\n\n" in text:
+        text = _BLANK_RUNS.sub("\n\n", text)
+    return text.strip("\n")
 
 
 def too_deep(html: str, limit: int = MAX_DEPTH) -> bool:

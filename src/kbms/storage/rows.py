@@ -92,7 +92,7 @@ def message_values(conversation_pk: int, m: Message, version: int) -> dict[str, 
         "content": m.content,
         "content_html": m.content_html,
         "visibility": m.visibility,
-        "attachments": dumps([a.model_dump() for a in m.attachments]),
+        "attachments": dumps([a.model_dump() for a in m.attachments]) if m.attachments else "[]",
         "redacted": m.redacted,
         "provider_type": m.provider_type,
     }
@@ -107,10 +107,16 @@ def message_from_row(row: Mapping[Any, Any]) -> Message:
         content=row["content"],
         content_html=row["content_html"],
         visibility=row["visibility"],
-        attachments=tuple(Attachment(**a) for a in json.loads(row["attachments"])),
+        attachments=tuple(Attachment(**a) for a in json.loads(row["attachments"]))
+        if row["attachments"] != "[]"
+        else (),
         redacted=bool(row["redacted"]),
         provider_type=row["provider_type"],
     )
+
+
+def _attachments(text: str) -> tuple[Attachment, ...]:
+    return tuple(Attachment(**a) for a in json.loads(text)) if text != "[]" else ()
 
 
 def event_values(conversation_pk: int, e: Event) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from kbms.model import (
     Role,
     State,
 )
-from kbms.providers.html import has_image, html_to_text, looks_like_html
+from kbms.providers.html import convert, has_image, html_to_text
 from kbms.providers.intercom.schema import (
     IntercomAttachment,
     IntercomConversationItem,
@@ -142,8 +142,7 @@ def _map_part(part: IntercomPart, *, fallback_time: datetime) -> tuple[Message |
 
 def _content(body: str, attachments: list[IntercomAttachment] | None) -> dict[str, Any] | None:
     """Text and HTML of a body; None when there is nothing to read or see (``<p></p>``, ``<br>``, ``&nbsp;``)."""
-    html = looks_like_html(body)
-    text = html_to_text(body)
+    text, html = convert(body)
     if not text and not attachments and not (html and has_image(body)):
         return None
     return {"content": text, "content_html": body if html else None}
@@ -233,13 +232,18 @@ def _participants(conversation: IntercomConversationItem, version: datetime) -> 
     contacts += conversation.customers or []
     if conversation.user is not None:
         contacts.append(conversation.user)
-    for contact in contacts:
-        if contact.id:
-            yield _observe(contact.id, contact.type or "contact", contact.name, contact.email, seen_at=created_at)
+    for c in contacts:
+        if c.id:
+            yield _observe(c.id, c.type or "contact", c.name, c.email, seen_at=created_at)
 
 
 def _observe(
-    participant_id: str, author_type: str | None, name: str | None, email: str | None, *, seen_at: datetime
+    participant_id: str,
+    kind: str | None,
+    name: str | None,
+    email: str | None,
+    *,
+    seen_at: datetime,
 ) -> ParticipantObservation:
-    role = ROLES.get(author_type, "system") if author_type is not None else None
+    role = ROLES.get(kind, "system") if kind is not None else None
     return ParticipantObservation(id=participant_id, role=role, name=name, email=email, seen_at=seen_at)

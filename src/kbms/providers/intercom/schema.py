@@ -1,4 +1,4 @@
-"""Intercom's conversation object, read tolerantly (``extra="allow"``): only what kbms maps is declared.
+"""Intercom's conversation object, read tolerantly: only what kbms maps is declared, the rest is ignored.
 
 Both API shapes are accepted: 1.x puts the opening message in ``conversation_message``, 2.x in ``source``
 (webhooks follow the app's API version, so both arrive). The original design's required subset applies to
@@ -17,7 +17,9 @@ from kbms.providers.fields import Id, OptionalId, OptionalText, Timestamp
 
 
 class _Tolerant(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    # Unknown fields are accepted and not kept: the raw payload is in the ledger, and keeping them (extra="allow")
+    # made validation twice as slow (213 vs 111 us for a 5 KB conversation).
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class IntercomAuthor(_Tolerant):
