@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from kbms.api import create_app
+from kbms.providers.intercom.signature import sign
 from kbms.settings import Settings
 from kbms.storage import admin_engine
 from tests.conftest import LiveServer, migrated_sqlite_url, postgres_schema, start_server
@@ -94,11 +95,17 @@ async def test_an_exhausted_pool_answers_503_with_retry_after_and_recovers(postg
 
 
 def _replay(url: str) -> list[bytes]:
-    """Every answer kbms gives to a fixed sequence of requests, as bytes."""
+    """Every answer kbms gives to a fixed sequence of requests, as bytes: pushes, webhooks (a redaction and a
+    deletion among them), pages and details."""
     answers: list[bytes] = []
-    with TestClient(create_app(Settings(database_url=url))) as client:
+    settings = Settings(database_url=url, secrets={"KBMS_INTERCOM_CLIENT_SECRET": "identical"})
+    with TestClient(create_app(settings)) as client:
         for _name, workspace, payload in intercom_conversations():
             answers.append(client.post(f"{INGEST}?workspace={workspace}", json=payload).content)
+        for path in sorted(INTERCOM.glob("1*_webhook_*.json")):
+            body = path.read_bytes()
+            headers = {"content-type": "application/json", "x-hub-signature": sign(body, "identical")}
+            answers.append(client.post("/webhooks/intercom", content=body, headers=headers).content)
         answers.append(
             client.post(
                 INGEST, content=(INTERCOM / "04_rest_redacted_part_v2.16.json").read_bytes(), headers=JSON_HEADERS

@@ -191,3 +191,61 @@ async def test_reprocessing_does_not_bring_redacted_text_back(client: TestClient
     text = client.get(f"/internal/conversations/{created['id']}").text
     assert "THIS MESSAGE WAS DELETED" in text
     assert secret.upper() not in text
+    engine = admin_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            bodies = [bytes(row.body) for row in conn.execute(select(ledger))]
+    finally:
+        engine.dispose()
+    assert all(secret.encode() not in body for body in bodies)
+
+
+class RekeyingIntercom(IntercomProvider):
+    """A mapper fix that changes which conversation a payload belongs to (say, an id that needed a prefix)."""
+
+    def parse_push(self, body: bytes, *, workspace: str) -> ConversationSnapshot:
+        snapshot = super().parse_push(body, workspace=workspace)
+        return snapshot.model_copy(update={"external_id": f"X{snapshot.external_id}"})
+
+
+async def test_deliveries_that_move_to_another_conversation_settle_in_one_run(
+    client: TestClient, database_url: str
+) -> None:
+    client.post(INGEST, json=intercom_payload("c1", parts=[part("p1")]))
+    first = await run(database_url, RekeyingIntercom())
+    listed = [item["external_id"] for item in client.get("/internal/conversations").json()["items"]]
+    assert listed == ["Xc1"]  # c1 is a tombstone now: nothing produces it any more
+    assert first.changed == 2
+    second = await run(database_url, RekeyingIntercom())
+    assert (second.changed, second.deliveries_reclassified) == (0, 0)
+
+
+async def test_one_conversation_picks_up_its_rejected_payloads(client: TestClient, database_url: str) -> None:
+    created = client.post(INGEST, json=intercom_payload("c5", parts=[part("p1")])).json()
+    broken = intercom_payload("c5", updated_at=1_700_000_900, parts=[part("p2", at=1_700_000_800)])
+    del broken["conversation_parts"]["conversation_parts"][0]["id"]
+    assert client.post(INGEST, json=broken).status_code == 422
+    report = await run(database_url, LenientIntercom(), conversation_id=created["id"])
+    assert (report.conversations, report.changed) == (1, 1)
+    detail = client.get(f"/internal/conversations/{created['id']}").json()
+    assert [m["id"] for m in detail["messages"]] == ["c5-m0", "p1", "c5-part-0"]
+
+
+async def test_deletions_leave_the_same_tombstone_in_any_order(database_url: str) -> None:
+    """Live ingestion in one order, re-derivation in another: the same stored conversation."""
+    settings = Settings(database_url=database_url, secrets={"KBMS_INTERCOM_CLIENT_SECRET": SECRET})
+    snapshot = intercom_payload("d1", updated_at=1_700_000_900)
+    deletion = {
+        "type": "notification_event",
+        "app_id": "default",
+        "id": "n-d1",
+        "topic": "conversation.deleted",
+        "data": {"item": {"type": "conversation", "conversation_id": "d1"}},
+    }
+    with TestClient(create_app(settings)) as test_client:
+        body = json.dumps(deletion).encode()
+        headers = {"content-type": "application/json", "x-hub-signature": sign(body, SECRET)}
+        assert test_client.post("/webhooks/intercom", content=body, headers=headers).status_code == 200
+        assert test_client.post(INGEST, json=snapshot).status_code == 200
+    report = await run(database_url, IntercomProvider())
+    assert (report.changed, report.deliveries_reclassified) == (0, 0)

@@ -3,12 +3,15 @@ same conversation as in-order delivery. Built on the real Zulip-recorded deliver
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +21,7 @@ from kbms.api import create_app
 from kbms.merge import conversation_id
 from kbms.providers.intercom.signature import sign
 from kbms.settings import Settings
-from tests.conftest import ENGINES, engine_url
+from tests.conftest import ENGINES, engine_url, start_server
 from tests.helpers import load
 
 SECRET = "order-secret"
@@ -105,3 +108,33 @@ def test_any_order_with_duplicates_converges(
     for index in sequence:
         deliver(client, DELIVERIES[index], workspace)
     assert stored(client, workspace) == stored(client, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_concurrent_shuffled_deliveries_converge_on_a_live_server(database_url: str, tmp_path: Path) -> None:
+    server = start_server(database_url, tmp_path / "server.log", env={"KBMS_INTERCOM_CLIENT_SECRET": SECRET})
+    try:
+        async with httpx2.AsyncClient(base_url=server.url, timeout=30) as http:
+
+            async def deliver_live(document: dict[str, Any], workspace: str) -> None:
+                body = json.dumps({**document, "app_id": workspace, "id": f"{document['id']}-{workspace}"}).encode()
+                headers = {"content-type": "application/json", "x-hub-signature": sign(body, SECRET)}
+                response = await http.post(HOOK, content=body, headers=headers)
+                assert response.status_code == 200, response.text
+
+            async def stored_live(workspace: str) -> dict[str, Any]:
+                cid = conversation_id("intercom", workspace, EXTERNAL_ID)
+                detail = (await http.get(f"/internal/conversations/{cid}")).json()
+                return {k: v for k, v in detail.items() if k not in ("id", "workspace", "revision")}
+
+            for document in DELIVERIES:
+                await deliver_live(document, "inorder")
+            rng = random.Random(20261126)
+            for trial in range(6):
+                sequence = DELIVERIES * 2  # every delivery twice: at-least-once
+                rng.shuffle(sequence)
+                await asyncio.gather(*(deliver_live(d, f"t{trial}") for d in sequence))
+                assert await stored_live(f"t{trial}") == await stored_live("inorder")
+    finally:
+        server.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -392,3 +393,88 @@ def test_the_fixture_redaction_replaces_the_stored_text(hooks: TestClient) -> No
     text = hooks.get(f"/internal/conversations/{conversation_id}").text
     assert "7700 900123" not in text
     assert "This message was deleted" in text
+
+
+# --- review findings: redaction whatever the order, input the database would refuse ---------------------------------
+
+
+def _deletion_of_c9() -> dict[str, Any]:
+    return _deletion("app1", "c9", "n-delete-c9")
+
+
+def test_a_redaction_after_the_deletion_still_scrubs_the_ledger(hooks: TestClient, database_url: str) -> None:
+    original, redaction = _original_and_redaction()
+    post(hooks, original)
+    post(hooks, _deletion_of_c9())
+    assert post(hooks, redaction).status_code == 200
+    assert all(SECRET_TEXT.encode() not in row.body for row in rows(database_url, ledger))
+
+
+def test_an_older_copy_after_redaction_and_deletion_is_scrubbed(hooks: TestClient, database_url: str) -> None:
+    original, redaction = _original_and_redaction()
+    post(hooks, redaction)
+    post(hooks, _deletion_of_c9())
+    assert post(hooks, original).status_code == 200
+    assert all(SECRET_TEXT.encode() not in row.body for row in rows(database_url, ledger))
+
+
+def test_a_redaction_removes_attachments_from_stored_payloads(hooks: TestClient, database_url: str) -> None:
+    original, redaction = _original_and_redaction()
+    leaked = "https://files.example/passport-of-ana.png"
+    original["data"]["item"]["conversation_parts"]["conversation_parts"][0]["attachments"] = [
+        {"type": "upload", "name": "passport.png", "url": leaked, "content_type": "image/png", "filesize": 9}
+    ]
+    post(hooks, original)
+    post(hooks, redaction)
+    assert all(leaked.encode() not in row.body for row in rows(database_url, ledger))
+
+
+def test_a_rejected_payload_of_the_conversation_is_scrubbed_too(hooks: TestClient, database_url: str) -> None:
+    original, redaction = _original_and_redaction()
+    broken = copy.deepcopy(original)
+    broken["id"] = "n-broken"
+    del broken["data"]["item"]["created_at"]
+    assert post(hooks, broken).status_code == 422
+    post(hooks, original)
+    post(hooks, redaction)
+    assert all(SECRET_TEXT.encode() not in row.body for row in rows(database_url, ledger))
+
+
+def test_nul_in_envelope_strings_is_no_5xx(hooks: TestClient) -> None:
+    doc = envelope({"type": "conversation", "id": "x"}, topic="conversation.x\u0000y", delivery_id="n-nul")
+    assert post(hooks, doc).status_code in (200, 422)
+    nul_only = _deletion("app1", "\u0000", "n-nul-delete")
+    response = post(hooks, nul_only)
+    assert response.status_code == 422
+    assert response.json()["details"][0]["field"] == "data.item.conversation_id"
+
+
+@pytest.mark.parametrize("where", ["delivery_id", "conversation", "deletion"])
+def test_over_long_ids_are_422_not_503(hooks: TestClient, where: str) -> None:
+    long_id = "x" * 100_000
+    if where == "delivery_id":
+        doc = envelope({"type": "ping"}, topic="ping", delivery_id=long_id)
+    elif where == "conversation":
+        doc = envelope(intercom_payload(long_id), topic="conversation.user.created", delivery_id="n-long-c")
+    else:
+        doc = _deletion("app1", long_id, "n-long-d")
+    response = post(hooks, doc)
+    assert response.status_code == 422, response.text
+
+
+def test_unsigned_deliveries_are_marked_unverified(database_url: str) -> None:
+    body = fixture("13_webhook_conversation_operator_replied_2026_zulip.json")
+    with TestClient(create_app(Settings(database_url=database_url, allow_unsigned_webhooks=True))) as client:
+        client.post(HOOK, content=body, headers={"content-type": "application/json"})
+    assert [row.verified for row in rows(database_url, ledger)] == [False]
+
+
+def test_a_reclaimed_rejected_delivery_records_its_new_body_hash(hooks: TestClient, database_url: str) -> None:
+    doc = json.loads(fixture("13_webhook_conversation_operator_replied_2026_zulip.json"))
+    broken = copy.deepcopy(doc)
+    del broken["data"]["item"]["created_at"]
+    assert post(hooks, broken).status_code == 422
+    assert post(hooks, doc).status_code == 200
+    (row,) = rows(database_url, ledger)
+    assert row.outcome == "created"
+    assert row.body_hash == hashlib.sha256(row.body).hexdigest()

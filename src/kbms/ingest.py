@@ -147,6 +147,7 @@ async def receive_webhook(
             body_hash=body_hash,
             body=body,
             received_at=now,
+            verified=verify,
         )
 
     try:

@@ -291,23 +291,19 @@ def new_state(conversation_id: str, snapshot: ConversationSnapshot) -> Conversat
 
 
 def delete(state: ConversationState, *, at: int) -> ConversationState:
-    """The tombstone of a conversation: no content, and final (``merge`` leaves it as it is)."""
-    if state.deleted_at is not None:
+    """The tombstone of a conversation: no content, and final (``merge`` leaves it as it is).
+
+    Every tombstone of one conversation looks the same whatever came before it: only the earliest deletion time
+    is kept, so deletions commute with each other and with everything else.
+    """
+    if state.deleted_at is not None and state.deleted_at <= at:
         return state
-    return ConversationState(
-        id=state.id,
-        provider=state.provider,
-        workspace=state.workspace,
-        external_id=state.external_id,
-        created_at=state.created_at,
-        updated_at=state.updated_at,
-        revision=state.revision + 1,
-        deleted_at=at,
-    )
+    grave = tombstone(state.id, state.provider, state.workspace, state.external_id, at=at)
+    return replace(grave, revision=state.revision + 1)
 
 
 def tombstone(conversation_id: str, provider: str, workspace: str, external_id: str, *, at: int) -> ConversationState:
-    """A conversation deleted before kbms saw anything of it: the tombstone stops it from ever appearing."""
+    """A conversation deleted at ``at`` (server time, microseconds): a key, a time, nothing else."""
     return ConversationState(
         id=conversation_id,
         provider=provider,
@@ -331,11 +327,10 @@ def replay(conversation_id: str, changes: Iterable[tuple[Change, int]]) -> tuple
                 at = received_at
                 state = tombstone(conversation_id, change.provider, change.workspace, change.external_id, at=at)
                 outcomes.append("created")
-            elif state.deleted_at is None:
-                state = delete(state, at=received_at)
-                outcomes.append("updated")
             else:
-                outcomes.append("unchanged")
+                deleted = delete(state, at=received_at)
+                outcomes.append("unchanged" if deleted is state else "updated")
+                state = deleted
         elif state is None:
             state = new_state(conversation_id, change)
             outcomes.append("created")

@@ -14,9 +14,20 @@ from dataclasses import dataclass
 from kbms.errors import FieldIssue, InvalidJson, ValidationFailed, describe
 from kbms.model import Change
 from kbms.providers import REGISTRY, Provider
-from kbms.storage.base import ConversationKey, LedgerEntry, Outcome, Reader, Reading, Store
+from kbms.storage.base import (
+    ConcurrentCreation,
+    ConversationKey,
+    LedgerEntry,
+    Outcome,
+    Reader,
+    Reading,
+    Rebuilt,
+    Store,
+)
 
 BATCH = 500
+ATTEMPTS = 3
+MAX_VISITS = 3  # a conversation rebuilt again because deliveries moved into it; bounded, in case they cycle
 
 
 @dataclass
@@ -66,29 +77,52 @@ async def reprocess(
     """Re-derive the conversations in scope (all filters optional; ``since`` in microseconds)."""
     read = reader(providers)
     report = ReprocessReport()
-    extra: dict[ConversationKey, list[int]] = {}
-    if conversation_id is None:
-        # Deliveries tied to no conversation (rejected, ignored) may belong to one now.
-        after: tuple[int, int] | None = None
-        while batch := await store.unlinked_deliveries(provider=provider, since=since, after=after, limit=BATCH):
-            for entry in batch:
-                reading = read(entry)
-                if reading.change is not None:
-                    extra.setdefault(_key(reading.change), []).append(entry.pk)
-                    continue
-                outcome: Outcome = "rejected" if reading.error else "ignored"
-                if (outcome, reading.error) != (entry.outcome, entry.error):
-                    await store.reclassify(entry.pk, outcome, reading.error)
-                    report.deliveries_reclassified += 1
-            after = (batch[-1].received_at, batch[-1].pk)
     keys = await store.conversations_in_scope(provider=provider, since=since, conversation_id=conversation_id)
-    seen = set(keys)
-    keys += [key for key in extra if key not in seen]
-    for done, key in enumerate(keys, start=1):
-        rebuilt = await store.rebuild(key, extra.get(key, []), read)
-        report.conversations += 1
+    wanted = set(keys) if conversation_id is not None else None
+    extra: dict[ConversationKey, list[int]] = {}
+    # Deliveries tied to no conversation (rejected, ignored) may belong to one now.
+    after: tuple[int, int] | None = None
+    while batch := await store.unlinked_deliveries(provider=provider, since=since, after=after, limit=BATCH):
+        for entry in batch:
+            reading = read(entry)
+            if reading.change is not None:
+                if wanted is None or _key(reading.change) in wanted:
+                    extra.setdefault(_key(reading.change), []).append(entry.pk)
+                continue
+            outcome: Outcome = "rejected" if reading.error else "ignored"
+            if wanted is None and (outcome, reading.error) != (entry.outcome, entry.error):
+                await store.reclassify(entry.pk, outcome, reading.error)
+                report.deliveries_reclassified += 1
+        after = (batch[-1].received_at, batch[-1].pk)
+
+    queue = list(dict.fromkeys([*keys, *extra]))
+    visits: dict[ConversationKey, int] = {}
+    while queue:
+        key = queue.pop(0)
+        visits[key] = visits.get(key, 0) + 1
+        rebuilt = await _rebuild(store, key, extra.pop(key, []), read, providers)
+        report.conversations += visits[key] == 1
         report.changed += rebuilt.changed
         report.deliveries_reclassified += rebuilt.deliveries_reclassified
+        # Deliveries that now belong elsewhere join that conversation's fold, in this same run.
+        for target, pks in rebuilt.moved.items():
+            extra.setdefault(target, []).extend(pks)
+            if target not in queue and visits.get(target, 0) < MAX_VISITS:
+                queue.append(target)
         if progress is not None:
-            progress(done, len(keys))
+            progress(report.conversations, report.conversations + len(queue))
     return report
+
+
+async def _rebuild(
+    store: Store, key: ConversationKey, extra: list[int], read: Reader, providers: Mapping[str, Provider]
+) -> Rebuilt:
+    source = providers.get(key.provider)
+    redact = source.redact if source is not None else None
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return await store.rebuild(key, extra, read, redact)
+        except ConcurrentCreation:
+            if attempt == ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")

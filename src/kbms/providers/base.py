@@ -57,8 +57,9 @@ class Provider(Protocol):
         """The provider's webhooks, if it sends any."""
         ...
 
-    def redact(self, body: bytes, redacted: Mapping[str, Message]) -> bytes | None:
-        """A raw payload of this provider with the given messages' text replaced by their redacted copies."""
+    def redact(self, body: bytes, external_id: str, redacted: Mapping[str, Message]) -> bytes | None:
+        """A raw payload of conversation ``external_id`` with the given messages replaced by their redacted copies;
+        None if the body is another conversation's or needs no change."""
         ...
 
 

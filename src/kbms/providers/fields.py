@@ -19,12 +19,19 @@ EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(2101, 1, 1, tzinfo=UTC)  # exclusive: "within 1970-2100"
 
 
+MAX_ID = 255  # ids are keys in unique indexes; PostgreSQL refuses index entries over ~2.7 KB
+
+
 def _id(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise PydanticCustomError("string_type", "Input should be a string or an integer")
+    if isinstance(value, int) and value.bit_length() > 847:  # more than 255 digits
+        raise PydanticCustomError("string_too_long", "Id should have at most 255 characters")
     text = str(value).replace("\x00", "").strip()
     if not text:
         raise PydanticCustomError("string_too_short", "Id should not be empty")
+    if len(text) > MAX_ID:
+        raise PydanticCustomError("string_too_long", "Id should have at most 255 characters")
     return text
 
 
@@ -36,9 +43,12 @@ def _optional_id(value: Any) -> str | None:
 
 
 def _optional_text(value: Any) -> Any:
-    """Empty strings are null: providers send "" for "not set"."""
-    if isinstance(value, str) and not value.strip():
-        return None
+    """Empty strings are null: providers send "" for "not set". NUL is removed (PostgreSQL refuses it)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            value = value.replace("\x00", "")
+        if not value.strip():
+            return None
     return value
 
 

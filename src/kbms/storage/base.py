@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
 
@@ -26,9 +26,12 @@ class Delivery:
     body_hash: str
     body: bytes
     received_at: datetime
+    verified: bool = True
 
 
-Redactor = Callable[[bytes, Mapping[str, Message]], "bytes | None"]
+# The provider's rewrite of one of its raw payloads: (body, conversation external id, redacted messages by id)
+# -> the body with those messages' text replaced, or None if the body is not that conversation's or has no such part.
+Redactor = Callable[[bytes, str, Mapping[str, Message]], "bytes | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +90,15 @@ class Rebuilt:
 
     changed: bool
     deliveries_reclassified: int
+    # Deliveries that today's mappers assign to another conversation, by that conversation.
+    moved: dict[ConversationKey, list[int]] = field(default_factory=dict)
 
 
 Reader = Callable[[LedgerEntry], Reading]
+
+
+class ConcurrentCreation(Exception):
+    """A live delivery created the conversation while it was being re-derived: run its rebuild again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +146,11 @@ class Store(Protocol):
         """Conversations with deliveries from ``provider`` received at or after ``since`` (all filters optional)."""
         ...
 
-    async def rebuild(self, key: ConversationKey, extra: list[int], read: Reader) -> Rebuilt:
-        """Re-derive one conversation from all its ledger deliveries (plus ``extra`` ones), in received order."""
+    async def rebuild(self, key: ConversationKey, extra: list[int], read: Reader, redact: Redactor | None) -> Rebuilt:
+        """Re-derive one conversation from all its ledger deliveries (plus ``extra`` ones), in received order.
+
+        Raises ``ConcurrentCreation`` when a live delivery created the conversation meanwhile (run it again).
+        """
         ...
 
     async def reclassify(self, ledger_pk: int, outcome: Outcome, error: str | None) -> None:

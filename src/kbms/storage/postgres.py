@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
+import psycopg
 from sqlalchemy import URL, create_engine
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
@@ -30,7 +31,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from kbms.errors import StorageUnavailable
 from kbms.storage.sql import Sql
-from kbms.storage.store import Job, SqlStore, is_unavailable, unavailable, utc_now
+from kbms.storage.store import Job, SqlStore, is_refused, is_unavailable, refused, unavailable, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,23 @@ def make_engine(url: URL, *, pool_size: int, pool_timeout: float) -> Engine:
         pool_timeout=pool_timeout,
         # A restarted server leaves dead connections in the pool: test each one before use (one round trip).
         pool_pre_ping=True,
-        connect_args={"connect_timeout": 3, "options": options, "application_name": "kbms"},
+        # Keepalives: a silent network partition must not pin the pool's connections until TCP gives up.
+        connect_args={
+            "connect_timeout": 3,
+            "options": options,
+            "application_name": "kbms",
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 15_000,
+        },
     )
 
 
 def _sqlstate(exc: BaseException) -> str | None:
-    orig: Any = getattr(exc, "orig", None)
-    return getattr(orig, "sqlstate", None)
+    driver: Any = getattr(exc, "orig", None) or exc
+    return getattr(driver, "sqlstate", None)
 
 
 class PostgresStore(SqlStore):
@@ -103,10 +114,12 @@ class PostgresStore(SqlStore):
             try:
                 with self._engine.begin() as conn:
                     return job(conn)
-            except DBAPIError as exc:
+            except (DBAPIError, psycopg.Error) as exc:
                 if _sqlstate(exc) in RETRIED_SQLSTATES and attempt < ATTEMPTS:
                     log.info("retrying a transaction after %s", _sqlstate(exc))
                     continue
+                if is_refused(exc):
+                    raise refused(exc) from exc
                 if is_unavailable(exc):
                     raise unavailable(exc) from exc
                 raise

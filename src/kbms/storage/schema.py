@@ -137,6 +137,8 @@ ledger = Table(
     Column("provider", String(64), nullable=False),
     Column("workspace", Text, nullable=False),
     Column("kind", String(16), nullable=False),  # push | webhook
+    # False only for webhooks accepted unsigned (KBMS_ALLOW_UNSIGNED_WEBHOOKS): they cannot be told apart otherwise.
+    Column("verified", Boolean, nullable=False),
     Column("topic", Text),
     Column("delivery_key", Text, nullable=False),
     Column("body_hash", String(64), nullable=False),
@@ -148,3 +150,18 @@ ledger = Table(
     UniqueConstraint("provider", "delivery_key"),
 )
 Index("ix_ledger_received", ledger.c.received_at, ledger.c.pk)
+Index("ix_ledger_conversation", ledger.c.conversation_pk)
+
+# Redacted messages, by the conversation's provider key rather than its row: a deletion purges a conversation's
+# content, but the redaction must still be applied to every raw payload of it that arrives or is linked later.
+redactions = Table(
+    "redactions",
+    metadata,
+    Column("provider", String(64), nullable=False),
+    Column("workspace", Text, nullable=False),
+    Column("external_id", Text, nullable=False),
+    Column("message_id", Text, nullable=False),
+    Column("message", Text, nullable=False),  # the redacted message (model JSON): what replaces the old text
+    PrimaryKeyConstraint("provider", "workspace", "external_id", "message_id"),
+    sqlite_with_rowid=False,
+)

@@ -15,7 +15,7 @@ nothing (on PostgreSQL it waits for the winner to commit) and it merges instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -35,9 +35,10 @@ from kbms.merge import (
     replay,
     tombstone,
 )
-from kbms.model import Change, Conversation, ConversationDeletion, ConversationSnapshot, ConversationSummary
+from kbms.model import Change, Conversation, ConversationDeletion, ConversationSnapshot, ConversationSummary, Message
 from kbms.storage.base import (
     Applied,
+    ConcurrentCreation,
     ConversationKey,
     Cursor,
     Delivery,
@@ -58,7 +59,7 @@ from kbms.storage.rows import (
     participant_from_row,
     participant_values,
 )
-from kbms.storage.schema import conversations, events, ledger, messages, participants
+from kbms.storage.schema import conversations, events, ledger, messages, participants, redactions
 
 # sqlalchemy.dialects.sqlite.insert or sqlalchemy.dialects.postgresql.insert: same upsert API, two dialects.
 InsertFactory = Callable[[Table], Any]
@@ -69,7 +70,7 @@ CHILD_TABLES: tuple[tuple[Table, tuple[str, ...]], ...] = (
     (events, ("conversation_pk", "event_id")),
 )
 # What a delivery that was rejected before takes over when it is claimed again.
-LEDGER_RECLAIMED = ("workspace", "topic", "received_at", "outcome", "error", "body")
+LEDGER_RECLAIMED = ("workspace", "kind", "verified", "topic", "body_hash", "received_at", "outcome", "error", "body")
 SUMMARY_COLUMNS = (
     conversations.c.id,
     conversations.c.provider,
@@ -147,10 +148,25 @@ class Sql:
             load: delete_(table).where(table.c.conversation_pk == bindparam("b_pk"))
             for table, (load, _i, _u) in self.children.items()
         }
-        self.conversation_bodies = select(ledger.c.pk, ledger.c.body).where(
-            ledger.c.conversation_pk == bindparam("b_pk")
-        )
         self.rewrite_body = update(ledger).where(ledger.c.pk == bindparam("b_pk"))
+        # A conversation's own payloads, and the rejected ones of its workspace (the redactor checks the id).
+        self.redactable_bodies = select(ledger.c.pk, ledger.c.body).where(
+            or_(
+                ledger.c.conversation_pk == bindparam("b_pk"),
+                and_(
+                    ledger.c.outcome == "rejected",
+                    ledger.c.provider == bindparam("b_provider"),
+                    ledger.c.workspace == bindparam("b_workspace"),
+                ),
+            )
+        )
+        r = redactions.c
+        self.record_redaction = insert(redactions).on_conflict_do_nothing()
+        self.redactions_of = select(r.message_id, r.message).where(
+            r.provider == bindparam("k_provider"),
+            r.workspace == bindparam("k_workspace"),
+            r.external_id == bindparam("k_external_id"),
+        )
         self.find_delivery = (
             select(ledger.c.outcome, c.id, c.external_id)
             .select_from(ledger.outerjoin(conversations, c.pk == ledger.c.conversation_pk))
@@ -202,6 +218,7 @@ def _ledger_values(delivery: Delivery, *, outcome: str, error: str | None) -> di
         "provider": delivery.provider,
         "workspace": delivery.workspace,
         "kind": delivery.kind,
+        "verified": delivery.verified,
         "topic": delivery.topic,
         "delivery_key": delivery.delivery_key,
         "body_hash": delivery.body_hash,
@@ -243,7 +260,8 @@ def apply_delivery(
     else:
         applied, conversation_pk = _store_snapshot(sql, conn, change, key, now=now)
         if redact is not None:
-            _scrub_ledger(sql, conn, conversation_pk, applied, claim, delivery, redact)
+            created = applied.result == "created"
+            _apply_redactions(sql, conn, change, key, conversation_pk, created, claim, delivery.body, redact)
     if claim is not None:
         sql.run(conn, sql.settle, {"outcome": applied.result, "conversation_pk": conversation_pk, "b_pk": claim})
     return Applied(applied.result, applied.conversation_id, applied.external_id)
@@ -253,34 +271,25 @@ def record_rejection(sql: Sql, conn: Connection, delivery: Delivery, issues: lis
     _record(sql, conn, delivery, outcome="rejected", error=describe(issues))
 
 
-@dataclass(frozen=True, slots=True)
-class _Stored(Applied):
-    """An ``Applied`` that also carries the merged state and the messages redacted by this delivery."""
-
-    state: ConversationState | None = None
-    newly_redacted: frozenset[str] = frozenset()
-
-
 def _store_snapshot(
     sql: Sql, conn: Connection, snapshot: ConversationSnapshot, key: dict[str, str], *, now: int
-) -> tuple[_Stored, int]:
+) -> tuple[Applied, int]:
     conversation = conversation_id(snapshot.provider, snapshot.workspace, snapshot.external_id)
     state = new_state(conversation, snapshot)
     row = sql.run(conn, sql.create, conversation_values(state, changed_at=now)).fetchone()
     if row is not None:
         pk = int(row[0])
         _write_children(sql, conn, pk, state, state.participants, state.messages, state.events, fresh=True)
-        return _Stored("created", state.id, state.external_id, state=state), pk
+        return Applied("created", state.id, state.external_id), pk
 
     pk, stored = load_state(sql, conn, key)
     result = merge(stored, snapshot)
     if not result.changed:
-        return _Stored("unchanged", stored.id, stored.external_id, state=result.state), pk
+        return Applied("unchanged", stored.id, stored.external_id), pk
     merged = result.state
     _write_children(sql, conn, pk, merged, result.participants, result.rewritten_messages, result.events, fresh=False)
     sql.run(conn, sql.save, {**conversation_values(merged, changed_at=now), "b_pk": pk})
-    newly = frozenset(i for i in result.messages if merged.messages[i].redacted)
-    return _Stored("updated", merged.id, merged.external_id, state=merged, newly_redacted=newly), pk
+    return Applied("updated", merged.id, merged.external_id), pk
 
 
 def _store_deletion(
@@ -292,37 +301,66 @@ def _store_deletion(
     if row is not None:  # deleted before anything else arrived: the tombstone keeps it from ever appearing
         return Applied("created", conversation, deletion.external_id), int(row[0])
     pk, stored = load_state(sql, conn, key)
-    if stored.deleted_at is not None:
+    deleted = delete(stored, at=at)
+    if deleted is stored:
         return Applied("unchanged", stored.id, stored.external_id), pk
     for load, _insert, _upsert in sql.children.values():
         conn.execute(sql.purge[load], {"b_pk": pk})
-    conn.execute(sql.save, {**conversation_values(delete(stored, at=at), changed_at=now), "b_pk": pk})
+    conn.execute(sql.save, {**conversation_values(deleted, changed_at=now), "b_pk": pk})
     return Applied("updated", stored.id, stored.external_id), pk
 
 
-def _scrub_ledger(
+def _apply_redactions(
     sql: Sql,
     conn: Connection,
+    snapshot: ConversationSnapshot,
+    key: dict[str, str],
     conversation_pk: int,
-    applied: _Stored,
+    created: bool,
     claim: int | None,
-    delivery: Delivery,
+    body: bytes,
     redact: Redactor,
 ) -> None:
-    """Keep no raw copy of redacted text: neither in this delivery (it may be older than the redaction) nor,
-    when this delivery redacts something, in any payload stored earlier for the conversation."""
-    state = applied.state
-    if state is None:
-        return
-    redacted = {i: m for i, m in state.messages.items() if m.redacted}
+    """Keep no raw copy of redacted text, whatever the order deliveries come in.
+
+    Redacted messages are recorded by the conversation's provider key (a deletion does not purge them). A new one
+    rewrites every payload stored for the conversation, and rejected payloads of its workspace; a delivery for a
+    conversation that has redactions is rewritten before it is kept (it may be an older copy).
+    """
+    incoming = [m for m in snapshot.messages if m.redacted]
+    recorded = 0
+    for message in incoming:
+        row = {
+            "provider": snapshot.provider,
+            "workspace": snapshot.workspace,
+            "external_id": snapshot.external_id,
+            "message_id": message.id,
+            "message": message.model_dump_json(),
+        }
+        recorded += sql.run(conn, sql.record_redaction, row).rowcount
+    if created and not recorded:
+        return  # a new conversation: no redaction can be waiting for it
+    redacted = {
+        message_id: Message.model_validate_json(text)
+        for message_id, text in sql.run(conn, sql.redactions_of, key).fetchall()
+    }
     if not redacted:
         return
-    if claim is not None and (clean := redact(delivery.body, redacted)) is not None:
-        conn.execute(sql.rewrite_body, {"b_pk": claim, "body": clean})
-    if applied.newly_redacted:
-        for pk, body in conn.execute(sql.conversation_bodies, {"b_pk": conversation_pk}).all():
-            if pk != claim and (clean := redact(body, redacted)) is not None:
-                conn.execute(sql.rewrite_body, {"b_pk": pk, "body": clean})
+    external_id = snapshot.external_id
+    if claim is not None and (clean := redact(body, external_id, redacted)) is not None:
+        sql.run(conn, sql.rewrite_body, {"body": clean, "b_pk": claim})
+    if recorded:
+        params = {"b_pk": conversation_pk, "b_provider": snapshot.provider, "b_workspace": snapshot.workspace}
+        for pk, stored in _stream(sql.run(conn, sql.redactable_bodies, params)):
+            if pk != claim and (clean := redact(stored, external_id, redacted)) is not None:
+                sql.run(conn, sql.rewrite_body, {"body": clean, "b_pk": pk})
+
+
+def _stream(cursor: Any, size: int = 50) -> Iterator[tuple[int, bytes]]:
+    """Rows a few at a time: a conversation's payloads can add up to far more than memory should hold."""
+    while rows := cursor.fetchmany(size):
+        for pk, body in rows:
+            yield pk, bytes(body)
 
 
 def _write_children(
@@ -486,9 +524,25 @@ def reclassify(conn: Connection, ledger_pk: int, outcome: str, error: str | None
     conn.execute(update(ledger).where(ledger.c.pk == ledger_pk).values(outcome=outcome, error=error))
 
 
-def rebuild(sql: Sql, conn: Connection, key: ConversationKey, extra: list[int], read: Reader, *, now: int) -> Rebuilt:
+ACCEPTED = frozenset(("created", "updated", "unchanged"))
+
+
+def rebuild(
+    sql: Sql,
+    conn: Connection,
+    key: ConversationKey,
+    extra: list[int],
+    read: Reader,
+    redact: Redactor | None,
+    *,
+    now: int,
+) -> Rebuilt:
     """Fold every delivery of one conversation, in received order, through today's mappers; store the result
-    if it differs from what is stored, and correct each delivery's outcome. Doing it twice changes nothing."""
+    if it differs from what is stored, and correct each delivery's standing. Doing it twice changes nothing.
+
+    Deliveries that now belong to another conversation are handed back (``Rebuilt.moved``); a conversation that no
+    delivery produces any more becomes a tombstone.
+    """
     params = {"k_provider": key.provider, "k_workspace": key.workspace, "k_external_id": key.external_id}
     exists = conn.execute(sql.lock, params).first() is not None
     stored_pk, stored = load_state(sql, conn, params) if exists else (None, None)
@@ -499,11 +553,18 @@ def rebuild(sql: Sql, conn: Connection, key: ConversationKey, extra: list[int], 
 
     readings = [(entry, read(entry)) for entry in entries]
     mine = [(e, r.change) for e, r in readings if r.change is not None and _key_of(r.change) == key]
-    state, results = replay(
-        conversation_id(key.provider, key.workspace, key.external_id), ((c, e.received_at) for e, c in mine)
-    )
+    moved: dict[ConversationKey, list[int]] = {}
+    for entry, reading in readings:
+        if reading.change is not None and _key_of(reading.change) != key:
+            moved.setdefault(_key_of(reading.change), []).append(entry.pk)
+    cid = conversation_id(key.provider, key.workspace, key.external_id)
+    state, results = replay(cid, ((c, e.received_at) for e, c in mine))
+    if state is None and stored is not None:
+        state = delete(stored, at=now)  # nothing produces it any more
     outcomes: dict[int, tuple[str, str | None, bool]] = {
-        entry.pk: ("rejected" if reading.error else "ignored", reading.error, False) for entry, reading in readings
+        entry.pk: ("rejected" if reading.error else "ignored", reading.error, False)
+        for entry, reading in readings
+        if entry.pk not in {pk for pks in moved.values() for pk in pks}
     }
     outcomes.update({entry.pk: (outcome, None, True) for (entry, _), outcome in zip(mine, results, strict=True)})
 
@@ -515,8 +576,7 @@ def rebuild(sql: Sql, conn: Connection, key: ConversationKey, extra: list[int], 
         if stored_pk is None:
             created = conn.execute(sql.create, values).first()
             if created is None:
-                # A live delivery created it after our look: its delivery is not in this fold. Rare; say so.
-                raise RuntimeError(f"{key} appeared while it was re-derived; run reprocess again")
+                raise ConcurrentCreation(key)
             stored_pk = int(created[0])
         else:
             for load, _insert, _upsert in sql.children.values():
@@ -527,14 +587,26 @@ def rebuild(sql: Sql, conn: Connection, key: ConversationKey, extra: list[int], 
         )
 
     reclassified = 0
+    newly_linked: list[LedgerEntry] = []
     for entry in entries:
+        if entry.pk not in outcomes:
+            continue  # moved: its new conversation's rebuild decides
         outcome, error, linked_here = outcomes[entry.pk]
         target = stored_pk if linked_here else None
-        if (entry.outcome, entry.error, entry.conversation_pk) != (outcome, error, target):
-            conn.execute(
-                update(ledger)
-                .where(ledger.c.pk == entry.pk)
-                .values(outcome=outcome, error=error, conversation_pk=target)
-            )
-            reclassified += 1
-    return Rebuilt(changed=changed, deliveries_reclassified=reclassified)
+        # Created, updated and unchanged depend on the order deliveries came in; only a change of standing counts.
+        if entry.outcome in ACCEPTED and outcome in ACCEPTED and entry.conversation_pk == target:
+            continue
+        if (entry.outcome, entry.error, entry.conversation_pk) == (outcome, error, target):
+            continue
+        conn.execute(
+            update(ledger).where(ledger.c.pk == entry.pk).values(outcome=outcome, error=error, conversation_pk=target)
+        )
+        reclassified += 1
+        if target is not None and entry.conversation_pk != target:
+            newly_linked.append(entry)
+    if newly_linked and redact is not None:
+        redacted = {m: Message.model_validate_json(t) for m, t in sql.run(conn, sql.redactions_of, params).fetchall()}
+        for entry in newly_linked if redacted else ():
+            if (clean := redact(entry.body, key.external_id, redacted)) is not None:
+                sql.run(conn, sql.rewrite_body, {"body": clean, "b_pk": entry.pk})
+    return Rebuilt(changed=changed, deliveries_reclassified=reclassified, moved=moved)

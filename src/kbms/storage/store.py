@@ -13,7 +13,7 @@ import psycopg
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from kbms.errors import FieldIssue, StorageUnavailable
+from kbms.errors import FieldIssue, StorageUnavailable, ValidationFailed
 from kbms.merge import micros
 from kbms.model import Change, Conversation
 from kbms.storage import sql
@@ -39,15 +39,50 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-# Hot statements run on the driver (see Sql.run), so its own errors arrive unwrapped.
-DRIVER_UNAVAILABLE: tuple[type[Exception], ...] = (sqlite3.OperationalError, psycopg.OperationalError)
+# PostgreSQL error classes (SQLSTATE prefixes, and single states) that mean "not now": connection failures,
+# insufficient resources, operator intervention (statement timeout, shutdown), system errors, lock timeout.
+UNAVAILABLE_STATES = ("08", "53", "57", "58", "55P03", "40001", "40P01")
+# ...and those that mean "this value cannot be stored": data exceptions, program limits (an index row too big).
+REFUSED_STATES = ("22", "54")
+
+
+def _driver_error(exc: BaseException) -> BaseException:
+    """The driver's own exception: hot statements run on the driver (see Sql.run), others through SQLAlchemy."""
+    return exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+
+
+def _sqlstate(exc: BaseException) -> str:
+    return str(getattr(_driver_error(exc), "sqlstate", None) or "")
 
 
 def is_unavailable(exc: BaseException) -> bool:
-    """Errors that say the database cannot be used right now (down, locked, read-only, full), not a bug."""
-    return isinstance(exc, (OperationalError, *DRIVER_UNAVAILABLE)) or (
-        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    """Errors that say the database cannot be used right now (down, locked, read-only, full), not a bug.
+
+    Not every "operational" error: PostgreSQL reports an over-long index entry as one, and answering 503 to that
+    would have the sender retry forever.
+    """
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    driver = _driver_error(exc)
+    if isinstance(driver, sqlite3.OperationalError):
+        return True  # locked, busy, read-only, disk full or I/O error: all of them pass
+    if isinstance(driver, psycopg.Error):
+        state = _sqlstate(exc)
+        return state.startswith(UNAVAILABLE_STATES) or (not state and isinstance(driver, psycopg.OperationalError))
+    return isinstance(exc, OperationalError)
+
+
+def is_refused(exc: BaseException) -> bool:
+    """Errors caused by a value the database will not store (the input's fault, a 422)."""
+    driver = _driver_error(exc)
+    return isinstance(driver, psycopg.Error) and _sqlstate(exc).startswith(REFUSED_STATES)
+
+
+def refused(exc: BaseException) -> ValidationFailed:
+    issue = FieldIssue(
+        "body", "unstorable_value", f"The database refused a value ({type(_driver_error(exc)).__name__})"
     )
+    return ValidationFailed([issue])
 
 
 def unavailable(exc: BaseException) -> StorageUnavailable:
@@ -94,9 +129,10 @@ class SqlStore(abc.ABC):
         job = partial(sql.conversations_in_scope, provider=provider, since=since, conversation_id=conversation_id)
         return await self._read_long(job)
 
-    async def rebuild(self, key: ConversationKey, extra: list[int], read: Reader) -> Rebuilt:
+    async def rebuild(self, key: ConversationKey, extra: list[int], read: Reader, redact: Redactor | None) -> Rebuilt:
         now = micros(self._clock())
-        return await self._write(partial(sql.rebuild, self._sql, key=key, extra=extra, read=read, now=now))
+        job = partial(sql.rebuild, self._sql, key=key, extra=extra, read=read, redact=redact, now=now)
+        return await self._write(job)
 
     async def reclassify(self, ledger_pk: int, outcome: Outcome, error: str | None) -> None:
         await self._write(partial(sql.reclassify, ledger_pk=ledger_pk, outcome=outcome, error=error))

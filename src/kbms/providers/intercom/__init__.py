@@ -32,8 +32,8 @@ class IntercomProvider:
     def parse_push(self, body: bytes, *, workspace: str) -> ConversationSnapshot:
         return to_snapshot(validate_json(IntercomConversation, body), workspace=workspace)
 
-    def redact(self, body: bytes, redacted: Mapping[str, Message]) -> bytes | None:
-        return redact(body, redacted)
+    def redact(self, body: bytes, external_id: str, redacted: Mapping[str, Message]) -> bytes | None:
+        return redact(body, external_id, redacted)
 
 
 __all__ = ["IntercomProvider"]

@@ -2,7 +2,7 @@
 
 Intercom rewrites a redacted part's body in place (``conversation_part.redacted``). kbms overwrites its normalized
 copy through the merge; this rewrites the same part inside every raw payload kept for the conversation, pushes
-and webhook envelopes alike, including ``translations``, which carry the text again.
+and webhook envelopes alike, including ``translations`` (which carry the text again) and attachments.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ from kbms.model import Message
 OPENINGS = ("source", "conversation_message")
 
 
-def redact(body: bytes, redacted: Mapping[str, Message]) -> bytes | None:
-    """``body`` with every part in ``redacted`` replaced by its redacted text; None if nothing had to change."""
+def redact(body: bytes, external_id: str, redacted: Mapping[str, Message]) -> bytes | None:
+    """``body`` with every part in ``redacted`` replaced by its redacted copy, if ``body`` is a payload of
+    conversation ``external_id``; None when nothing had to change (or the body is another conversation's)."""
     try:
         document = json.loads(body)
     except ValueError:
         return None
     conversation = _conversation(document)
-    if conversation is None:
+    if conversation is None or _id(conversation.get("id")) != external_id:
         return None
     changed = False
     for key in OPENINGS:
@@ -57,9 +58,16 @@ def _id(value: Any) -> str | None:
 
 def _overwrite(part: dict[str, Any], message: Message) -> bool:
     body = message.content_html if message.content_html is not None else message.content
-    if part.get("body") == body and part.get("redacted") is True and "translations" not in part:
+    # Intercom's redaction removes a part's attachments too; names and URLs can say as much as the text.
+    attachments = [
+        {"type": "upload", "name": a.name, "url": a.url, "content_type": a.content_type, "filesize": a.size}
+        for a in message.attachments
+    ]
+    unchanged = (part.get("body"), part.get("redacted"), part.get("attachments", [])) == (body, True, attachments)
+    if unchanged and "translations" not in part:
         return False
     part["body"] = body
     part["redacted"] = True
+    part["attachments"] = attachments
     part.pop("translations", None)
     return True

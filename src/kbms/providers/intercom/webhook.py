@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import re
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from kbms.errors import FieldIssue, InvalidWebhookItem, ValidationFailed
 from kbms.model import DEFAULT_WORKSPACE, WORKSPACE, Change, ConversationDeletion, WebhookEvent
 from kbms.providers.base import translate_issues, validate_json
+from kbms.providers.fields import Id
 from kbms.providers.intercom.mapper import PROVIDER, to_snapshot
 from kbms.providers.intercom.schema import IntercomConversationItem, IntercomNotification
 
 DELETED = "conversation.deleted"
+CONVERSATION_ID: TypeAdapter[str] = TypeAdapter(Id)
 ITEM = ("data", "item")
 
 
@@ -39,13 +41,11 @@ def parse_webhook(body: bytes) -> WebhookEvent:
     if item is None:
         return event(None)
     if envelope.topic == DELETED:
-        external_id = item.get("conversation_id", item.get("id"))
-        if isinstance(external_id, int) and not isinstance(external_id, bool):
-            external_id = str(external_id)
-        if not isinstance(external_id, str) or not external_id.strip():
-            issue = FieldIssue("data.item.conversation_id", "missing", "A deletion names its conversation")
-            raise refused([issue])
-        return event(ConversationDeletion(provider=PROVIDER, workspace=workspace, external_id=external_id.strip()))
+        try:
+            external_id = CONVERSATION_ID.validate_python(item.get("conversation_id", item.get("id")))
+        except ValidationError as exc:
+            raise refused(translate_issues(exc, prefix=(*ITEM, "conversation_id"))) from None
+        return event(ConversationDeletion(provider=PROVIDER, workspace=workspace, external_id=external_id))
     if item.get("type") != "conversation":
         return event(None)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+
 revision = "0001"
 down_revision = None
 branch_labels = None
@@ -57,6 +58,16 @@ def upgrade() -> None:
         )
 
     op.create_table(
+        "redactions",
+        sa.Column("provider", sa.String(length=64), nullable=False),
+        sa.Column("workspace", sa.Text(), nullable=False),
+        sa.Column("external_id", sa.Text(), nullable=False),
+        sa.Column("message_id", sa.Text(), nullable=False),
+        sa.Column("message", sa.Text(), nullable=False),
+        sa.PrimaryKeyConstraint("provider", "workspace", "external_id", "message_id", name=op.f("pk_redactions")),
+        sqlite_with_rowid=False,
+    )
+    op.create_table(
         "events",
         sa.Column("conversation_pk", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("event_id", sa.Text(), nullable=False),
@@ -76,6 +87,7 @@ def upgrade() -> None:
         sa.Column("provider", sa.String(length=64), nullable=False),
         sa.Column("workspace", sa.Text(), nullable=False),
         sa.Column("kind", sa.String(length=16), nullable=False),
+        sa.Column("verified", sa.Boolean(), nullable=False),
         sa.Column("topic", sa.Text(), nullable=True),
         sa.Column("delivery_key", sa.Text(), nullable=False),
         sa.Column("body_hash", sa.String(length=64), nullable=False),
@@ -91,6 +103,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("provider", "delivery_key", name=op.f("uq_ledger_provider_delivery_key")),
     )
     with op.batch_alter_table("ledger", schema=None) as batch_op:
+        batch_op.create_index("ix_ledger_conversation", ["conversation_pk"], unique=False)
         batch_op.create_index("ix_ledger_received", ["received_at", "pk"], unique=False)
 
     op.create_table(
@@ -135,9 +148,11 @@ def downgrade() -> None:
     op.drop_table("messages")
     with op.batch_alter_table("ledger", schema=None) as batch_op:
         batch_op.drop_index("ix_ledger_received")
+        batch_op.drop_index("ix_ledger_conversation")
 
     op.drop_table("ledger")
     op.drop_table("events")
+    op.drop_table("redactions")
     with op.batch_alter_table("conversations", schema=None) as batch_op:
         batch_op.drop_index(
             "ix_conversations_live_updated",
