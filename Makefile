@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test lint format bench bench-quick clean
 
 # Reinstall only when the dependency pins change.
 $(STAMP): pyproject.toml constraints.txt
@@ -25,6 +25,13 @@ lint: install
 
 test: lint
 	$(BIN)/pytest
+
+# The A/B benchmark against the reference implementation (about 15 minutes; installs wrk if it can).
+bench: install
+	$(BIN)/python bench/bench.py
+
+bench-quick: install
+	$(BIN)/python bench/bench.py --quick
 
 format: install
 	$(BIN)/ruff format .
