@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from kbms.cli import app
 from kbms.storage import admin_engine
 from kbms.storage.schema import conversations
+from tests.conftest import migrate
 from tests.helpers import INTERCOM, intercom_payload, part
 
 runner = CliRunner()
@@ -139,3 +140,47 @@ def test_workspace_option_is_validated(tmp_path: Path, database_url: str) -> Non
     code, output = kbms("ingest", str(path), "--workspace", "a b/%", "--database-url", database_url)
     assert code == 2
     assert "--workspace" in output
+
+
+def test_large_files_are_spread_over_worker_processes(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers ingest chunks in any order; the database ends up as one process would leave it."""
+    lines = []
+    for i in range(30):
+        lines.append(json.dumps(intercom_payload(f"c{i % 12}", updated_at=1_700_000_000 + i, parts=[part(f"p{i}")])))
+        if i % 10 == 3:
+            lines.append("{broken")
+    path = tmp_path / "in.ndjson"
+    path.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr("kbms.backfill.POOL_MIN_BYTES", 0)
+    monkeypatch.setattr("kbms.backfill.CHUNK_LINES", 4)
+    code, output = kbms("ingest", str(path), "--jobs", "2", "--database-url", database_url)
+    assert code == 1, output
+    assert counts(output) == ["12", "18", "0", "3"]
+    assert [line for line in output.splitlines() if "rejected:" in line] == [
+        "line 5: rejected: Malformed JSON body",
+        "line 16: rejected: Malformed JSON body",
+        "line 27: rejected: Malformed JSON body",
+    ]
+
+    alone = migrate(f"sqlite:///{tmp_path / 'alone.db'}")
+    assert kbms("ingest", str(path), "--jobs", "1", "--database-url", alone)[0] == 1
+    assert details(database_url) == details(alone)
+
+
+def details(database_url: str) -> dict[str, str]:
+    engine = admin_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(select(conversations.c.external_id, conversations.c.detail))
+            return {external_id: detail for external_id, detail in rows}
+    finally:
+        engine.dispose()
+
+
+def test_jobs_must_be_positive(tmp_path: Path, sqlite_url: str) -> None:
+    path = tmp_path / "in.ndjson"
+    path.write_text(json.dumps(intercom_payload("a")) + "\n")
+    code, output = kbms("ingest", str(path), "--jobs", "0", "--database-url", sqlite_url)
+    assert (code, "--jobs" in output) == (2, True)

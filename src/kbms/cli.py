@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import sys
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,28 +26,21 @@ from rich.progress import (
 from rich.table import Table
 from sqlalchemy.engine import Engine
 
-from kbms.errors import InputError, InvalidJson, KbmsError, StorageUnavailable, ValidationFailed
-from kbms.ingest import ingest_push
+from kbms.backfill import IngestReport, UnreadableFile, ingest_file
+from kbms.errors import KbmsError, StorageUnavailable
 from kbms.merge import micros
 from kbms.model import WORKSPACE, WORKSPACE_PATTERN
-from kbms.providers import REGISTRY, Provider, get_provider
+from kbms.providers import REGISTRY, get_provider
 from kbms.reprocess import ReprocessReport
 from kbms.reprocess import reprocess as run_reprocess
 from kbms.settings import Settings
-from kbms.storage import Store, admin_engine, open_store
+from kbms.storage import admin_engine, open_store
 from kbms.storage.migrate import current_revision, head_revision, is_current, upgrade
 
 EXIT_REJECTED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
-IN_FLIGHT = 64  # concurrent ingests: enough to fill the SQLite writer's group commits
 SHOWN_REJECTS = 20
-WHOLE_FILE_LIMIT = 64 << 20  # a single JSON document larger than this is not a conversation
-
-
-class UnreadableFile(Exception):
-    """The input file cannot be read as NDJSON, a JSON document or a JSON array."""
-
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="kbms: conversation ingestion service.")
 err = Console(stderr=True)
@@ -160,84 +150,6 @@ def migrate(database_url: DatabaseUrl = None) -> None:
         out.print(f"Database migrated from {before or 'empty'} to {after}.")
 
 
-@dataclass
-class IngestReport:
-    results: Counter[str] = field(default_factory=Counter)
-    rejects: list[tuple[int, str]] = field(default_factory=list)
-
-    def reject(self, line: int, reason: str) -> None:
-        self.results["rejected"] += 1
-        self.rejects.append((line, reason))
-
-
-def read_records(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(line number, payload) of an NDJSON file, a JSON document (1, whole) or a JSON array (item number, item).
-
-    A file is one document only if it parses as one; anything else is read line by line, so one bad line costs
-    that line alone. A JSON array is all or nothing: JSON cannot say where a broken array's items end.
-    """
-    with path.open("rb") as handle:
-        head = handle.read(1 << 16).lstrip()
-    if head.startswith(b"["):
-        try:
-            items = json.loads(path.read_bytes())
-        except ValueError as exc:  # includes UnicodeDecodeError
-            raise UnreadableFile(f"{path} starts like a JSON array but is not one: {exc}") from None
-        if isinstance(items, list):
-            for index, item in enumerate(items, start=1):
-                yield index, json.dumps(item, ensure_ascii=False).encode()
-            return
-    first_line = head.split(b"\n", 1)[0]
-    if head.startswith(b"{") and not _is_complete_json(first_line) and path.stat().st_size <= WHOLE_FILE_LIMIT:
-        whole = path.read_bytes()
-        if _is_complete_json(whole):
-            yield 1, whole
-            return
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                # Without its line break: the ledger keeps (and hashes) the document, as if it had been pushed.
-                yield number, line.rstrip(b"\r\n")
-
-
-def _is_complete_json(data: bytes) -> bool:
-    try:
-        json.loads(data)
-    except ValueError:
-        return False
-    return True
-
-
-def _reason(exc: InputError) -> str:
-    if isinstance(exc, ValidationFailed):
-        return "; ".join(f"{i.field}: {i.message} ({i.issue})" for i in exc.issues)
-    return exc.message
-
-
-async def _ingest_file(
-    store: Store, provider: Provider, path: Path, *, workspace: str, progress: Progress, size: int
-) -> IngestReport:
-    report = IngestReport()
-    task = progress.add_task("ingesting", total=size)
-    slots = asyncio.Semaphore(IN_FLIGHT)
-
-    async def one(number: int, payload: bytes) -> None:
-        try:
-            outcome = await ingest_push(store, provider, payload, workspace=workspace)
-            report.results[outcome.result] += 1
-        except (InvalidJson, ValidationFailed) as exc:
-            report.reject(number, _reason(exc))
-        finally:
-            slots.release()
-            progress.advance(task, len(payload) + 1)
-
-    async with asyncio.TaskGroup() as group:
-        for number, payload in read_records(path):
-            await slots.acquire()
-            group.create_task(one(number, payload))
-    return report
-
-
 @app.command()
 def ingest(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="NDJSON, a JSON document or array")],
@@ -245,9 +157,13 @@ def ingest(
     workspace: Annotated[
         str | None, typer.Option(help="Workspace of the conversations (an Intercom app_id, for instance)")
     ] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(help="Worker processes for large files (default: one per core)", show_default=False),
+    ] = None,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Ingest conversations from a file, exactly as if each had been pushed to the API."""
+    """Ingest conversations from a file, exactly as if each had been pushed to the API, in batches."""
     settings = _settings(database_url=database_url)
     if workspace is not None and not re.fullmatch(WORKSPACE, workspace):
         err.print(f"[red]--workspace {workspace!r}[/] must match {WORKSPACE_PATTERN}")
@@ -257,40 +173,35 @@ def ingest(
     except KbmsError as exc:
         err.print(f"[red]{exc.message}[/] (known: {', '.join(REGISTRY)})")
         raise typer.Exit(EXIT_USAGE) from None
+    if jobs is not None and jobs < 1:
+        err.print("[red]--jobs[/] must be at least 1")
+        raise typer.Exit(EXIT_USAGE)
     _require_current_schema(settings)
-    size = file.stat().st_size
-
-    async def run() -> IngestReport:
-        store = open_store(settings)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("ingesting", total=file.stat().st_size)
         try:
-            with Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                TaskProgressColumn(),
-                TimeRemainingColumn(),
-                console=err,
-                transient=True,
-            ) as progress:
-                return await _ingest_file(
-                    store,
-                    source,
-                    file,
-                    workspace=workspace or settings.default_workspace,
-                    progress=progress,
-                    size=size,
-                )
-        finally:
-            await store.close()
-
-    try:
-        report = asyncio.run(run())
-    except* StorageUnavailable as group:
-        err.print(f"[red]{group.exceptions[0]}[/]")
-        raise typer.Exit(EXIT_UNAVAILABLE) from None
-    except* UnreadableFile as group:
-        err.print(f"[red]{group.exceptions[0]}[/]")
-        raise typer.Exit(EXIT_USAGE) from None
+            report = ingest_file(
+                settings,
+                source.name,
+                file,
+                workspace=workspace or settings.default_workspace,
+                jobs=jobs,
+                advance=lambda done: progress.advance(task, done),
+            )
+        except UnreadableFile as exc:
+            err.print(f"[red]{exc}[/]")
+            raise typer.Exit(EXIT_USAGE) from None
     _print_report(report)
+    if report.unavailable is not None:
+        err.print(f"[red]{report.unavailable}[/]: stopped; what was reported above is committed, run it again")
+        raise typer.Exit(EXIT_UNAVAILABLE)
     if report.rejects:
         raise typer.Exit(EXIT_REJECTED)
 

@@ -85,8 +85,8 @@ class InvalidSignature(InputError):
 class PayloadTooLarge(InputError):
     """Raised while reading a body as soon as it exceeds the configured limit."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"Request body exceeds {limit} bytes")
+    def __init__(self, limit: int, message: str | None = None) -> None:
+        super().__init__(message or f"Request body exceeds {limit} bytes")
         self.limit = limit
 
 

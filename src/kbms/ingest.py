@@ -15,24 +15,25 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, cast
 
 import anyio.to_thread
 
 from kbms.errors import (
     FieldIssue,
+    InputError,
     InvalidJson,
     InvalidSignature,
     InvalidWebhookItem,
     UnknownProvider,
     ValidationFailed,
 )
-from kbms.model import DEFAULT_WORKSPACE, IngestResult
+from kbms.model import DEFAULT_WORKSPACE, ConversationSnapshot, IngestResult
 from kbms.providers import Provider
-from kbms.storage.base import Delivery, Store
+from kbms.storage.base import Delivery, Pending, Store
 
 T = TypeVar("T")
 
@@ -96,6 +97,95 @@ async def ingest_push(
     assert applied.conversation_id is not None
     assert applied.external_id is not None
     return IngestOutcome(applied.conversation_id, provider.name, applied.external_id, applied.result)
+
+
+LineOutcome = IngestOutcome | InputError
+MAX_BATCH_LINES = 1000
+
+
+def ndjson_lines(data: bytes) -> list[tuple[int, bytes]]:
+    """(line number, line) of every non-blank line, without its line break (``\n`` or ``\r\n``)."""
+    return [
+        (number, line.removesuffix(b"\r")) for number, line in enumerate(data.split(b"\n"), start=1) if line.strip()
+    ]
+
+
+async def ingest_batch(
+    store: Store,
+    provider: Provider,
+    bodies: Sequence[bytes],
+    *,
+    workspace: str,
+    parse_inline: bool | None = None,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> list[LineOutcome]:
+    """``ingest_push`` for many payloads at once: one ledger lookup, one write, one commit.
+
+    Each payload succeeds or fails alone: the result list holds, in order, an ``IngestOutcome`` or the
+    ``InputError`` that payload would have raised on its own. ``parse_inline``: validate on the calling thread
+    (True), in a worker thread (False), or by size (None: a worker thread for more than ``INLINE_PARSE_BYTES``).
+    Raises ``StorageUnavailable`` if the write fails (nothing of the batch is then committed).
+    """
+    received_at = clock()
+    hashes = [hashlib.sha256(body).hexdigest() for body in bodies]
+    keys = [push_delivery_key(workspace, h) for h in hashes]
+    known = await store.find_deliveries(provider.name, keys)
+    results: list[LineOutcome | None] = [None] * len(bodies)
+    fresh: list[int] = []
+    for index, key in enumerate(keys):
+        entry = known.get(key)
+        if entry is not None and entry.conversation_id is not None and entry.external_id is not None:
+            results[index] = IngestOutcome(entry.conversation_id, provider.name, entry.external_id, "unchanged")
+        else:
+            fresh.append(index)
+
+    def parse_all() -> list[ConversationSnapshot | InputError]:
+        parsed: list[ConversationSnapshot | InputError] = []
+        for index in fresh:
+            try:
+                parsed.append(provider.parse_push(bodies[index], workspace=workspace))
+            except (InvalidJson, ValidationFailed) as exc:
+                parsed.append(exc)
+        return parsed
+
+    size = sum(len(bodies[index]) for index in fresh)
+    inline = size <= INLINE_PARSE_BYTES if parse_inline is None else parse_inline
+    parsed = parse_all() if inline else await anyio.to_thread.run_sync(parse_all)
+
+    pending: list[Pending] = []
+    positions: list[int] = []  # the payload index of each pending item
+    for index, outcome in zip(fresh, parsed, strict=True):
+        if isinstance(outcome, InputError):
+            results[index] = outcome
+            if not isinstance(outcome, ValidationFailed):
+                continue  # not JSON: nothing to keep, as for a single push
+        delivery = Delivery(
+            provider=provider.name,
+            workspace=workspace,
+            kind="push",
+            topic=None,
+            delivery_key=keys[index],
+            body_hash=hashes[index],
+            body=bodies[index],
+            received_at=received_at,
+        )
+        if isinstance(outcome, ValidationFailed):
+            pending.append(Pending(delivery, issues=outcome.issues))  # kept, as a single push's would be
+        else:
+            pending.append(Pending(delivery, change=outcome))
+        positions.append(index)
+    applied = await store.ingest_many(pending, redact=provider.redact) if pending else []
+    for index, result in zip(positions, applied, strict=True):
+        if isinstance(result, ValidationFailed):
+            results[index] = result  # refused by the database
+        elif result is not None:
+            # A push always carries a snapshot, so it always lands in a conversation.
+            assert result.result != "ignored"
+            assert result.conversation_id is not None
+            assert result.external_id is not None
+            results[index] = IngestOutcome(result.conversation_id, provider.name, result.external_id, result.result)
+    assert all(result is not None for result in results)
+    return cast(list[LineOutcome], results)
 
 
 async def _parse(parse: Callable[[], T], size: int) -> T:

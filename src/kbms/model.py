@@ -23,6 +23,8 @@ def _strip_nul(value: str) -> str:
 
 
 def _utc(value: datetime) -> datetime:
+    if value.tzinfo is UTC:  # what every mapper produces: nothing to convert
+        return value
     if value.tzinfo is None:
         raise ValueError("timestamps must be timezone-aware")
     return value.astimezone(UTC)

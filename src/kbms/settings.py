@@ -28,7 +28,10 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Address the HTTP server binds to")
     port: int = Field(default=8000, ge=0, le=65535, description="Port the HTTP server listens on")
     log_level: LogLevel = Field(default="info", description="Minimum level of the JSON log lines")
-    max_body_bytes: int = Field(default=5 * MIB, ge=1024, description="Largest request body accepted")
+    max_body_bytes: int = Field(
+        default=5 * MIB, ge=1024, description="Largest request body accepted (and largest line of a batch)"
+    )
+    max_batch_bytes: int = Field(default=32 * MIB, ge=1024, description="Largest batch (NDJSON) body accepted")
     db_pool_size: int = Field(default=10, ge=1, le=1000, description="PostgreSQL connections per process")
     db_pool_timeout: float = Field(
         default=1.5, gt=0, le=30, description="Seconds a request waits for a free connection before a 503"

@@ -61,14 +61,28 @@ def error_response(
     return Response(body.model_dump_json(), status_code=status, media_type="application/json", headers=headers)
 
 
+def status_of(exc: KbmsError) -> tuple[int, str]:
+    """The HTTP status and error code of a kbms error."""
+    return next((v for cls, v in STATUS.items() if isinstance(exc, cls)), (500, "internal_error"))
+
+
+def error_body(exc: KbmsError) -> ErrorBody:
+    """The documented error body of a kbms error (also what a batch reports for each failed line)."""
+    _status, code = status_of(exc)
+    issues = exc.issues if isinstance(exc, ValidationFailed) else None
+    details = None if issues is None else [ErrorDetail(field=d.field, issue=d.issue, message=d.message) for d in issues]
+    return ErrorBody(error_code=code, message=exc.message, details=details)
+
+
 async def _kbms_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, KbmsError)
-    status, code = next((v for cls, v in STATUS.items() if isinstance(exc, cls)), (500, "internal_error"))
-    details = exc.issues if isinstance(exc, ValidationFailed) else None
+    status, _code = status_of(exc)
     headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
     if status == 503:
         log.warning("storage unavailable: %s", exc.message)
-    return error_response(status, code, exc.message, details, headers)
+    return Response(
+        error_body(exc).model_dump_json(), status_code=status, media_type="application/json", headers=headers
+    )
 
 
 def _field(loc: Sequence[Any]) -> str:

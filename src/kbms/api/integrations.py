@@ -1,23 +1,34 @@
-"""``POST /integrations/{provider}/conversations``: one route per registered provider, built from the registry."""
+"""``POST /integrations/{provider}/conversations`` and ``.../conversations/batch``: routes per registered provider,
+built from the registry."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import StringConstraints, TypeAdapter
 
-from kbms.api.body import read_json_body
-from kbms.api.errors import ERROR_RESPONSES
+from kbms.api.body import NDJSON_TYPES, read_json_body, read_ndjson_body
+from kbms.api.errors import ERROR_RESPONSES, error_body, status_of
 from kbms.api.lean import LeanRoute, parameter, query, settings_of, store_of
 from kbms.api.responses import json_response
-from kbms.api.schemas import ErrorBody, IngestResponse
-from kbms.ingest import ingest_push
+from kbms.api.schemas import BatchLine, BatchResponse, ErrorBody, IngestResponse
+from kbms.errors import FieldIssue, InputError, PayloadTooLarge, ValidationFailed
+from kbms.ingest import MAX_BATCH_LINES, LineOutcome, ingest_batch, ingest_push, ndjson_lines
 from kbms.model import WORKSPACE_PATTERN
 from kbms.providers import Provider
 
 WORKSPACE = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=WORKSPACE_PATTERN)])
+
+
+WORKSPACE_PARAMETER = parameter(
+    "workspace",
+    "query",
+    {"type": "string", "minLength": 1, "maxLength": 128, "pattern": WORKSPACE_PATTERN},
+    "The provider account the conversations belong to (Intercom app_id); default: KBMS_DEFAULT_WORKSPACE",
+)
 
 
 def _endpoint(provider: Provider) -> Callable[[Request], Awaitable[Response]]:
@@ -31,6 +42,52 @@ def _endpoint(provider: Provider) -> Callable[[Request], Awaitable[Response]]:
     return ingest
 
 
+def _batch_endpoint(provider: Provider) -> Callable[[Request], Awaitable[Response]]:
+    async def ingest_many(request: Request) -> Response:
+        settings = settings_of(request)
+        workspace = query(request, "workspace", WORKSPACE, settings.default_workspace)
+        body = await read_ndjson_body(request, limit=settings.max_batch_bytes)
+        lines = ndjson_lines(body)
+        if not lines:
+            raise ValidationFailed([FieldIssue("body", "empty_batch", "The batch has no lines")])
+        if len(lines) > MAX_BATCH_LINES:
+            message = f"A batch holds at most {MAX_BATCH_LINES} lines; this one has {len(lines)}"
+            raise PayloadTooLarge(settings.max_batch_bytes, message)
+        line_limit = settings.max_body_bytes
+        fitting = [payload for _number, payload in lines if len(payload) <= line_limit]
+        outcomes = iter(await ingest_batch(store_of(request), provider, fitting, workspace=workspace))
+        too_large = PayloadTooLarge(line_limit, f"Line exceeds {line_limit} bytes")
+        results = [_line(number, next(outcomes) if len(p) <= line_limit else too_large) for number, p in lines]
+        counts = Counter(result.result for result in results)
+        response = BatchResponse(
+            provider=provider.name,
+            workspace=workspace,
+            lines=len(results),
+            created=counts["created"],
+            updated=counts["updated"],
+            unchanged=counts["unchanged"],
+            rejected=counts["rejected"],
+            results=results,
+        )
+        return json_response(response)
+
+    return ingest_many
+
+
+def _line(number: int, outcome: LineOutcome) -> BatchLine:
+    if isinstance(outcome, InputError):
+        status, _code = status_of(outcome)
+        return BatchLine(line=number, status=status, result="rejected", error=error_body(outcome))
+    return BatchLine(
+        line=number,
+        status=201 if outcome.result == "created" else 200,
+        result=outcome.result,
+        id=outcome.conversation_id,
+        external_id=outcome.external_id,
+        deduplicated=outcome.deduplicated,
+    )
+
+
 def request_body(schema_name: str) -> dict[str, Any]:
     # The body is read raw (validated once, from bytes, by the provider), so OpenAPI is told its schema here.
     return {
@@ -38,14 +95,22 @@ def request_body(schema_name: str) -> dict[str, Any]:
             "required": True,
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}},
         },
-        "parameters": [
-            parameter(
-                "workspace",
-                "query",
-                {"type": "string", "minLength": 1, "maxLength": 128, "pattern": WORKSPACE_PATTERN},
-                "The provider account this conversation belongs to (Intercom app_id); default: 'default'",
-            )
-        ],
+        "parameters": [WORKSPACE_PARAMETER],
+    }
+
+
+def batch_request_body(schema_name: str) -> dict[str, Any]:
+    description = (
+        f"NDJSON: one {schema_name} per line (UTF-8, lines end with \\n or \\r\\n, blank lines are skipped), "
+        f"at most {MAX_BATCH_LINES} lines and KBMS_MAX_BATCH_BYTES bytes; each line at most KBMS_MAX_BODY_BYTES."
+    )
+    schema = {"type": "string", "description": description}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {media_type: {"schema": schema} for media_type in sorted(NDJSON_TYPES)},
+        },
+        "parameters": [WORKSPACE_PARAMETER],
     }
 
 
@@ -76,5 +141,27 @@ def router(providers: Iterable[Provider]) -> APIRouter:
                 **ERROR_RESPONSES,
             },
             openapi_extra=request_body(provider.push_schema.__name__),
+        )
+        api.add_api_route(
+            f"/integrations/{provider.name}/conversations/batch",
+            _batch_endpoint(provider),
+            methods=["POST"],
+            name=f"ingest_{provider.name}_conversation_batch",
+            summary=f"Ingest up to {MAX_BATCH_LINES} {provider.name} conversations (NDJSON)",
+            description=(
+                "For backfills: each line is ingested exactly as a single push would be, and answered in "
+                "`results` with the status that push would have had. A bad line is rejected alone (with its line "
+                "number and the documented error body); the others are stored. The whole batch is committed in "
+                "one transaction before the 200: a 503 means none of it was, and the batch can be sent again."
+            ),
+            status_code=200,
+            response_model=BatchResponse,
+            responses={
+                413: {"model": ErrorBody, "description": "Body over KBMS_MAX_BATCH_BYTES, or too many lines"},
+                415: {"model": ErrorBody, "description": "Content-Type is not NDJSON"},
+                422: {"model": ErrorBody, "description": "Empty batch, or a bad workspace parameter"},
+                **ERROR_RESPONSES,
+            },
+            openapi_extra=batch_request_body(provider.push_schema.__name__),
         )
     return api

@@ -48,6 +48,27 @@ class ErrorBody(_Body):
     details: list[ErrorDetail] | None = None
 
 
+class BatchLine(_Body):
+    line: int = Field(description="The line's number in the request body (1-based; blank lines count)")
+    status: int = Field(description="What pushing this line alone would have answered: 201, 200, 400, 413 or 422")
+    result: IngestResult | Literal["rejected"]
+    id: str | None = Field(default=None, description="kbms's id for the conversation; null when rejected")
+    external_id: str | None = None
+    deduplicated: bool | None = Field(default=None, description="True when the conversation already existed")
+    error: ErrorBody | None = Field(default=None, description="Why the line was rejected (the documented error body)")
+
+
+class BatchResponse(_Body):
+    provider: str
+    workspace: str
+    lines: int = Field(description="Non-blank lines received")
+    created: int
+    updated: int
+    unchanged: int
+    rejected: int
+    results: list[BatchLine] = Field(description="One per non-blank line, in order")
+
+
 class ConversationPage(_Body):
     items: list[ConversationSummary]
     next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null on the last page")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
 
-from kbms.errors import FieldIssue
+from kbms.errors import FieldIssue, ValidationFailed
 from kbms.model import Change, Conversation, ConversationSummary, IngestResult, Message
 
 DeliveryKind = Literal["push", "webhook"]
@@ -42,6 +42,15 @@ class Applied:
     conversation_id: str | None
     external_id: str | None
     duplicate_delivery: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """One delivery of a batch: its change (``None``: ignored), or the issues it was rejected for."""
+
+    delivery: Delivery
+    change: Change | None = None
+    issues: list[FieldIssue] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +141,20 @@ class Store(Protocol):
 
     async def reject(self, delivery: Delivery, issues: list[FieldIssue]) -> None:
         """Record a delivery that failed validation (so a later mapper can re-derive it)."""
+        ...
+
+    async def ingest_many(
+        self, items: Sequence[Pending], *, redact: Redactor | None = None
+    ) -> list[Applied | ValidationFailed | None]:
+        """``ingest`` (or ``reject``, for items with ``issues``) every item, committed together.
+
+        One result per item, in order: what ``ingest`` returns, ``None`` for a recorded rejection, or the
+        ``ValidationFailed`` of an item the database refused, which is rolled back alone.
+        """
+        ...
+
+    async def find_deliveries(self, provider: str, delivery_keys: Sequence[str]) -> dict[str, KnownDelivery]:
+        """``find_delivery`` for many keys at once: the known ones, by key."""
         ...
 
     async def unlinked_deliveries(

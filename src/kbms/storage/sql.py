@@ -15,7 +15,7 @@ nothing (on PostgreSQL it waits for the winner to commit) and it merges instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -69,6 +69,8 @@ CHILD_TABLES: tuple[tuple[Table, tuple[str, ...]], ...] = (
     (messages, ("conversation_pk", "message_id")),
     (events, ("conversation_pk", "event_id")),
 )
+# Keys per IN (...) list: well under SQLite's 32,766 variables and PostgreSQL's 65,535 parameters.
+KEYS_PER_QUERY = 1000
 # What a delivery that was rejected before takes over when it is claimed again.
 LEDGER_RECLAIMED = ("workspace", "kind", "verified", "topic", "body_hash", "received_at", "outcome", "error", "body")
 SUMMARY_COLUMNS = (
@@ -172,6 +174,14 @@ class Sql:
             .select_from(ledger.outerjoin(conversations, c.pk == ledger.c.conversation_pk))
             .where(ledger.c.provider == bindparam("b_provider"), ledger.c.delivery_key == bindparam("b_key"))
         )
+        self.find_deliveries = (
+            select(ledger.c.delivery_key, ledger.c.outcome, c.id, c.external_id)
+            .select_from(ledger.outerjoin(conversations, c.pk == ledger.c.conversation_pk))
+            .where(
+                ledger.c.provider == bindparam("b_provider"),
+                ledger.c.delivery_key.in_(bindparam("b_keys", expanding=True)),
+            )
+        )
         self.detail = select(c.detail).where(c.id == bindparam("b_id"), c.deleted_at.is_(None))
         live = select(*SUMMARY_COLUMNS).where(c.deleted_at.is_(None)).order_by(c.updated_at.desc(), c.id.desc())
         self.first_page = live.limit(bindparam("b_limit"))
@@ -203,6 +213,30 @@ class Sql:
         compiled = self._compile(statement, tuple(rows[0]))
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         cursor.executemany(compiled.text, [compiled.arguments(row) for row in rows])
+
+
+@dataclass(frozen=True, slots=True)
+class Creation:
+    """A snapshot's conversation as it is stored if it is new, with every row already built.
+
+    Built before the write starts (``prepare``): rendering the detail and building rows is most of a write's CPU
+    time, and on SQLite everything inside a write holds the one write lock that every process waits for.
+    """
+
+    state: ConversationState
+    row: dict[str, Any]  # the conversations row, but changed_at
+    children: tuple[list[dict[str, Any]], ...]  # participants, messages, events rows, but conversation_pk
+
+
+def prepare(snapshot: ConversationSnapshot) -> Creation:
+    state = new_state(conversation_id(snapshot.provider, snapshot.workspace, snapshot.external_id), snapshot)
+    row = conversation_values(state, changed_at=0)
+    children = (
+        [participant_values(0, p) for p in state.participants.values()],
+        [message_values(0, m, state.message_versions[i]) for i, m in state.messages.items()],
+        [event_values(0, e) for e in state.events.values()],
+    )
+    return Creation(state, row, children)
 
 
 def _key_params(change: Change) -> dict[str, str]:
@@ -244,7 +278,9 @@ def apply_delivery(
     *,
     now: int,
     redact: Redactor | None = None,
+    creation: Creation | None = None,
 ) -> Applied:
+    """Record one delivery and apply its change. ``creation``: ``prepare(change)``, if the caller built it."""
     claim = _record(sql, conn, delivery, outcome="pending", error=None)
     if change is None:
         if claim is not None:
@@ -258,7 +294,7 @@ def apply_delivery(
     if isinstance(change, ConversationDeletion):
         applied, conversation_pk = _store_deletion(sql, conn, change, key, at=micros(delivery.received_at), now=now)
     else:
-        applied, conversation_pk = _store_snapshot(sql, conn, change, key, now=now)
+        applied, conversation_pk = _store_snapshot(sql, conn, change, key, now=now, creation=creation)
         if redact is not None:
             created = applied.result == "created"
             _apply_redactions(sql, conn, change, key, conversation_pk, created, claim, delivery.body, redact)
@@ -272,15 +308,25 @@ def record_rejection(sql: Sql, conn: Connection, delivery: Delivery, issues: lis
 
 
 def _store_snapshot(
-    sql: Sql, conn: Connection, snapshot: ConversationSnapshot, key: dict[str, str], *, now: int
+    sql: Sql,
+    conn: Connection,
+    snapshot: ConversationSnapshot,
+    key: dict[str, str],
+    *,
+    now: int,
+    creation: Creation | None,
 ) -> tuple[Applied, int]:
-    conversation = conversation_id(snapshot.provider, snapshot.workspace, snapshot.external_id)
-    state = new_state(conversation, snapshot)
-    row = sql.run(conn, sql.create, conversation_values(state, changed_at=now)).fetchone()
+    new = creation or prepare(snapshot)
+    row = sql.run(conn, sql.create, {**new.row, "changed_at": now}).fetchone()
     if row is not None:
         pk = int(row[0])
-        _write_children(sql, conn, pk, state, state.participants, state.messages, state.events, fresh=True)
-        return Applied("created", state.id, state.external_id), pk
+        for (table, _keys), rows in zip(CHILD_TABLES, new.children, strict=True):
+            if rows:
+                for child in rows:
+                    child["conversation_pk"] = pk  # the rows are this write's own (a retry sets them again)
+                # A fresh conversation has no children yet: a plain insert is enough (and cheaper).
+                sql.run_many(conn, sql.children[table][1], rows)
+        return Applied("created", new.state.id, new.state.external_id), pk
 
     pk, stored = load_state(sql, conn, key)
     result = merge(stored, snapshot)
@@ -418,6 +464,15 @@ def find_delivery(sql: Sql, conn: Connection, provider: str, delivery_key: str) 
     if row is None:
         return None
     return KnownDelivery(outcome=row[0], conversation_id=row[1], external_id=row[2])
+
+
+def find_deliveries(sql: Sql, conn: Connection, provider: str, keys: Sequence[str]) -> dict[str, KnownDelivery]:
+    found: dict[str, KnownDelivery] = {}
+    for start in range(0, len(keys), KEYS_PER_QUERY):
+        params = {"b_provider": provider, "b_keys": list(keys[start : start + KEYS_PER_QUERY])}
+        for key, outcome, conversation, external_id in conn.execute(sql.find_deliveries, params):
+            found[key] = KnownDelivery(outcome=outcome, conversation_id=conversation, external_id=external_id)
+    return found
 
 
 def get_detail_json(sql: Sql, conn: Connection, conversation_id: str) -> str | None:

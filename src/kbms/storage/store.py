@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from typing import TypeVar
@@ -15,7 +15,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from kbms.errors import FieldIssue, StorageUnavailable, ValidationFailed
 from kbms.merge import micros
-from kbms.model import Change, Conversation
+from kbms.model import Change, Conversation, ConversationSnapshot
 from kbms.storage import sql
 from kbms.storage.base import (
     Applied,
@@ -26,6 +26,7 @@ from kbms.storage.base import (
     LedgerEntry,
     Outcome,
     Page,
+    Pending,
     Reader,
     Rebuilt,
     Redactor,
@@ -33,6 +34,11 @@ from kbms.storage.base import (
 
 T = TypeVar("T")
 Job = Callable[[Connection], T]
+
+
+def _sort_key(item: Pending) -> tuple[str, str, str]:
+    change = item.change
+    return ("", "", "") if change is None else (change.provider, change.workspace, change.external_id)
 
 
 def utc_now() -> datetime:
@@ -110,8 +116,50 @@ class SqlStore(abc.ABC):
         return await self._read(job)
 
     async def ingest(self, delivery: Delivery, change: Change | None, *, redact: Redactor | None = None) -> Applied:
+        # Rows are built before the write (see sql.Creation); wasted only when the conversation already exists.
+        creation = sql.prepare(change) if isinstance(change, ConversationSnapshot) else None
         now = micros(self._clock())
-        job = partial(sql.apply_delivery, self._sql, delivery=delivery, change=change, now=now, redact=redact)
+        job = partial(
+            sql.apply_delivery, self._sql, delivery=delivery, change=change, now=now, redact=redact, creation=creation
+        )
+        return await self._write(job)
+
+    async def ingest_many(
+        self, items: Sequence[Pending], *, redact: Redactor | None = None
+    ) -> list[Applied | ValidationFailed | None]:
+        creations = [sql.prepare(i.change) if isinstance(i.change, ConversationSnapshot) else None for i in items]
+        # One conversation order for every writer: two batches sharing conversations lock them in the same order
+        # on PostgreSQL (no deadlock between them), and a batch's repeats of one conversation merge in turn.
+        order = sorted(range(len(items)), key=lambda i: _sort_key(items[i]))
+        now = micros(self._clock())
+
+        def job(conn: Connection) -> list[Applied | ValidationFailed | None]:
+            results: list[Applied | ValidationFailed | None] = [None] * len(items)
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            for index in order:
+                item = items[index]
+                cursor.execute("SAVEPOINT item")
+                try:
+                    if item.issues is not None:
+                        sql.record_rejection(self._sql, conn, item.delivery, item.issues)
+                    else:
+                        results[index] = sql.apply_delivery(
+                            self._sql,
+                            conn,
+                            item.delivery,
+                            item.change,
+                            now=now,
+                            redact=redact,
+                            creation=creations[index],
+                        )
+                except Exception as exc:
+                    if not is_refused(exc):
+                        raise  # the database failed, or a bug: the whole batch goes
+                    cursor.execute("ROLLBACK TO item")
+                    results[index] = refused(exc)
+                cursor.execute("RELEASE item")
+            return results
+
         return await self._write(job)
 
     async def reject(self, delivery: Delivery, issues: list[FieldIssue]) -> None:
@@ -139,6 +187,11 @@ class SqlStore(abc.ABC):
 
     async def find_delivery(self, provider: str, delivery_key: str) -> KnownDelivery | None:
         return await self._read(partial(sql.find_delivery, self._sql, provider=provider, delivery_key=delivery_key))
+
+    async def find_deliveries(self, provider: str, delivery_keys: Sequence[str]) -> dict[str, KnownDelivery]:
+        if not delivery_keys:
+            return {}
+        return await self._read(partial(sql.find_deliveries, self._sql, provider=provider, keys=delivery_keys))
 
     async def get_conversation(self, conversation_id: str) -> Conversation | None:
         return await self._read(partial(sql.get_detail, self._sql, conversation_id=conversation_id))
