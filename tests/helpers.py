@@ -114,3 +114,68 @@ def part(part_id: str, body: str | None = "<p>Hi</p>", *, at: int = 1_700_000_10
 
 def dumps(payload: Any) -> bytes:
     return json.dumps(payload).encode()
+
+
+ZENDESK = FIXTURES / "zendesk"
+
+
+def zendesk(name: str) -> Any:
+    return json.loads((ZENDESK / name).read_text())
+
+
+def zendesk_pushes() -> Iterator[tuple[str, dict[str, Any]]]:
+    """(case, push body) built from the REST fixtures: a ticket, its comments and side-loaded users, as a client
+    pushes them (``GET /api/v2/tickets/{id}``, ``.../comments``, ``?include=users``)."""
+    yield (
+        "01_02_docs_ticket_with_comment",
+        {
+            "ticket": zendesk("01_rest_ticket_show_docs.json")["ticket"],
+            "comments": zendesk("02_rest_ticket_comments_docs.json")["comments"],
+        },
+    )
+    # A recorded ticket creation: its comment is the audit's Comment event, which carries no time of its own
+    # (the audit's) and no author (the audit's), as GET .../comments would give them.
+    created = zendesk("04_rest_ticket_create_with_sideloads_recorded_zenpy.json")
+    audit = created["audit"]
+    comments = [
+        {**event, "created_at": audit["created_at"], "author_id": event.get("author_id", audit["author_id"])}
+        for event in audit["events"]
+        if event["type"] == "Comment"
+    ]
+    yield (
+        "04_recorded_ticket_with_admin_user",
+        {"ticket": created["ticket"], "users": created["users"], "comments": comments},
+    )
+    yield (
+        "05_08_email_solved_with_empty_html_bodies",
+        {
+            "ticket": zendesk("05_rest_ticket_show_email_solved_go_zendesk.json")["ticket"],
+            "comments": zendesk("08_rest_ticket_comments_empty_bodies_go_zendesk.json")["comments"],
+        },
+    )
+    for ticket in zendesk("06_rest_tickets_list_email_and_web_go_zendesk.json")["tickets"]:
+        yield f"06_list_item_{ticket['id']}_{ticket['via']['channel']}", {"ticket": ticket}
+    sideloaded = zendesk("07_rest_ticket_show_include_users_groups_go_zendesk.json")
+    yield "07_new_ticket_with_users", {"ticket": sideloaded["ticket"], "users": sideloaded["users"]}
+    audit = zendesk("09_rest_ticket_audits_private_comment_go_zendesk.json")["audits"][0]
+    yield (
+        "09_private_note",
+        {
+            "ticket": {"id": audit["ticket_id"], "created_at": audit["created_at"]},
+            "comments": [
+                {**event, "created_at": audit["created_at"], "author_id": audit["author_id"]}
+                for event in audit["events"]
+                if event["type"] == "Comment"
+            ],
+        },
+    )
+
+
+ZENDESK_TICKET_EVENTS = (
+    "21_webhook_ticket_created_docs_copy.json",
+    "22_webhook_ticket_attachment_linked_to_comment_docs_copy.json",
+    "23_webhook_messaging_ticket_message_added_docs.json",
+    "24_webhook_ticket_comment_added_thirdparty_dust.json",
+    "25_webhook_ticket_status_changed_thirdparty_dust.json",
+    "26_webhook_ticket_agent_assignment_changed_thirdparty_dust.json",
+)

@@ -24,7 +24,9 @@ CASES = list(intercom_conversations())
 
 
 def to_conversation(payload: dict[str, Any], workspace: str = "default") -> Conversation:
-    snapshot = get_provider("intercom").parse_push(json.dumps(payload).encode(), workspace=workspace)
+    snapshot = get_provider("intercom").parse_push(
+        json.dumps(payload).encode(), workspace=workspace, default_workspace="default"
+    )
     return render(new_state(FIXED_ID, snapshot))
 
 
@@ -248,5 +250,7 @@ def test_a_payload_without_subject_or_title_says_nothing_about_the_subject() -> 
     payload = load("03_rest_get_email_conversation_preview.json")
     del payload["source"]["subject"]
     del payload["title"]
-    snapshot = get_provider("intercom").parse_push(json.dumps(payload).encode(), workspace="w")
+    snapshot = get_provider("intercom").parse_push(
+        json.dumps(payload).encode(), workspace="w", default_workspace="default"
+    )
     assert "subject" not in snapshot.header.model_fields_set

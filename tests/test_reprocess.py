@@ -18,6 +18,7 @@ from kbms.model import ConversationSnapshot, WebhookEvent
 from kbms.providers import Provider
 from kbms.providers.intercom import IntercomProvider, IntercomWebhooks
 from kbms.providers.intercom.signature import sign
+from kbms.providers.zendesk import ZendeskProvider
 from kbms.reprocess import ReprocessReport, reprocess
 from kbms.settings import Settings
 from kbms.storage import Store, admin_engine, open_store
@@ -30,8 +31,8 @@ INGEST = "/integrations/intercom/conversations"
 
 
 class ShoutingWebhooks(IntercomWebhooks):
-    def parse(self, body: bytes) -> WebhookEvent:
-        event = super().parse(body)
+    def parse(self, body: bytes, *, workspace: str | None) -> WebhookEvent:
+        event = super().parse(body, workspace=workspace)
         if isinstance(event.change, ConversationSnapshot):
             return event.model_copy(update={"change": shout(event.change)})
         return event
@@ -42,8 +43,8 @@ class ShoutingIntercom(IntercomProvider):
 
     webhooks = ShoutingWebhooks()
 
-    def parse_push(self, body: bytes, *, workspace: str) -> ConversationSnapshot:
-        return shout(super().parse_push(body, workspace=workspace))
+    def parse_push(self, body: bytes, *, workspace: str | None, default_workspace: str) -> ConversationSnapshot:
+        return shout(super().parse_push(body, workspace=workspace, default_workspace=default_workspace))
 
 
 def shout(snapshot: ConversationSnapshot) -> ConversationSnapshot:
@@ -54,11 +55,13 @@ def shout(snapshot: ConversationSnapshot) -> ConversationSnapshot:
 class LenientIntercom(IntercomProvider):
     """A mapper fix: parts without an id get one (their position), where today's mapper refuses them."""
 
-    def parse_push(self, body: bytes, *, workspace: str) -> ConversationSnapshot:
+    def parse_push(self, body: bytes, *, workspace: str | None, default_workspace: str) -> ConversationSnapshot:
         document = json.loads(body)
         for index, item in enumerate(document.get("conversation_parts", {}).get("conversation_parts", [])):
             item.setdefault("id", f"{document['id']}-part-{index}")
-        return super().parse_push(json.dumps(document).encode(), workspace=workspace)
+        return super().parse_push(
+            json.dumps(document).encode(), workspace=workspace, default_workspace=default_workspace
+        )
 
 
 def providers(provider: Provider) -> Mapping[str, Provider]:
@@ -203,8 +206,8 @@ async def test_reprocessing_does_not_bring_redacted_text_back(client: TestClient
 class RekeyingIntercom(IntercomProvider):
     """A mapper fix that changes which conversation a payload belongs to (say, an id that needed a prefix)."""
 
-    def parse_push(self, body: bytes, *, workspace: str) -> ConversationSnapshot:
-        snapshot = super().parse_push(body, workspace=workspace)
+    def parse_push(self, body: bytes, *, workspace: str | None, default_workspace: str) -> ConversationSnapshot:
+        snapshot = super().parse_push(body, workspace=workspace, default_workspace=default_workspace)
         return snapshot.model_copy(update={"external_id": f"X{snapshot.external_id}"})
 
 
@@ -249,3 +252,34 @@ async def test_deletions_leave_the_same_tombstone_in_any_order(database_url: str
         assert test_client.post(INGEST, json=snapshot).status_code == 200
     report = await run(database_url, IntercomProvider())
     assert (report.changed, report.deliveries_reclassified) == (0, 0)
+
+
+class LenientZendesk(ZendeskProvider):
+    """A mapper fix: comments without an id get one (their position), where today's mapper refuses them."""
+
+    def parse_push(self, body: bytes, *, workspace: str | None, default_workspace: str) -> ConversationSnapshot:
+        document = json.loads(body)
+        for index, comment in enumerate(document.get("comments", [])):
+            comment.setdefault("id", 1000 + index)
+        return super().parse_push(
+            json.dumps(document).encode(), workspace=workspace, default_workspace=default_workspace
+        )
+
+
+async def test_a_zendesk_push_is_re_read_in_the_workspace_it_would_have_had(
+    client: TestClient, database_url: str
+) -> None:
+    """The workspace a push names, or the one its payload names (a Zendesk ticket's url): the same on re-reading."""
+    ticket = {"id": 7, "created_at": 1_700_000_000, "url": "https://acme.zendesk.com/api/v2/tickets/7.json"}
+    body = {"ticket": ticket, "comments": [{"body": "no id", "created_at": 1_700_000_001}]}
+    assert client.post("/integrations/zendesk/conversations", json=body).status_code == 422
+    named = {"ticket": {**ticket, "id": 8}, "comments": body["comments"]}
+    assert client.post("/integrations/zendesk/conversations?workspace=other", json=named).status_code == 422
+    store: Store = open_store(Settings(database_url=database_url))
+    try:
+        report = await reprocess(store, providers={"zendesk": LenientZendesk()})
+    finally:
+        await store.close()
+    assert report.deliveries_reclassified == 2
+    items = client.get("/internal/conversations?provider=zendesk").json()["items"]
+    assert sorted((item["external_id"], item["workspace"]) for item in items) == [("7", "acme"), ("8", "other")]

@@ -38,7 +38,7 @@ def delivery(body: bytes, *, key: str | None = None, workspace: str = "w1") -> D
 
 
 def snapshot(payload: dict[str, Any], workspace: str = "w1") -> ConversationSnapshot:
-    return get_provider("intercom").parse_push(dumps(payload), workspace=workspace)
+    return get_provider("intercom").parse_push(dumps(payload), workspace=workspace, default_workspace="default")
 
 
 async def put(store: Store, payload: dict[str, Any], *, key: str | None = None, workspace: str = "w1") -> Applied:

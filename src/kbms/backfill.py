@@ -111,11 +111,18 @@ def reason(exc: InputError) -> str:
     return exc.message
 
 
-async def ingest_chunk(store: Store, provider: Provider, chunk: list[Record], *, workspace: str) -> IngestReport:
+async def ingest_chunk(
+    store: Store, provider: Provider, chunk: list[Record], *, workspace: str | None, default_workspace: str
+) -> IngestReport:
     report = IngestReport()
     try:
         outcomes = await ingest_batch(
-            store, provider, [payload for _, payload in chunk], workspace=workspace, parse_inline=True
+            store,
+            provider,
+            [payload for _, payload in chunk],
+            workspace=workspace,
+            default_workspace=default_workspace,
+            parse_inline=True,
         )
     except StorageUnavailable as exc:
         report.unavailable = exc.message
@@ -134,7 +141,7 @@ def ingest_file(
     provider: str,
     path: Path,
     *,
-    workspace: str,
+    workspace: str | None,
     jobs: int | None,
     advance: Callable[[int], None],
 ) -> IngestReport:
@@ -149,7 +156,7 @@ def ingest_file(
 
 
 async def _in_process(
-    settings: Settings, provider: str, path: Path, *, workspace: str, advance: Callable[[int], None]
+    settings: Settings, provider: str, path: Path, *, workspace: str | None, advance: Callable[[int], None]
 ) -> IngestReport:
     report = IngestReport()
     source = get_provider(provider)
@@ -160,7 +167,8 @@ async def _in_process(
     async def one(chunk: list[Record]) -> None:
         try:
             if report.unavailable is None:
-                report.add(await ingest_chunk(store, source, chunk, workspace=workspace))
+                default = settings.default_workspace
+                report.add(await ingest_chunk(store, source, chunk, workspace=workspace, default_workspace=default))
         finally:
             slots.release()
             advance(sum(len(payload) + 1 for _, payload in chunk))
@@ -186,7 +194,7 @@ def _in_workers(
     provider: str,
     path: Path,
     *,
-    workspace: str,
+    workspace: str | None,
     processes: int,
     advance: Callable[[int], None],
 ) -> IngestReport:
@@ -196,7 +204,7 @@ def _in_workers(
         max_workers=processes,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_worker_start,
-        initargs=(settings.database_url, provider, workspace),
+        initargs=(settings.database_url, provider, workspace, settings.default_workspace),
     ) as pool:
         running: dict[Future[IngestReport], int] = {}
 
@@ -219,18 +227,18 @@ def _in_workers(
 
 
 # One store and one event loop per worker process, for all the chunks it is given.
-_worker: tuple[asyncio.AbstractEventLoop, Store, Provider, str] | None = None
+_worker: tuple[asyncio.AbstractEventLoop, Store, Provider, str | None, str] | None = None
 
 
-def _worker_start(database_url: str, provider: str, workspace: str) -> None:
+def _worker_start(database_url: str, provider: str, workspace: str | None, default_workspace: str) -> None:
     global _worker
     loop = asyncio.new_event_loop()
     store = open_store(Settings(database_url=database_url))
-    _worker = (loop, store, get_provider(provider), workspace)
+    _worker = (loop, store, get_provider(provider), workspace, default_workspace)
     atexit.register(lambda: loop.run_until_complete(store.close()))
 
 
 def _worker_ingest(chunk: list[Record]) -> IngestReport:
     assert _worker is not None, "a worker is started before it is given work"
-    loop, store, provider, workspace = _worker
-    return loop.run_until_complete(ingest_chunk(store, provider, chunk, workspace=workspace))
+    loop, store, provider, workspace, default = _worker
+    return loop.run_until_complete(ingest_chunk(store, provider, chunk, workspace=workspace, default_workspace=default))

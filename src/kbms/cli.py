@@ -30,7 +30,7 @@ from kbms.backfill import IngestReport, UnreadableFile, ingest_file
 from kbms.errors import KbmsError, StorageUnavailable
 from kbms.merge import micros
 from kbms.model import WORKSPACE, WORKSPACE_PATTERN
-from kbms.providers import REGISTRY, get_provider
+from kbms.providers import DEFAULT_PROVIDER, REGISTRY, get_provider
 from kbms.reprocess import ReprocessReport
 from kbms.reprocess import reprocess as run_reprocess
 from kbms.settings import Settings
@@ -153,9 +153,14 @@ def migrate(database_url: DatabaseUrl = None) -> None:
 @app.command()
 def ingest(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="NDJSON, a JSON document or array")],
-    provider: Annotated[str, typer.Option(help=f"One of: {', '.join(REGISTRY)}")] = "intercom",
+    provider: Annotated[str, typer.Option(help=f"One of: {', '.join(REGISTRY)}")] = DEFAULT_PROVIDER,
     workspace: Annotated[
-        str | None, typer.Option(help="Workspace of the conversations (an Intercom app_id, for instance)")
+        str | None,
+        typer.Option(
+            help="Workspace of the conversations (the provider account); default: what each payload says, "
+            "else KBMS_DEFAULT_WORKSPACE",
+            show_default=False,
+        ),
     ] = None,
     jobs: Annotated[
         int | None,
@@ -191,7 +196,7 @@ def ingest(
                 settings,
                 source.name,
                 file,
-                workspace=workspace or settings.default_workspace,
+                workspace=workspace,
                 jobs=jobs,
                 advance=lambda done: progress.advance(task, done),
             )

@@ -13,6 +13,7 @@ its delivery id (the notification id, or the body's hash when the provider sends
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
@@ -56,9 +57,20 @@ class IngestOutcome:
         return self.result != "created"
 
 
-def push_delivery_key(workspace: str, body_hash: str) -> str:
-    # The workspace is not in a pushed body, so the same body pushed to two workspaces is two deliveries.
-    return f"push:{workspace}:{body_hash}"
+def push_delivery_key(workspace: str | None, body_hash: str) -> str:
+    """``push:<workspace the caller named>:<sha256>``, or ``push::<sha256>`` when the caller named none.
+
+    The named workspace is not in the body, so the same body pushed to two workspaces is two deliveries. And the
+    key keeps whether one was named: re-reading the payload later (``kbms reprocess``) must decide its workspace
+    the way the push did (a provider may read it from the payload).
+    """
+    return f"push:{workspace or ''}:{body_hash}"
+
+
+def named_workspace(delivery_key: str) -> str | None:
+    """The workspace a push's caller named, from its delivery key (None: none was named)."""
+    _push, workspace, _hash = delivery_key.split(":", 2)
+    return workspace or None
 
 
 async def ingest_push(
@@ -66,10 +78,15 @@ async def ingest_push(
     provider: Provider,
     body: bytes,
     *,
-    workspace: str,
+    workspace: str | None,
+    default_workspace: str = DEFAULT_WORKSPACE,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> IngestOutcome:
-    """Validate, map and store one pushed conversation. Raises ``InvalidJson`` or ``ValidationFailed``."""
+    """Validate, map and store one pushed conversation. Raises ``InvalidJson`` or ``ValidationFailed``.
+
+    ``workspace``: the one the caller named; None lets the provider read it from the payload, if it can, or
+    take ``default_workspace``.
+    """
     body_hash = hashlib.sha256(body).hexdigest()
     key = push_delivery_key(workspace, body_hash)
     known = await store.find_delivery(provider.name, key)
@@ -78,7 +95,7 @@ async def ingest_push(
 
     delivery = Delivery(
         provider=provider.name,
-        workspace=workspace,
+        workspace=workspace or default_workspace,
         kind="push",
         topic=None,
         delivery_key=key,
@@ -86,12 +103,15 @@ async def ingest_push(
         body=body,
         received_at=clock(),
     )
+    parse = functools.partial(provider.parse_push, body, workspace=workspace, default_workspace=default_workspace)
     try:
-        snapshot = await _parse(functools.partial(provider.parse_push, body, workspace=workspace), len(body))
+        snapshot = await _parse(parse, len(body))
     except ValidationFailed as exc:
         await store.reject(delivery, exc.issues)
         raise
-    applied = await store.ingest(delivery, snapshot, redact=provider.redact)
+    # The ledger files a delivery under its conversation's workspace, which the payload may have named.
+    delivery = dataclasses.replace(delivery, workspace=snapshot.workspace)
+    applied = await store.ingest(delivery, snapshot, redact=provider.redactor)
     # A push always carries a snapshot, so it always lands in a conversation.
     assert applied.result != "ignored"
     assert applied.conversation_id is not None
@@ -115,7 +135,8 @@ async def ingest_batch(
     provider: Provider,
     bodies: Sequence[bytes],
     *,
-    workspace: str,
+    workspace: str | None,
+    default_workspace: str = DEFAULT_WORKSPACE,
     parse_inline: bool | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> list[LineOutcome]:
@@ -143,7 +164,8 @@ async def ingest_batch(
         parsed: list[ConversationSnapshot | InputError] = []
         for index in fresh:
             try:
-                parsed.append(provider.parse_push(bodies[index], workspace=workspace))
+                snapshot = provider.parse_push(bodies[index], workspace=workspace, default_workspace=default_workspace)
+                parsed.append(snapshot)
             except (InvalidJson, ValidationFailed) as exc:
                 parsed.append(exc)
         return parsed
@@ -161,7 +183,9 @@ async def ingest_batch(
                 continue  # not JSON: nothing to keep, as for a single push
         delivery = Delivery(
             provider=provider.name,
-            workspace=workspace,
+            workspace=outcome.workspace
+            if isinstance(outcome, ConversationSnapshot)
+            else workspace or default_workspace,
             kind="push",
             topic=None,
             delivery_key=keys[index],
@@ -174,7 +198,7 @@ async def ingest_batch(
         else:
             pending.append(Pending(delivery, change=outcome))
         positions.append(index)
-    applied = await store.ingest_many(pending, redact=provider.redact) if pending else []
+    applied = await store.ingest_many(pending, redact=provider.redactor) if pending else []
     for index, result in zip(positions, applied, strict=True):
         if isinstance(result, ValidationFailed):
             results[index] = result  # refused by the database
@@ -215,10 +239,14 @@ async def receive_webhook(
     headers: Mapping[str, str],
     *,
     secret: str,
+    workspace: str | None = None,
     verify: bool = True,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> WebhookOutcome:
-    """Verify, deduplicate and apply one webhook. Raises ``InvalidSignature`` before anything is parsed or kept."""
+    """Verify, deduplicate and apply one webhook. Raises ``InvalidSignature`` before anything is parsed or kept.
+
+    ``workspace``: the ``?workspace=`` of the webhook's URL (for providers whose payloads do not name theirs).
+    """
     hooks = provider.webhooks
     if hooks is None:
         raise UnknownProvider(provider.name)
@@ -241,17 +269,17 @@ async def receive_webhook(
         )
 
     try:
-        event = await _parse(functools.partial(hooks.parse, body), len(body))
+        event = await _parse(functools.partial(hooks.parse, body, workspace=workspace), len(body))
     except InvalidWebhookItem as exc:
         await store.reject(delivery(exc.delivery_id, topic=exc.topic, workspace=exc.workspace), exc.issues)
         raise
     except ValidationFailed as exc:
-        await store.reject(delivery(None, topic=None, workspace=DEFAULT_WORKSPACE), exc.issues)
+        await store.reject(delivery(None, topic=None, workspace=workspace or DEFAULT_WORKSPACE), exc.issues)
         raise
     except InvalidJson as exc:
         # Signed, so genuinely the provider's: kept, like every verified payload, even if nothing can read it.
         issue = FieldIssue("body", "invalid_json", exc.message)
-        await store.reject(delivery(None, topic=None, workspace=DEFAULT_WORKSPACE), [issue])
+        await store.reject(delivery(None, topic=None, workspace=workspace or DEFAULT_WORKSPACE), [issue])
         raise
     received = delivery(event.delivery_id, topic=event.topic, workspace=event.workspace)
     known = await store.find_delivery(provider.name, received.delivery_key)
@@ -260,7 +288,7 @@ async def receive_webhook(
         return WebhookOutcome(
             provider.name, received.delivery_key, event.topic, result, known.conversation_id, known.external_id, True
         )
-    applied = await store.ingest(received, event.change, redact=provider.redact)
+    applied = await store.ingest(received, event.change, redact=provider.redactor)
     return WebhookOutcome(
         provider=provider.name,
         delivery_id=received.delivery_key,

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from kbms.errors import FieldIssue, InvalidJson, ValidationFailed, describe
+from kbms.ingest import named_workspace
 from kbms.model import Change
 from kbms.providers import REGISTRY, Provider
 from kbms.storage.base import (
@@ -49,10 +50,13 @@ def reader(providers: Mapping[str, Provider]) -> Reader:
             return refused("provider", "unknown_provider", f"No provider {entry.provider!r} is registered")
         try:
             if entry.kind == "push":
-                return Reading(provider.parse_push(entry.body, workspace=entry.workspace))
+                # Decided as the push did: the workspace the caller named, else the payload's, else the one the
+                # ledger filed it under (the default of the time).
+                named = named_workspace(entry.delivery_key)
+                return Reading(provider.parse_push(entry.body, workspace=named, default_workspace=entry.workspace))
             if provider.webhooks is None:
                 return refused("provider", "no_webhooks", f"{entry.provider} has no webhooks")
-            return Reading(provider.webhooks.parse(entry.body).change)
+            return Reading(provider.webhooks.parse(entry.body, workspace=entry.workspace).change)
         except ValidationFailed as exc:
             return Reading(None, describe(exc.issues))
         except InvalidJson as exc:
@@ -118,7 +122,7 @@ async def _rebuild(
     store: Store, key: ConversationKey, extra: list[int], read: Reader, providers: Mapping[str, Provider]
 ) -> Rebuilt:
     source = providers.get(key.provider)
-    redact = source.redact if source is not None else None
+    redact = source.redactor if source is not None else None
     for attempt in range(1, ATTEMPTS + 1):
         try:
             return await store.rebuild(key, extra, read, redact)

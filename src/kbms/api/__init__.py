@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 from fastapi import FastAPI
 
@@ -39,8 +40,13 @@ Every error has the body `{error_code, message, details}`:
 """
 
 
-def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
-    """The app. With ``store`` given the caller owns it; otherwise the app opens one at startup and closes it."""
+def create_app(
+    settings: Settings, *, store: Store | None = None, clock: Callable[[], datetime] | None = None
+) -> FastAPI:
+    """The app. With ``store`` given the caller owns it; otherwise the app opens one at startup and closes it.
+
+    ``clock``: the time webhook signatures are checked against (tests pin it); the system clock by default.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -55,6 +61,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
 
     app = FastAPI(title="kbms", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.clock = clock or (lambda: datetime.now(UTC))
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(integrations.router(REGISTRY.values()))

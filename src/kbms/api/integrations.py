@@ -23,20 +23,19 @@ from kbms.providers import Provider
 WORKSPACE = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=WORKSPACE_PATTERN)])
 
 
-WORKSPACE_PARAMETER = parameter(
-    "workspace",
-    "query",
-    {"type": "string", "minLength": 1, "maxLength": 128, "pattern": WORKSPACE_PATTERN},
-    "The provider account the conversations belong to (Intercom app_id); default: KBMS_DEFAULT_WORKSPACE",
-)
+def workspace_parameter(description: str) -> dict[str, Any]:
+    schema = {"type": "string", "minLength": 1, "maxLength": 128, "pattern": WORKSPACE_PATTERN}
+    return parameter("workspace", "query", schema, description)
 
 
 def _endpoint(provider: Provider) -> Callable[[Request], Awaitable[Response]]:
     async def ingest(request: Request) -> Response:
         settings = settings_of(request)
-        workspace = query(request, "workspace", WORKSPACE, settings.default_workspace)
+        workspace = query(request, "workspace", WORKSPACE, None)
         body = await read_json_body(request, limit=settings.max_body_bytes)
-        outcome = await ingest_push(store_of(request), provider, body, workspace=workspace)
+        outcome = await ingest_push(
+            store_of(request), provider, body, workspace=workspace, default_workspace=settings.default_workspace
+        )
         return json_response(IngestResponse.of(outcome), status=201 if outcome.result == "created" else 200)
 
     return ingest
@@ -45,7 +44,7 @@ def _endpoint(provider: Provider) -> Callable[[Request], Awaitable[Response]]:
 def _batch_endpoint(provider: Provider) -> Callable[[Request], Awaitable[Response]]:
     async def ingest_many(request: Request) -> Response:
         settings = settings_of(request)
-        workspace = query(request, "workspace", WORKSPACE, settings.default_workspace)
+        workspace = query(request, "workspace", WORKSPACE, None)
         body = await read_ndjson_body(request, limit=settings.max_batch_bytes)
         lines = ndjson_lines(body)
         if not lines:
@@ -55,13 +54,16 @@ def _batch_endpoint(provider: Provider) -> Callable[[Request], Awaitable[Respons
             raise PayloadTooLarge(settings.max_batch_bytes, message)
         line_limit = settings.max_body_bytes
         fitting = [payload for _number, payload in lines if len(payload) <= line_limit]
-        outcomes = iter(await ingest_batch(store_of(request), provider, fitting, workspace=workspace))
+        outcomes = iter(
+            await ingest_batch(
+                store_of(request), provider, fitting, workspace=workspace, default_workspace=settings.default_workspace
+            )
+        )
         too_large = PayloadTooLarge(line_limit, f"Line exceeds {line_limit} bytes")
         results = [_line(number, next(outcomes) if len(p) <= line_limit else too_large) for number, p in lines]
         counts = Counter(result.result for result in results)
         response = BatchResponse(
             provider=provider.name,
-            workspace=workspace,
             lines=len(results),
             created=counts["created"],
             updated=counts["updated"],
@@ -88,18 +90,21 @@ def _line(number: int, outcome: LineOutcome) -> BatchLine:
     )
 
 
-def request_body(schema_name: str) -> dict[str, Any]:
+def request_body(provider: Provider) -> dict[str, Any]:
     # The body is read raw (validated once, from bytes, by the provider), so OpenAPI is told its schema here.
     return {
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}},
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{provider.push_schema.__name__}"}}
+            },
         },
-        "parameters": [WORKSPACE_PARAMETER],
+        "parameters": [workspace_parameter(provider.workspace_description)],
     }
 
 
-def batch_request_body(schema_name: str) -> dict[str, Any]:
+def batch_request_body(provider: Provider) -> dict[str, Any]:
+    schema_name = provider.push_schema.__name__
     description = (
         f"NDJSON: one {schema_name} per line (UTF-8, lines end with \\n or \\r\\n, blank lines are skipped), "
         f"at most {MAX_BATCH_LINES} lines and KBMS_MAX_BATCH_BYTES bytes; each line at most KBMS_MAX_BODY_BYTES."
@@ -110,7 +115,7 @@ def batch_request_body(schema_name: str) -> dict[str, Any]:
             "required": True,
             "content": {media_type: {"schema": schema} for media_type in sorted(NDJSON_TYPES)},
         },
-        "parameters": [WORKSPACE_PARAMETER],
+        "parameters": [workspace_parameter(provider.workspace_description)],
     }
 
 
@@ -140,7 +145,7 @@ def router(providers: Iterable[Provider]) -> APIRouter:
                 422: {"model": ErrorBody, "description": "Payload validation failed"},
                 **ERROR_RESPONSES,
             },
-            openapi_extra=request_body(provider.push_schema.__name__),
+            openapi_extra=request_body(provider),
         )
         api.add_api_route(
             f"/integrations/{provider.name}/conversations/batch",
@@ -162,6 +167,6 @@ def router(providers: Iterable[Provider]) -> APIRouter:
                 422: {"model": ErrorBody, "description": "Empty batch, or a bad workspace parameter"},
                 **ERROR_RESPONSES,
             },
-            openapi_extra=batch_request_body(provider.push_schema.__name__),
+            openapi_extra=batch_request_body(provider),
         )
     return api

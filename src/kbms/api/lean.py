@@ -21,6 +21,7 @@ from kbms.settings import Settings
 from kbms.storage import Store
 
 T = TypeVar("T")
+D = TypeVar("D")
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
@@ -39,7 +40,7 @@ def settings_of(request: Request) -> Settings:
     return cast(Settings, request.app.state.settings)
 
 
-def query(request: Request, name: str, adapter: TypeAdapter[T], default: T) -> T:
+def query(request: Request, name: str, adapter: TypeAdapter[T], default: D) -> T | D:
     """A query parameter, validated; a bad one is a 422 naming it, like FastAPI's own."""
     raw = request.query_params.get(name)
     if raw is None:

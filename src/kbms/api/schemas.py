@@ -60,7 +60,6 @@ class BatchLine(_Body):
 
 class BatchResponse(_Body):
     provider: str
-    workspace: str
     lines: int = Field(description="Non-blank lines received")
     created: int
     updated: int

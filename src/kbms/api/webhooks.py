@@ -11,7 +11,8 @@ from fastapi import APIRouter, Request, Response
 
 from kbms.api.body import read_json_body
 from kbms.api.errors import ERROR_RESPONSES
-from kbms.api.lean import LeanRoute, settings_of, store_of
+from kbms.api.integrations import WORKSPACE, workspace_parameter
+from kbms.api.lean import LeanRoute, query, settings_of, store_of
 from kbms.api.responses import json_response
 from kbms.api.schemas import ErrorBody, WebhookResponse
 from kbms.ingest import receive_webhook
@@ -21,6 +22,7 @@ from kbms.providers import Provider
 def _endpoint(provider: Provider, secret_variable: str) -> Callable[[Request], Awaitable[Response]]:
     async def receive(request: Request) -> Response:
         settings = settings_of(request)
+        workspace = query(request, "workspace", WORKSPACE, None)
         body = await read_json_body(request, limit=settings.max_body_bytes)
         outcome = await receive_webhook(
             store_of(request),
@@ -28,7 +30,9 @@ def _endpoint(provider: Provider, secret_variable: str) -> Callable[[Request], A
             body,
             request.headers,
             secret=settings.secret(secret_variable),
+            workspace=workspace,
             verify=not settings.allow_unsigned_webhooks,
+            clock=request.app.state.clock,
         )
         return json_response(WebhookResponse.of(outcome))
 
@@ -65,7 +69,14 @@ def router(providers: Iterable[Provider]) -> APIRouter:
                 422: {"model": ErrorBody, "description": "Invalid payload (kept in the ledger as rejected)"},
                 **ERROR_RESPONSES,
             },
-            openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {}}}}},
+            openapi_extra={
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
+                "parameters": [
+                    workspace_parameter(
+                        "The workspace of deliveries whose payload does not name one (set it in the webhook's URL)"
+                    )
+                ],
+            },
         )
         api.add_api_route(
             path, _probe, methods=["HEAD"], name=f"probe_{provider.name}_webhook", summary="URL validation"

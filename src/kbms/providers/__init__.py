@@ -8,8 +8,12 @@ from types import MappingProxyType
 from kbms.errors import UnknownProvider
 from kbms.providers.base import Provider
 from kbms.providers.intercom import IntercomProvider
+from kbms.providers.zendesk import ZendeskProvider
 
-REGISTRY: Mapping[str, Provider] = MappingProxyType({provider.name: provider for provider in (IntercomProvider(),)})
+REGISTRY: Mapping[str, Provider] = MappingProxyType(
+    {provider.name: provider for provider in (IntercomProvider(), ZendeskProvider())}
+)
+DEFAULT_PROVIDER = next(iter(REGISTRY))  # what `kbms ingest` reads when told nothing: the first one listed
 
 
 def get_provider(name: str) -> Provider:
@@ -20,4 +24,4 @@ def get_provider(name: str) -> Provider:
         raise UnknownProvider(name) from None
 
 
-__all__ = ["REGISTRY", "Provider", "get_provider"]
+__all__ = ["DEFAULT_PROVIDER", "REGISTRY", "Provider", "get_provider"]

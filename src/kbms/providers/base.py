@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from kbms.errors import FieldIssue, InvalidJson, ValidationFailed
-from kbms.model import ConversationSnapshot, Message, WebhookEvent
+from kbms.model import ConversationSnapshot, WebhookEvent
+
+if TYPE_CHECKING:
+    from kbms.storage.base import Redactor
 
 MAX_ISSUES = 50
 MAX_DEPTH = 200  # pydantic-core's JSON parser refuses deeper nesting
@@ -30,8 +33,11 @@ class WebhookReceiver(Protocol):
         """Whether the raw body is signed with ``secret``; constant-time, before any parsing."""
         ...
 
-    def parse(self, body: bytes) -> WebhookEvent:
-        """Read a verified delivery; raises ``InvalidJson``, ``ValidationFailed`` or ``InvalidWebhookItem``."""
+    def parse(self, body: bytes, *, workspace: str | None) -> WebhookEvent:
+        """Read a verified delivery; raises ``InvalidJson``, ``ValidationFailed`` or ``InvalidWebhookItem``.
+
+        ``workspace``: the ``?workspace=`` of the webhook's URL, for providers whose payloads do not name it.
+        """
         ...
 
 
@@ -48,8 +54,17 @@ class Provider(Protocol):
         """The schema of a directly pushed conversation (documents the request body in OpenAPI)."""
         ...
 
-    def parse_push(self, body: bytes, *, workspace: str) -> ConversationSnapshot:
-        """Validate and map a pushed conversation; raises ``InvalidJson`` or ``ValidationFailed``."""
+    @property
+    def workspace_description(self) -> str:
+        """What the provider's workspace is (an Intercom app_id, a Zendesk subdomain), for the API's documentation."""
+        ...
+
+    def parse_push(self, body: bytes, *, workspace: str | None, default_workspace: str) -> ConversationSnapshot:
+        """Validate and map a pushed conversation; raises ``InvalidJson`` or ``ValidationFailed``.
+
+        ``workspace``: the one the caller named, if any; else the provider reads it from the payload if it can,
+        and falls back to ``default_workspace``.
+        """
         ...
 
     @property
@@ -57,9 +72,10 @@ class Provider(Protocol):
         """The provider's webhooks, if it sends any."""
         ...
 
-    def redact(self, body: bytes, external_id: str, redacted: Mapping[str, Message]) -> bytes | None:
-        """A raw payload of conversation ``external_id`` with the given messages replaced by their redacted copies;
-        None if the body is another conversation's or needs no change."""
+    @property
+    def redactor(self) -> Redactor | None:
+        """Rewrites the provider's raw payloads when a message is redacted (see ``storage.base.Redactor``); None
+        when the provider's redactions are not mapped."""
         ...
 
 

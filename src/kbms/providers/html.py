@@ -77,6 +77,11 @@ def has_image(html: str) -> bool:
     return "<img" in html.lower()
 
 
+def tidy(text: str) -> str:
+    """Plain text, normalized like converted HTML (spaces collapsed, lines trimmed), markup left as it is."""
+    return _tidy(text.replace("\r\n", "\n"))
+
+
 def html_to_text(html: str) -> str:
     """Readable text of an HTML fragment (or of plain text, which passes through normalized)."""
     return convert(html)[0]

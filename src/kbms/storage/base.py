@@ -76,6 +76,7 @@ class LedgerEntry:
     outcome: Outcome
     error: str | None
     conversation_pk: int | None
+    delivery_key: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +117,17 @@ class Cursor:
 
     updated_at: int
     conversation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """Which live conversations a list (or an export) is about; None: any."""
+
+    provider: str | None = None
+    workspace: str | None = None
+
+
+ALL = Filters()
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,8 +204,8 @@ class Store(Protocol):
         """The same detail, as the JSON bytes the API serves (the read model: one lookup)."""
         ...
 
-    async def list_conversations(self, *, limit: int, cursor: Cursor | None) -> Page:
-        """Live conversations, newest-updated first, keyset-paginated."""
+    async def list_conversations(self, *, limit: int, cursor: Cursor | None, filters: Filters = ALL) -> Page:
+        """Live conversations matching ``filters``, newest-updated first, keyset-paginated."""
         ...
 
     async def ping(self) -> None:

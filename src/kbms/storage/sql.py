@@ -42,6 +42,7 @@ from kbms.storage.base import (
     ConversationKey,
     Cursor,
     Delivery,
+    Filters,
     KnownDelivery,
     LedgerEntry,
     Page,
@@ -183,14 +184,30 @@ class Sql:
             )
         )
         self.detail = select(c.detail).where(c.id == bindparam("b_id"), c.deleted_at.is_(None))
-        live = select(*SUMMARY_COLUMNS).where(c.deleted_at.is_(None)).order_by(c.updated_at.desc(), c.id.desc())
-        self.first_page = live.limit(bindparam("b_limit"))
-        self.next_page = live.where(
-            or_(
-                c.updated_at < bindparam("b_updated_at"),
-                and_(c.updated_at == bindparam("b_updated_at"), c.id < bindparam("b_id")),
+        self._pages: dict[tuple[bool, ...], Any] = {}
+
+    def page(self, after: bool, filters: Filters) -> Any:
+        """The list statement for this combination of filters (built once per combination)."""
+        shape = (after, filters.provider is not None, filters.workspace is not None)
+        cached = self._pages.get(shape)
+        if cached is not None:
+            return cached
+        c = conversations.c
+        statement: Any = select(*SUMMARY_COLUMNS).where(c.deleted_at.is_(None))
+        if after:
+            statement = statement.where(
+                or_(
+                    c.updated_at < bindparam("b_updated_at"),
+                    and_(c.updated_at == bindparam("b_updated_at"), c.id < bindparam("b_id")),
+                )
             )
-        ).limit(bindparam("b_limit"))
+        if filters.provider is not None:
+            statement = statement.where(c.provider == bindparam("b_provider"))
+        if filters.workspace is not None:
+            statement = statement.where(c.workspace == bindparam("b_workspace"))
+        statement = statement.order_by(c.updated_at.desc(), c.id.desc()).limit(bindparam("b_limit"))
+        self._pages[shape] = statement
+        return statement
 
     def _compile(self, statement: Any, keys: tuple[str, ...]) -> _Compiled:
         cached = self._compiled.get((id(statement), keys))
@@ -485,13 +502,15 @@ def get_detail(sql: Sql, conn: Connection, conversation_id: str) -> Conversation
     return None if text is None else Conversation.model_validate_json(text)
 
 
-def list_page(sql: Sql, conn: Connection, *, limit: int, cursor: Cursor | None) -> Page:
-    if cursor is None:
-        result = conn.execute(sql.first_page, {"b_limit": limit + 1})
-    else:
-        params = {"b_limit": limit + 1, "b_updated_at": cursor.updated_at, "b_id": cursor.conversation_id}
-        result = conn.execute(sql.next_page, params)
-    rows = result.mappings().all()
+def list_page(sql: Sql, conn: Connection, *, limit: int, cursor: Cursor | None, filters: Filters) -> Page:
+    params: dict[str, Any] = {"b_limit": limit + 1}
+    if cursor is not None:
+        params.update(b_updated_at=cursor.updated_at, b_id=cursor.conversation_id)
+    if filters.provider is not None:
+        params["b_provider"] = filters.provider
+    if filters.workspace is not None:
+        params["b_workspace"] = filters.workspace
+    rows = conn.execute(sql.page(cursor is not None, filters), params).mappings().all()
     items = [_summary(row) for row in rows[:limit]]
     last = rows[limit - 1] if len(rows) > limit else None
     next_cursor = Cursor(updated_at=last["updated_at"], conversation_id=last["id"]) if last is not None else None
@@ -529,6 +548,7 @@ LEDGER_ENTRY_COLUMNS = (
     ledger.c.outcome,
     ledger.c.error,
     ledger.c.conversation_pk,
+    ledger.c.delivery_key,
 )
 
 

@@ -18,10 +18,12 @@ from kbms.merge import micros
 from kbms.model import Change, Conversation, ConversationSnapshot
 from kbms.storage import sql
 from kbms.storage.base import (
+    ALL,
     Applied,
     ConversationKey,
     Cursor,
     Delivery,
+    Filters,
     KnownDelivery,
     LedgerEntry,
     Outcome,
@@ -200,8 +202,8 @@ class SqlStore(abc.ABC):
         text = await self._read(partial(sql.get_detail_json, self._sql, conversation_id=conversation_id))
         return None if text is None else text.encode()
 
-    async def list_conversations(self, *, limit: int, cursor: Cursor | None) -> Page:
-        return await self._read(partial(sql.list_page, self._sql, limit=limit, cursor=cursor))
+    async def list_conversations(self, *, limit: int, cursor: Cursor | None, filters: Filters = ALL) -> Page:
+        return await self._read(partial(sql.list_page, self._sql, limit=limit, cursor=cursor, filters=filters))
 
     async def ping(self) -> None:
         await self._read(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())

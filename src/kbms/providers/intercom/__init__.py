@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-from kbms.model import ConversationSnapshot, Message, WebhookEvent
+from kbms.model import ConversationSnapshot, WebhookEvent
 from kbms.providers.base import validate_json
 from kbms.providers.intercom import signature
 from kbms.providers.intercom.mapper import PROVIDER, to_snapshot
 from kbms.providers.intercom.redact import redact
 from kbms.providers.intercom.schema import IntercomConversation
 from kbms.providers.intercom.webhook import parse_webhook
+
+if TYPE_CHECKING:
+    from kbms.storage.base import Redactor
 
 
 class IntercomWebhooks:
@@ -20,20 +24,24 @@ class IntercomWebhooks:
     def verify(self, body: bytes, headers: Mapping[str, str], secret: str, *, now: datetime) -> bool:
         return signature.verify(body, headers, secret)
 
-    def parse(self, body: bytes) -> WebhookEvent:
-        return parse_webhook(body)
+    def parse(self, body: bytes, *, workspace: str | None) -> WebhookEvent:
+        return parse_webhook(body, workspace=workspace)
 
 
 class IntercomProvider:
     name = PROVIDER
     push_schema = IntercomConversation
     webhooks = IntercomWebhooks()
+    workspace_description = (
+        "The Intercom app_id (a conversation object does not carry it); default: KBMS_DEFAULT_WORKSPACE"
+    )
 
-    def parse_push(self, body: bytes, *, workspace: str) -> ConversationSnapshot:
-        return to_snapshot(validate_json(IntercomConversation, body), workspace=workspace)
+    @property
+    def redactor(self) -> Redactor:
+        return redact
 
-    def redact(self, body: bytes, external_id: str, redacted: Mapping[str, Message]) -> bytes | None:
-        return redact(body, external_id, redacted)
+    def parse_push(self, body: bytes, *, workspace: str | None, default_workspace: str) -> ConversationSnapshot:
+        return to_snapshot(validate_json(IntercomConversation, body), workspace=workspace or default_workspace)
 
 
 __all__ = ["IntercomProvider"]

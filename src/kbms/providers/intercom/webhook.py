@@ -24,9 +24,10 @@ CONVERSATION_ID: TypeAdapter[str] = TypeAdapter(Id)
 ITEM = ("data", "item")
 
 
-def parse_webhook(body: bytes) -> WebhookEvent:
+def parse_webhook(body: bytes, *, workspace: str | None = None) -> WebhookEvent:
+    """``workspace`` (the URL's) is used only when the envelope has no ``app_id``: the signed payload wins."""
     envelope = validate_json(IntercomNotification, body)
-    workspace = envelope.app_id or DEFAULT_WORKSPACE
+    workspace = envelope.app_id or workspace or DEFAULT_WORKSPACE
     if not re.fullmatch(WORKSPACE, workspace):
         raise ValidationFailed([FieldIssue("app_id", "string_pattern_mismatch", "Not a workspace id")])
     item = envelope.data.item if envelope.data is not None else None

@@ -1,0 +1,61 @@
+"""Zendesk: tickets pushed directly (Support REST API shapes) and signed event webhooks."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from urllib.parse import urlsplit
+
+from kbms.model import WORKSPACE, ConversationSnapshot, WebhookEvent
+from kbms.providers.base import validate_json
+from kbms.providers.zendesk import signature
+from kbms.providers.zendesk.mapper import PROVIDER, to_snapshot
+from kbms.providers.zendesk.schema import ZendeskPush
+from kbms.providers.zendesk.webhook import parse_webhook
+
+ZENDESK_HOST = re.compile(r"(?P<subdomain>[a-z0-9][a-z0-9-]*)\.zendesk\.com", re.IGNORECASE)
+
+
+class ZendeskWebhooks:
+    secret_variable = "KBMS_ZENDESK_WEBHOOK_SECRET"  # noqa: S105 (the variable's name, not a secret)
+
+    def verify(self, body: bytes, headers: Mapping[str, str], secret: str, *, now: datetime) -> bool:
+        return signature.verify(body, headers, secret, now=now)
+
+    def parse(self, body: bytes, *, workspace: str | None) -> WebhookEvent:
+        return parse_webhook(body, workspace=workspace)
+
+
+class ZendeskProvider:
+    name = PROVIDER
+    push_schema = ZendeskPush
+    webhooks = ZendeskWebhooks()
+    # Zendesk's redactions are not mapped yet (no public example of a redacted comment or its event).
+    redactor = None
+    workspace_description = (
+        "The Zendesk subdomain (acme for acme.zendesk.com); default: the subdomain in the ticket's url, "
+        "else KBMS_DEFAULT_WORKSPACE"
+    )
+
+    def parse_push(self, body: bytes, *, workspace: str | None, default_workspace: str) -> ConversationSnapshot:
+        push = validate_json(ZendeskPush, body)
+        named = workspace or subdomain(push.ticket.url) or default_workspace
+        return to_snapshot(push, workspace=named)
+
+
+def subdomain(url: str | None) -> str | None:
+    """``acme`` for ``https://acme.zendesk.com/api/v2/tickets/1.json``; None for any other host."""
+    if not url:
+        return None
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return None
+    match = ZENDESK_HOST.fullmatch(host)
+    if match is None or not re.fullmatch(WORKSPACE, match["subdomain"]):
+        return None
+    return match["subdomain"].lower()
+
+
+__all__ = ["ZendeskProvider"]
