@@ -184,3 +184,27 @@ def test_jobs_must_be_positive(tmp_path: Path, sqlite_url: str) -> None:
     path.write_text(json.dumps(intercom_payload("a")) + "\n")
     code, output = kbms("ingest", str(path), "--jobs", "0", "--database-url", sqlite_url)
     assert (code, "--jobs" in output) == (2, True)
+
+
+def test_a_bug_stops_the_ingest_loudly_and_keeps_what_was_committed(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kbms.providers.intercom import IntercomProvider
+
+    original = IntercomProvider.parse_push
+
+    def broken(self: IntercomProvider, body: bytes, **kwargs: str | None) -> object:
+        if b'"boom"' in body:
+            raise RuntimeError("a bug in a mapper")
+        return original(self, body, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(IntercomProvider, "parse_push", broken)
+    monkeypatch.setattr("kbms.backfill.CHUNK_LINES", 2)
+    lines = [json.dumps(intercom_payload(name)) for name in ("a", "b", "boom", "d", "e", "f", "g", "h")]
+    path = tmp_path / "in.ndjson"
+    path.write_text("\n".join(lines) + "\n")
+    result = runner.invoke(app, ["ingest", str(path), "--jobs", "1", "--database-url", sqlite_url])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, RuntimeError)
+    assert set(details(sqlite_url)) <= {"a", "b", "d", "e", "f", "g", "h"}
+    assert {"a", "b"} <= set(details(sqlite_url))

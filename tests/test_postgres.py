@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,9 +14,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from kbms.api import create_app
+from kbms.errors import ValidationFailed
+from kbms.ingest import ingest_batch
+from kbms.providers import get_provider
 from kbms.providers.intercom.signature import sign
 from kbms.settings import Settings
-from kbms.storage import admin_engine
+from kbms.storage import admin_engine, open_store
+from kbms.storage.base import Delivery
 from tests.conftest import LiveServer, migrated_sqlite_url, postgres_schema, start_server
 from tests.helpers import INTERCOM, JSON_HEADERS, intercom_conversations, intercom_payload, part
 
@@ -128,3 +133,31 @@ def test_the_same_input_gives_byte_identical_output_on_both_engines(postgres_url
     on_postgres = _replay(postgres_url)
     assert len(on_sqlite) >= 30  # ingest answers, every page and every detail
     assert on_sqlite == on_postgres
+
+
+async def test_a_value_the_database_refuses_is_rolled_back_alone_in_a_batch(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real data exception mid-batch (here SELECT 1/0 for one line) aborts only that line's savepoint."""
+    from kbms.storage import sql
+
+    original = sql.apply_delivery
+
+    def refusing(statements: object, conn: object, delivery: Delivery, *args: object, **kwargs: object) -> object:
+        if b'"bad"' in delivery.body:
+            conn.exec_driver_sql("SELECT 1/0")  # type: ignore[attr-defined]
+        return original(statements, conn, delivery, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sql, "apply_delivery", refusing)
+    store = open_store(Settings(database_url=postgres_url))
+    try:
+        bodies = [json.dumps(intercom_payload(name)).encode() for name in ("a", "bad", "c")]
+        outcomes = await ingest_batch(store, get_provider("intercom"), bodies, workspace=None)
+        assert [type(o).__name__ for o in outcomes] == ["IngestOutcome", "ValidationFailed", "IngestOutcome"]
+        refused = outcomes[1]
+        assert isinstance(refused, ValidationFailed)
+        assert refused.issues[0].issue == "unstorable_value"
+        page = await store.list_conversations(limit=10, cursor=None)
+        assert sorted(item.external_id for item in page.items) == ["a", "c"]
+    finally:
+        await store.close()

@@ -283,3 +283,32 @@ async def test_a_zendesk_push_is_re_read_in_the_workspace_it_would_have_had(
     assert report.deliveries_reclassified == 2
     items = client.get("/internal/conversations?provider=zendesk").json()["items"]
     assert sorted((item["external_id"], item["workspace"]) for item in items) == [("7", "acme"), ("8", "other")]
+
+
+async def test_workspaces_with_colons_are_re_read_where_they_were(client: TestClient, database_url: str) -> None:
+    for workspace in ("eu:app1", "acme:x"):
+        assert client.post(f"{INGEST}?workspace={workspace}", json=intercom_payload("c1")).status_code == 201
+    before = details(client)
+    report = await run(database_url, IntercomProvider())
+    assert (report.changed, report.deliveries_reclassified) == (0, 0)
+    assert details(client) == before
+
+
+async def test_a_webhook_refused_for_want_of_a_workspace_stays_refused(client: TestClient, database_url: str) -> None:
+    from tests.test_zendesk_api import COMMENT_ADDED, NOW
+    from tests.test_zendesk_api import headers as zendesk_headers
+
+    settings = Settings(database_url=database_url, secrets={"KBMS_ZENDESK_WEBHOOK_SECRET": "kbms-test-secret"})
+    with TestClient(create_app(settings, clock=lambda: NOW)) as zendesk_client:
+        response = zendesk_client.post(
+            "/webhooks/zendesk", content=COMMENT_ADDED, headers=zendesk_headers(COMMENT_ADDED)
+        )
+    assert response.status_code == 422
+    assert [outcome for outcome, _error in ledger_outcomes(database_url)] == ["rejected"]
+    store: Store = open_store(Settings(database_url=database_url))
+    try:
+        report = await reprocess(store, providers={"zendesk": ZendeskProvider()})
+    finally:
+        await store.close()
+    assert (report.conversations, report.deliveries_reclassified) == (0, 0)
+    assert client.get("/internal/conversations").json()["items"] == []

@@ -233,3 +233,58 @@ def test_the_zendesk_routes_are_documented(client: TestClient) -> None:
     assert "ZendeskPush" in spec["components"]["schemas"]
     assert "subdomain" in push["parameters"][0]["description"]
     assert "workspace" in {p["name"] for p in spec["paths"]["/webhooks/zendesk"]["post"]["parameters"]}
+
+
+# Found in review
+
+
+@pytest.mark.parametrize(
+    "stamp", ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+01:00", "9" * 40, "١٢٣٤", "+1234", "", " "]
+)
+def test_hostile_timestamps_are_401_not_500(client: TestClient, stamp: str) -> None:
+    signed = {k.encode(): v.encode() for k, v in headers(COMMENT_ADDED).items()}
+    signed[b"x-zendesk-webhook-signature-timestamp"] = stamp.encode()
+    response = client.post(HOOK, content=COMMENT_ADDED, headers=signed)
+    assert (response.status_code, response.json()["error_code"]) == (401, "invalid_signature")
+
+
+def test_non_ascii_digits_in_ids_are_text(client: TestClient) -> None:
+    body = {"ticket": {"id": 1, "created_at": 1}, "comments": [{"id": "²", "body": "x", "created_at": 1}]}
+    assert client.post(PUSH, json=body).status_code == 201
+
+
+@pytest.mark.parametrize("webhook_first", [True, False])
+def test_the_complete_copy_of_a_comment_wins_over_the_webhook_s(client: TestClient, webhook_first: bool) -> None:
+    """The webhook carries a comment's plain text only; the pushed copy (HTML, attachments) replaces it, always."""
+    ticket = {"id": 5158, "created_at": "2025-01-08T10:12:07Z", "updated_at": "2025-01-08T14:25:30Z"}
+    ticket |= {"url": "https://acme.zendesk.com/api/v2/tickets/5158.json"}
+    comment = {
+        "id": 9876543210,
+        "author_id": 8447388090495,
+        "body": "We are investigating this issue and will update you shortly.",
+        "html_body": "<p>We are <b>investigating</b> this issue and will update you shortly.</p>",
+        "created_at": "2025-01-08T14:25:30Z",
+        "attachments": [{"file_name": "log.txt", "content_url": "https://acme.zendesk.com/a/1", "size": 3}],
+    }
+
+    def webhook() -> int:
+        return int(deliver(client, COMMENT_ADDED).status_code)
+
+    def push() -> int:
+        return client.post(PUSH, json={"ticket": ticket, "comments": [comment]}).status_code
+
+    for step in [webhook, push] if webhook_first else [push, webhook]:
+        assert step() in (200, 201)
+    conversation_id = client.get("/internal/conversations?provider=zendesk").json()["items"][0]["id"]
+    message = client.get(f"/internal/conversations/{conversation_id}").json()["messages"][0]
+    assert message["content_html"] == comment["html_body"]
+    assert [a["name"] for a in message["attachments"]] == ["log.txt"]
+    assert message["sent_at"] == "2025-01-08T14:25:30Z"
+
+
+def test_workspaces_are_case_insensitive_like_subdomains(client: TestClient) -> None:
+    ticket = {"id": 5158, "created_at": "2025-01-08T10:12:07Z", "url": "https://acme.zendesk.com/api/v2/tickets/5158"}
+    pushed = client.post(PUSH, json={"ticket": ticket}).json()["id"]
+    body = COMMENT_ADDED
+    answer = client.post("/webhooks/zendesk?workspace=Acme", content=body, headers=headers(body)).json()
+    assert answer["conversation_id"] == pushed

@@ -163,12 +163,15 @@ async def _in_process(
     store = open_store(settings)
     # Two chunks in flight: one is validated on this thread while the other one's commit waits for the disk.
     slots = asyncio.Semaphore(2)
+    failures: list[BaseException] = []  # a bug: stop, and say so (the chunks committed before stay)
 
     async def one(chunk: list[Record]) -> None:
         try:
-            if report.unavailable is None:
+            if report.unavailable is None and not failures:
                 default = settings.default_workspace
                 report.add(await ingest_chunk(store, source, chunk, workspace=workspace, default_workspace=default))
+        except Exception as exc:
+            failures.append(exc)
         finally:
             slots.release()
             advance(sum(len(payload) + 1 for _, payload in chunk))
@@ -177,7 +180,7 @@ async def _in_process(
     try:
         for chunk in chunks(read_records(path)):
             await slots.acquire()
-            if report.unavailable is not None:
+            if report.unavailable is not None or failures:
                 break
             task = asyncio.create_task(one(chunk))
             running.add(task)
@@ -186,6 +189,8 @@ async def _in_process(
         # Whatever stops the reading (the end, a bad file, the database), the chunks under way finish first.
         await asyncio.gather(*running)
         await store.close()
+    if failures:
+        raise failures[0]
     return report
 
 

@@ -58,19 +58,9 @@ class IngestOutcome:
 
 
 def push_delivery_key(workspace: str | None, body_hash: str) -> str:
-    """``push:<workspace the caller named>:<sha256>``, or ``push::<sha256>`` when the caller named none.
-
-    The named workspace is not in the body, so the same body pushed to two workspaces is two deliveries. And the
-    key keeps whether one was named: re-reading the payload later (``kbms reprocess``) must decide its workspace
-    the way the push did (a provider may read it from the payload).
-    """
+    """``push:<workspace the caller named>:<sha256>``, or ``push::<sha256>`` when the caller named none: the
+    named workspace is not in the body, so the same body pushed to two workspaces is two deliveries."""
     return f"push:{workspace or ''}:{body_hash}"
-
-
-def named_workspace(delivery_key: str) -> str | None:
-    """The workspace a push's caller named, from its delivery key (None: none was named)."""
-    _push, workspace, _hash = delivery_key.split(":", 2)
-    return workspace or None
 
 
 async def ingest_push(
@@ -102,6 +92,7 @@ async def ingest_push(
         body_hash=body_hash,
         body=body,
         received_at=clock(),
+        named_workspace=workspace,
     )
     parse = functools.partial(provider.parse_push, body, workspace=workspace, default_workspace=default_workspace)
     try:
@@ -192,6 +183,7 @@ async def ingest_batch(
             body_hash=hashes[index],
             body=bodies[index],
             received_at=received_at,
+            named_workspace=workspace,
         )
         if isinstance(outcome, ValidationFailed):
             pending.append(Pending(delivery, issues=outcome.issues))  # kept, as a single push's would be
@@ -255,6 +247,8 @@ async def receive_webhook(
         raise InvalidSignature()
     body_hash = hashlib.sha256(body).hexdigest()
 
+    named = workspace
+
     def delivery(key: str | None, *, topic: str | None, workspace: str) -> Delivery:
         return Delivery(
             provider=provider.name,
@@ -266,6 +260,7 @@ async def receive_webhook(
             body=body,
             received_at=now,
             verified=verify,
+            named_workspace=named,
         )
 
     try:

@@ -117,7 +117,7 @@ class ConversationState:
     header: dict[str, Register] = field(default_factory=dict)
     participants: dict[str, ParticipantState] = field(default_factory=dict)
     messages: dict[str, Message] = field(default_factory=dict)
-    # The version of the payload each stored message copy came from (see message_key).
+    # The version of the payload each stored message copy came from, minus PARTIAL for a partial copy (message_key).
     message_versions: dict[str, int] = field(default_factory=dict)
     events: dict[str, Event] = field(default_factory=dict)
     # When the provider deleted it (server time, microseconds); a deleted conversation keeps no content.
@@ -145,9 +145,15 @@ class MergeResult:
         return self.header_changed or bool(self.participants or self.messages or self.events)
 
 
-def message_key(message: Message, version: int) -> tuple[int, bool, int]:
-    """Newer provider updated_at, then redacted, then the newer payload: the copy that wins."""
-    return (micros(message.updated_at or message.sent_at), message.redacted, version)
+# A partial copy of a message (a webhook's plain text, without the HTML or attachments the provider's API returns)
+# is stored with its payload's version minus this: every partial copy ranks below every complete one, whatever
+# their times (versions are microseconds since 1970, far below 2**62).
+PARTIAL = 2**62
+
+
+def message_key(message: Message, version: int) -> tuple[bool, int, bool, int]:
+    """A complete copy, then newer provider updated_at, then redacted, then the newer payload: the copy that wins."""
+    return (version >= 0, micros(message.updated_at or message.sent_at), message.redacted, version)
 
 
 def _merge_messages(
@@ -241,7 +247,8 @@ def merge(state: ConversationState, snapshot: ConversationSnapshot) -> MergeResu
             changed_participants.add(obs.id)
             participants[obs.id] = merged
 
-    messages, message_versions, changed_messages, rewritten = _merge_messages(state, snapshot.messages, version)
+    message_version = version - PARTIAL if snapshot.partial_messages else version
+    messages, message_versions, changed_messages, rewritten = _merge_messages(state, snapshot.messages, message_version)
     events, changed_events = _merge_events(state.events, snapshot.events)
 
     merged_state = replace(

@@ -168,6 +168,10 @@ class ConversationSnapshot(_Frozen):
     participants: tuple[ParticipantObservation, ...] = ()
     messages: tuple[Message, ...] = ()
     events: tuple[Event, ...] = ()
+    partial_messages: bool = Field(
+        default=False,
+        description="The messages are partial copies (a webhook's plain text): any complete copy replaces them",
+    )
 
 
 class ConversationDeletion(_Frozen):

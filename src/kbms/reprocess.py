@@ -12,7 +12,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from kbms.errors import FieldIssue, InvalidJson, ValidationFailed, describe
-from kbms.ingest import named_workspace
 from kbms.model import Change
 from kbms.providers import REGISTRY, Provider
 from kbms.storage.base import (
@@ -52,11 +51,11 @@ def reader(providers: Mapping[str, Provider]) -> Reader:
             if entry.kind == "push":
                 # Decided as the push did: the workspace the caller named, else the payload's, else the one the
                 # ledger filed it under (the default of the time).
-                named = named_workspace(entry.delivery_key)
+                named = entry.named_workspace
                 return Reading(provider.parse_push(entry.body, workspace=named, default_workspace=entry.workspace))
             if provider.webhooks is None:
                 return refused("provider", "no_webhooks", f"{entry.provider} has no webhooks")
-            return Reading(provider.webhooks.parse(entry.body, workspace=entry.workspace).change)
+            return Reading(provider.webhooks.parse(entry.body, workspace=entry.named_workspace).change)
         except ValidationFailed as exc:
             return Reading(None, describe(exc.issues))
         except InvalidJson as exc:

@@ -27,6 +27,7 @@ class Delivery:
     body: bytes
     received_at: datetime
     verified: bool = True
+    named_workspace: str | None = None  # the workspace the request named (?workspace=), if any
 
 
 # The provider's rewrite of one of its raw payloads: (body, conversation external id, redacted messages by id)
@@ -76,7 +77,7 @@ class LedgerEntry:
     outcome: Outcome
     error: str | None
     conversation_pk: int | None
-    delivery_key: str
+    named_workspace: str | None
 
 
 @dataclass(frozen=True, slots=True)

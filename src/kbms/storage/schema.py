@@ -111,7 +111,8 @@ messages = Table(
     Column("attachments", Text, nullable=False),
     Column("redacted", Boolean, nullable=False),
     Column("provider_type", Text),
-    # The version (payload updated_at) of the payload this copy came from; see kbms.merge.message_key.
+    # The version (payload updated_at) of the payload this copy came from, minus 2**62 for a partial copy (a
+    # webhook's plain text); see kbms.merge.message_key.
     Column("version", BigInteger, nullable=False),
     PrimaryKeyConstraint("conversation_pk", "message_id"),
     sqlite_with_rowid=False,
@@ -136,6 +137,9 @@ ledger = Table(
     Column("pk", PrimaryKey, primary_key=True, autoincrement=True),
     Column("provider", String(64), nullable=False),
     Column("workspace", Text, nullable=False),
+    # The workspace the request named (``?workspace=``), if any: re-reading the payload (kbms reprocess) decides
+    # its workspace the way the request did, where a provider may read it from the payload.
+    Column("named_workspace", Text),
     Column("kind", String(16), nullable=False),  # push | webhook
     # False only for webhooks accepted unsigned (KBMS_ALLOW_UNSIGNED_WEBHOOKS): they cannot be told apart otherwise.
     Column("verified", Boolean, nullable=False),

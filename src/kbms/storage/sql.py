@@ -73,7 +73,18 @@ CHILD_TABLES: tuple[tuple[Table, tuple[str, ...]], ...] = (
 # Keys per IN (...) list: well under SQLite's 32,766 variables and PostgreSQL's 65,535 parameters.
 KEYS_PER_QUERY = 1000
 # What a delivery that was rejected before takes over when it is claimed again.
-LEDGER_RECLAIMED = ("workspace", "kind", "verified", "topic", "body_hash", "received_at", "outcome", "error", "body")
+LEDGER_RECLAIMED = (
+    "workspace",
+    "named_workspace",
+    "kind",
+    "verified",
+    "topic",
+    "body_hash",
+    "received_at",
+    "outcome",
+    "error",
+    "body",
+)
 SUMMARY_COLUMNS = (
     conversations.c.id,
     conversations.c.provider,
@@ -268,6 +279,7 @@ def _ledger_values(delivery: Delivery, *, outcome: str, error: str | None) -> di
     return {
         "provider": delivery.provider,
         "workspace": delivery.workspace,
+        "named_workspace": delivery.named_workspace,
         "kind": delivery.kind,
         "verified": delivery.verified,
         "topic": delivery.topic,
@@ -548,7 +560,7 @@ LEDGER_ENTRY_COLUMNS = (
     ledger.c.outcome,
     ledger.c.error,
     ledger.c.conversation_pk,
-    ledger.c.delivery_key,
+    ledger.c.named_workspace,
 )
 
 

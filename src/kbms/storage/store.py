@@ -38,9 +38,10 @@ T = TypeVar("T")
 Job = Callable[[Connection], T]
 
 
-def _sort_key(item: Pending) -> tuple[str, str, str]:
-    change = item.change
-    return ("", "", "") if change is None else (change.provider, change.workspace, change.external_id)
+def _sort_key(item: Pending) -> tuple[str, str, str, str]:
+    # The delivery key breaks ties: two batches holding the same deliveries claim their ledger rows in one order.
+    change, key = item.change, item.delivery.delivery_key
+    return ("", "", "", key) if change is None else (change.provider, change.workspace, change.external_id, key)
 
 
 def utc_now() -> datetime:

@@ -24,7 +24,7 @@ class ZendeskWebhooks:
         return signature.verify(body, headers, secret, now=now)
 
     def parse(self, body: bytes, *, workspace: str | None) -> WebhookEvent:
-        return parse_webhook(body, workspace=workspace)
+        return parse_webhook(body, workspace=workspace.lower() if workspace else None)
 
 
 class ZendeskProvider:
@@ -40,7 +40,8 @@ class ZendeskProvider:
 
     def parse_push(self, body: bytes, *, workspace: str | None, default_workspace: str) -> ConversationSnapshot:
         push = validate_json(ZendeskPush, body)
-        named = workspace or subdomain(push.ticket.url) or default_workspace
+        # Subdomains are case-insensitive: "Acme" and "acme" are one account, and one workspace.
+        named = workspace.lower() if workspace else subdomain(push.ticket.url) or default_workspace
         return to_snapshot(push, workspace=named)
 
 

@@ -102,11 +102,13 @@ def event_snapshot(
     occurred_at: datetime,
     event: dict[str, Any],
     added: tuple[Message | None, ParticipantObservation | None] | None = None,
+    partial: bool = False,
 ) -> ConversationSnapshot:
     """Map a ticket event webhook: the ticket as it was (``detail``) and what happened.
 
-    ``added``: the message the event adds and its author (``comment_added``, ``comment_message``); any other
-    event becomes an event of the conversation.
+    ``added``: the message the event adds and its author (``comment_added``, ``messaging_ticket.message_added``);
+    any other event becomes an event of the conversation. ``partial``: the message is a partial copy (a comment's
+    plain text, without its HTML and attachments), which the complete copy of a push replaces whenever it comes.
     """
     created_at = ticket.created_at or occurred_at
     version = ticket.updated_at or occurred_at
@@ -130,6 +132,7 @@ def event_snapshot(
         participants=tuple(observations),
         messages=tuple(messages),
         events=tuple(events),
+        partial_messages=partial,
     )
 
 
@@ -295,4 +298,5 @@ def _person(participant_id: str | None) -> bool:
 
 
 def _numeric(identifier: str) -> tuple[int, int | str]:
-    return (0, int(identifier)) if identifier.isdigit() else (1, identifier)
+    # isascii: "²".isdigit() is true, and int() refuses it.
+    return (0, int(identifier)) if identifier.isascii() and identifier.isdigit() else (1, identifier)

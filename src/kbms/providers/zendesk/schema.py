@@ -13,9 +13,10 @@ Both are accepted everywhere; the mapper normalizes them to one vocabulary.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PlainValidator
+from pydantic_core import PydanticCustomError
 
 from kbms.providers.fields import Id, OptionalId, OptionalText, Timestamp
 
@@ -25,14 +26,20 @@ class _Tolerant(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
-class ZendeskVia(_Tolerant):
-    # A channel name ("web"), a via type ("web_service") or a via id (5): see mapper.CHANNELS.
-    channel: OptionalText | int = None
+def _channel(value: Any) -> str | int | None:
+    """A channel name, a via type or a via id; one validator, so an error names the field and nothing else."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.replace("\x00", "").strip() or None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise PydanticCustomError("channel_type", "Input should be a string or an integer")
 
-    @field_validator("channel", mode="before")
-    @classmethod
-    def _no_booleans(cls, value: Any) -> Any:
-        return None if isinstance(value, bool) else value
+
+class ZendeskVia(_Tolerant):
+    # A channel name ("web"), a via type ("web_service") or a via id (5): see mapper.VIA_TYPES and VIA_IDS.
+    channel: Annotated[str | int | None, PlainValidator(_channel)] = None
 
 
 class ZendeskAttachment(_Tolerant):

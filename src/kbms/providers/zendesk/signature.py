@@ -46,11 +46,12 @@ def parse_timestamp(text: str) -> datetime | None:
     text = text.strip()
     try:
         if text.isascii() and text.isdigit():
-            return datetime.fromtimestamp(int(text[:12]), tz=UTC)
+            return datetime.fromtimestamp(int(text), tz=UTC) if len(text) <= 12 else None
         parsed = datetime.fromisoformat(text)
+        # Inside the try: an offset can push the first or last representable day out of range.
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
     except (ValueError, OverflowError, OSError):
         return None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:

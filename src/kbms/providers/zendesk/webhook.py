@@ -80,5 +80,6 @@ def parse_webhook(body: bytes, *, workspace: str | None) -> WebhookEvent:
         occurred_at=occurred_at,
         event=details,
         added=added,
+        partial=name == COMMENT_ADDED,
     )
     return event(snapshot)

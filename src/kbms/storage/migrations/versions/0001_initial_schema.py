@@ -85,6 +85,7 @@ def upgrade() -> None:
         sa.Column("pk", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
         sa.Column("provider", sa.String(length=64), nullable=False),
         sa.Column("workspace", sa.Text(), nullable=False),
+        sa.Column("named_workspace", sa.Text(), nullable=True),
         sa.Column("kind", sa.String(length=16), nullable=False),
         sa.Column("verified", sa.Boolean(), nullable=False),
         sa.Column("topic", sa.Text(), nullable=True),
