@@ -4,19 +4,23 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from kbms.storage import admin_engine
 from kbms.storage.migrate import current_revision, head_revision, is_current, upgrade
-from kbms.storage.schema import metadata
+from kbms.storage.schema import declared, metadata
 
 
 def test_migrated_schema_matches_the_declared_one(database_url: str) -> None:
     engine = admin_engine(database_url)
     try:
         with engine.connect() as conn:
-            differences = compare_metadata(MigrationContext.configure(conn), metadata)
+            context = MigrationContext.configure(
+                conn, opts={"include_object": lambda _o, name, type_, _r, _c: declared(name, type_)}
+            )
+            differences = compare_metadata(context, metadata)
     finally:
         engine.dispose()
     assert differences == []
@@ -55,3 +59,42 @@ def test_concurrent_migrators_on_a_fresh_database_all_succeed(empty_database_url
     with ThreadPoolExecutor(max_workers=4) as pool:
         revisions = list(pool.map(lambda _: run(), range(4)))
     assert revisions == [head_revision()] * 4
+
+
+@pytest.mark.anyio
+async def test_conversations_stored_before_0002_get_tags_search_and_a_change(empty_database_url: str) -> None:
+    from alembic import command
+
+    from kbms.merge import conversation_id, new_state
+    from kbms.providers import get_provider
+    from kbms.settings import Settings
+    from kbms.storage import open_store
+    from kbms.storage.base import Filters
+    from kbms.storage.migrate import alembic_config
+    from kbms.storage.rows import conversation_values
+    from kbms.storage.schema import conversations
+    from tests.helpers import dumps, intercom_payload, part
+
+    engine = admin_engine(empty_database_url)
+    try:
+        config = alembic_config()
+        with engine.begin() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0001")
+        payload = intercom_payload("old", parts=[part("p1", "<p>legacy pineapple</p>")])
+        payload["tags"] = {"type": "tag.list", "tags": [{"name": "vip"}]}
+        snapshot = get_provider("intercom").parse_push(dumps(payload), workspace="w", default_workspace="default")
+        state = new_state(conversation_id("intercom", "w", "old"), snapshot)
+        with engine.begin() as conn:
+            conn.execute(conversations.insert().values(conversation_values(state, changed_at=123)))
+        upgrade(engine)
+    finally:
+        engine.dispose()
+    store = open_store(Settings(database_url=empty_database_url))
+    try:
+        hits = await store.search(["pineapple"], filters=Filters(tag="vip"), limit=10, offset=0)
+        assert [hit.summary.external_id for hit in hits] == ["old"]
+        feed = await store.changes(after=0, limit=10)
+        assert [(c.external_id, c.action, c.changed_at) for c in feed] == [("old", "created", 123)]
+    finally:
+        await store.close()

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 from pydantic import ValidationError
@@ -28,13 +28,15 @@ from sqlalchemy.engine import Engine
 
 from kbms.backfill import IngestReport, UnreadableFile, ingest_file
 from kbms.errors import KbmsError, StorageUnavailable
+from kbms.export import FORMATS, ParquetUnavailable, parquet_schemas, write_export
 from kbms.merge import micros
-from kbms.model import WORKSPACE, WORKSPACE_PATTERN
+from kbms.model import WORKSPACE, WORKSPACE_PATTERN, State
 from kbms.providers import DEFAULT_PROVIDER, REGISTRY, get_provider
 from kbms.reprocess import ReprocessReport
 from kbms.reprocess import reprocess as run_reprocess
 from kbms.settings import Settings
 from kbms.storage import admin_engine, open_store
+from kbms.storage.base import Filters
 from kbms.storage.migrate import current_revision, head_revision, is_current, upgrade
 
 EXIT_REJECTED = 1
@@ -72,6 +74,23 @@ def _admin_engine(settings: Settings) -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
+
+
+def _micros_of(value: datetime | None) -> int | None:
+    """A command-line time as stored micros; a time without a zone is taken as UTC."""
+    return None if value is None else micros(value if value.tzinfo else value.replace(tzinfo=UTC))
+
+
+def _counting_progress() -> Progress:
+    """The bar of the commands that count items (the total becomes known once the work has started)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
 
 
 def _require_current_schema(settings: Settings) -> None:
@@ -226,19 +245,12 @@ def reprocess(
         err.print(f"[red]Unknown provider {provider!r}[/] (known: {', '.join(REGISTRY)})")
         raise typer.Exit(EXIT_USAGE)
     _require_current_schema(settings)
-    start = micros(since if since.tzinfo else since.replace(tzinfo=UTC)) if since is not None else None
+    start = _micros_of(since)
 
     async def run() -> ReprocessReport:
         store = open_store(settings)
         try:
-            with Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                console=err,
-                transient=True,
-            ) as bar:
+            with _counting_progress() as bar:
                 task = bar.add_task("re-deriving", total=None)
                 return await run_reprocess(
                     store,
@@ -261,6 +273,88 @@ def reprocess(
     unchanged = report.conversations - report.changed
     table.add_row(*map(str, (report.conversations, report.changed, unchanged, report.deliveries_reclassified)))
     out.print(table)
+
+
+@app.command()
+def export(
+    destination: Annotated[
+        Path, typer.Option("--out", help="File to write (a directory for parquet)", show_default=False)
+    ],
+    fmt: Annotated[
+        str, typer.Option("--format", help="ndjson (the detail JSON), csv (a row per conversation) or parquet")
+    ] = "ndjson",
+    provider: Annotated[str | None, typer.Option(help="Only this provider's")] = None,
+    workspace: Annotated[str | None, typer.Option(help="Only this workspace's")] = None,
+    state: Annotated[str | None, typer.Option(help="Only conversations in this state")] = None,
+    tag: Annotated[str | None, typer.Option(help="Only conversations with this tag")] = None,
+    updated_after: Annotated[
+        datetime | None, typer.Option(help="Only updated after this time (UTC unless given)")
+    ] = None,
+    updated_before: Annotated[
+        datetime | None, typer.Option(help="Only updated before this time (UTC unless given)")
+    ] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Export live conversations (from one consistent snapshot) for notebooks and spreadsheets."""
+    settings = _settings(database_url=database_url)
+    if fmt not in FORMATS:
+        err.print(f"[red]--format {fmt!r}[/]: one of {', '.join(FORMATS)}")
+        raise typer.Exit(EXIT_USAGE)
+    if provider is not None and provider not in REGISTRY:
+        err.print(f"[red]Unknown provider {provider!r}[/] (known: {', '.join(REGISTRY)})")
+        raise typer.Exit(EXIT_USAGE)
+    if state is not None and state not in get_args(State):
+        err.print(f"[red]--state {state!r}[/]: one of {', '.join(get_args(State))}")
+        raise typer.Exit(EXIT_USAGE)
+    if fmt == "parquet":
+        try:
+            parquet_schemas()
+        except ParquetUnavailable as exc:
+            err.print(f"[red]{exc}[/]")
+            raise typer.Exit(EXIT_USAGE) from None
+    _require_current_schema(settings)
+
+    filters = Filters(
+        provider=provider,
+        workspace=workspace,
+        state=state,
+        tag=tag,
+        updated_after=_micros_of(updated_after),
+        updated_before=_micros_of(updated_before),
+    )
+
+    async def run() -> int:
+        store = open_store(settings)
+        try:
+            with _counting_progress() as bar:
+                task = bar.add_task("exporting", total=None)
+                batches = store.export(filters)
+                try:
+                    return await write_export(
+                        batches,
+                        fmt,
+                        destination,
+                        progress=lambda done, total: bar.update(task, completed=done, total=total),
+                    )
+                finally:
+                    await batches.aclose()
+        finally:
+            await store.close()
+
+    try:
+        written = asyncio.run(run())
+    except StorageUnavailable as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
+    except OSError as exc:
+        err.print(f"[red]{destination}: {exc.strerror or exc}[/]")
+        raise typer.Exit(EXIT_USAGE) from None
+    where = (
+        f"{destination / 'conversations.parquet'} and {destination / 'messages.parquet'}"
+        if fmt == "parquet"
+        else str(destination)
+    )
+    out.print(f"Exported {written} conversations to {where}.", markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_report(report: IngestReport) -> None:

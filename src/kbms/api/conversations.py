@@ -1,68 +1,157 @@
-"""``/internal/conversations``: what internal consumers read. Lean routes (see ``api/lean.py``): these are hot."""
+"""``/internal/*``: what internal consumers read. Lean routes (see ``api/lean.py``): these are hot.
+
+- ``GET /internal/conversations``: the list, filtered, newest-updated first with a keyset cursor; with ``q``,
+  full-text search, most relevant first;
+- ``GET /internal/conversations/{id}``: the detail, from the read model;
+- ``GET /internal/changes``: every committed change, in commit order;
+- ``GET /internal/exports/conversations.ndjson``: every conversation the filters match, streamed.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated, Literal, get_args
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
 from pydantic import Field, StringConstraints, TypeAdapter
 
-from kbms.api.cursor import decode_cursor, encode_cursor
+from kbms import search
+from kbms.api.cursor import (
+    decode_cursor,
+    decode_feed_cursor,
+    decode_search_cursor,
+    encode_cursor,
+    encode_feed_cursor,
+    encode_search_cursor,
+)
 from kbms.api.errors import ERROR_RESPONSES
 from kbms.api.lean import LeanRoute, parameter, query, store_of
 from kbms.api.responses import json_response
-from kbms.api.schemas import ConversationDetail, ConversationPage, ErrorBody
-from kbms.errors import NotFound
-from kbms.model import WORKSPACE_PATTERN
+from kbms.api.schemas import ChangePage, ConversationDetail, ConversationPage, ErrorBody, ListItem, Match
+from kbms.errors import FieldIssue, NotFound, ValidationFailed
+from kbms.merge import micros
+from kbms.model import WORKSPACE_PATTERN, State
 from kbms.providers import REGISTRY
+from kbms.providers.fields import Timestamp
 from kbms.storage.base import Filters
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
+MAX_SEARCH_OFFSET = 10_000  # relevance pages past this are not worth the database's time
+DEFAULT_FEED_LIMIT = 100
+MAX_FEED_LIMIT = 1000
 LIMIT = TypeAdapter(Annotated[int, Field(ge=1, le=MAX_LIMIT)])
+FEED_LIMIT = TypeAdapter(Annotated[int, Field(ge=1, le=MAX_FEED_LIMIT)])
 CURSOR = TypeAdapter(Annotated[str, Field(max_length=256)])
 PROVIDER: TypeAdapter[str] = TypeAdapter(Literal[tuple(REGISTRY)])  # type: ignore[arg-type]
 WORKSPACE = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=WORKSPACE_PATTERN)])
+STATE: TypeAdapter[State] = TypeAdapter(State)
+TAG = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=255)])
+TIME: TypeAdapter[datetime] = TypeAdapter(Timestamp)
+Q = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=512)])
 
-router = APIRouter(prefix="/internal/conversations", tags=["internal"], route_class=LeanRoute)
+router = APIRouter(prefix="/internal", tags=["internal"], route_class=LeanRoute)
+
+FILTER_PARAMETERS = [
+    parameter("provider", "query", {"type": "string", "enum": list(REGISTRY)}, "Only this provider's"),
+    parameter(
+        "workspace",
+        "query",
+        {"type": "string", "minLength": 1, "maxLength": 128, "pattern": WORKSPACE_PATTERN},
+        "Only this workspace's (a provider account)",
+    ),
+    parameter("state", "query", {"type": "string", "enum": list(get_args(State))}, "Only conversations in this state"),
+    parameter("tag", "query", {"type": "string", "minLength": 1, "maxLength": 255}, "Only conversations with this tag"),
+    parameter(
+        "updated_after",
+        "query",
+        {"type": "string", "format": "date-time"},
+        "Only conversations updated after this time (ISO-8601, or unix seconds; exclusive)",
+    ),
+    parameter(
+        "updated_before",
+        "query",
+        {"type": "string", "format": "date-time"},
+        "Only conversations updated before this time (ISO-8601, or unix seconds; exclusive)",
+    ),
+]
+
+
+def filters_of(request: Request) -> Filters:
+    after = query(request, "updated_after", TIME, None)
+    before = query(request, "updated_before", TIME, None)
+    return Filters(
+        provider=query(request, "provider", PROVIDER, None),
+        workspace=query(request, "workspace", WORKSPACE, None),
+        state=query(request, "state", STATE, None),
+        tag=query(request, "tag", TAG, None),
+        updated_after=micros(after) if after is not None else None,
+        updated_before=micros(before) if before is not None else None,
+    )
 
 
 @router.get(
-    "",
+    "/conversations",
     response_model=ConversationPage,
-    summary="List conversations, newest-updated first",
-    responses={422: {"model": ErrorBody, "description": "Bad limit or cursor"}, **ERROR_RESPONSES},
+    summary="List or search conversations",
+    description=(
+        "Without `q`: live conversations newest-updated first; `next_cursor` continues the list, and new "
+        "conversations arriving meanwhile neither repeat nor skip items. With `q`: full-text search over subjects "
+        "and message text (accents and case do not matter, every word must be present), most relevant first, each "
+        "item with a `match` (score and highlighted snippet). Filters apply to both."
+    ),
+    responses={422: {"model": ErrorBody, "description": "Bad limit, cursor, filter or query"}, **ERROR_RESPONSES},
     openapi_extra={
         "parameters": [
             parameter(
                 "limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 50}, "Page size"
             ),
             parameter("cursor", "query", {"type": "string", "maxLength": 256}, "next_cursor of the previous page"),
-            parameter("provider", "query", {"type": "string", "enum": list(REGISTRY)}, "Only this provider's"),
-            parameter(
-                "workspace",
-                "query",
-                {"type": "string", "minLength": 1, "maxLength": 128, "pattern": WORKSPACE_PATTERN},
-                "Only this workspace's (a provider account)",
-            ),
+            parameter("q", "query", {"type": "string", "minLength": 1, "maxLength": 512}, "Full-text search"),
+            *FILTER_PARAMETERS,
         ]
     },
 )
 async def list_conversations(request: Request) -> Response:
     limit = query(request, "limit", LIMIT, DEFAULT_LIMIT)
     cursor = query(request, "cursor", CURSOR, "")
-    filters = Filters(
-        provider=query(request, "provider", PROVIDER, None), workspace=query(request, "workspace", WORKSPACE, None)
-    )
-    page = await store_of(request).list_conversations(
+    filters = filters_of(request)
+    q = query(request, "q", Q, None)
+    store = store_of(request)
+    if q is not None:
+        terms = search.query_terms(q)
+        if not terms:
+            raise ValidationFailed(
+                [FieldIssue("q", "no_words", "The query has no word to search for (letters or digits)")],
+                message="Request validation failed",
+            )
+        offset = decode_search_cursor(cursor) if cursor else 0
+        if offset > MAX_SEARCH_OFFSET:
+            raise ValidationFailed(
+                [FieldIssue("cursor", "too_deep", f"Search results stop after {MAX_SEARCH_OFFSET}")],
+                message="Request validation failed",
+            )
+        hits = await store.search(terms, filters=filters, limit=limit + 1, offset=offset)
+        items = [
+            ListItem(
+                **hit.summary.model_dump(), match=Match(score=hit.score, snippet=hit.snippet, message_id=hit.message_id)
+            )
+            for hit in hits[:limit]
+        ]
+        following = encode_search_cursor(offset + limit) if len(hits) > limit else None
+        return json_response(ConversationPage(items=items, next_cursor=following))
+    page = await store.list_conversations(
         limit=limit, cursor=decode_cursor(cursor) if cursor else None, filters=filters
     )
     next_cursor = encode_cursor(page.next_cursor) if page.next_cursor is not None else None
-    return json_response(ConversationPage(items=page.items, next_cursor=next_cursor))
+    listed = [ListItem(**item.model_dump()) for item in page.items]
+    return json_response(ConversationPage(items=listed, next_cursor=next_cursor))
 
 
 @router.get(
-    "/{conversation_id}",
+    "/conversations/{conversation_id}",
     response_model=ConversationDetail,
     summary="One conversation with its participants, messages and events",
     responses={404: {"model": ErrorBody, "description": "Unknown or deleted conversation"}, **ERROR_RESPONSES},
@@ -75,3 +164,80 @@ async def get_conversation(request: Request) -> Response:
     if detail is None:
         raise NotFound("Conversation not found")
     return json_response(detail)
+
+
+@router.get(
+    "/changes",
+    response_model=ChangePage,
+    summary="Every committed change, in commit order",
+    description=(
+        "Each created, updated or deleted conversation once per change, in the order the changes were committed. "
+        "Start without a cursor, then pass `next_cursor` back, forever: it is always set (the same cursor when "
+        "nothing new has been committed), and no change is ever skipped or repeated, whatever the concurrent "
+        "writers. Changes are kept: a consumer can resume from any cursor it was given."
+    ),
+    responses={422: {"model": ErrorBody, "description": "Bad limit or cursor"}, **ERROR_RESPONSES},
+    openapi_extra={
+        "parameters": [
+            parameter(
+                "limit",
+                "query",
+                {"type": "integer", "minimum": 1, "maximum": MAX_FEED_LIMIT, "default": DEFAULT_FEED_LIMIT},
+                "Page size",
+            ),
+            parameter("cursor", "query", {"type": "string", "maxLength": 256}, "next_cursor of the previous page"),
+        ]
+    },
+)
+async def list_changes(request: Request) -> Response:
+    limit = query(request, "limit", FEED_LIMIT, DEFAULT_FEED_LIMIT)
+    cursor = query(request, "cursor", CURSOR, "")
+    after = decode_feed_cursor(cursor) if cursor else 0
+    records = await store_of(request).changes(after=after, limit=limit)
+    last = records[-1].seq if records else after
+    return json_response(ChangePage.of(records, next_cursor=encode_feed_cursor(last)))
+
+
+@router.get(
+    "/exports/conversations.ndjson",
+    summary="Export conversations as NDJSON (streamed)",
+    description=(
+        "Every live conversation the filters match, one detail per line (the same JSON as the detail endpoint), "
+        "newest-updated first, from one consistent snapshot of the database, streamed in constant memory. "
+        "`X-Kbms-Count` says how many lines will come: fewer means the transfer broke."
+    ),
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {
+                "application/x-ndjson": {
+                    "schema": {"type": "string", "description": "One ConversationDetail JSON object per line"}
+                }
+            },
+            "description": "One conversation per line",
+            "headers": {"X-Kbms-Count": {"schema": {"type": "integer"}, "description": "Lines that will follow"}},
+        },
+        422: {"model": ErrorBody, "description": "Bad filter"},
+        **ERROR_RESPONSES,
+    },
+    openapi_extra={"parameters": FILTER_PARAMETERS},
+)
+async def export_conversations(request: Request) -> Response:
+    batches = store_of(request).export(filters_of(request))
+    # The first batch before the response starts: a database that cannot be read is still a proper 503.
+    first = await anext(batches)
+
+    async def lines() -> AsyncIterator[bytes]:
+        try:
+            batch = first
+            while True:
+                if batch.details:
+                    yield b"".join(detail + b"\n" for detail in batch.details)
+                batch = await anext(batches)
+        except StopAsyncIteration:
+            return
+        finally:
+            await batches.aclose()  # the snapshot's connection goes back at once, even if the client left
+
+    headers = {"X-Kbms-Count": str(first.total), "Content-Disposition": 'attachment; filename="conversations.ndjson"'}
+    return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers)

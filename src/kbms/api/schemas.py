@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from kbms.ingest import IngestOutcome, WebhookOutcome
+from kbms.merge import from_micros
 from kbms.model import Conversation, ConversationSummary, IngestResult
+from kbms.storage.base import ChangeRecord
 
 # The detail is served from the read model, which is the model's own JSON: one definition, so the two cannot drift.
 # Should the HTTP shape ever need to differ from the model, give it its own class here and a converter.
@@ -68,9 +71,54 @@ class BatchResponse(_Body):
     results: list[BatchLine] = Field(description="One per non-blank line, in order")
 
 
+class Match(_Body):
+    score: float = Field(description="Relevance: higher is better (comparable within one search only)")
+    snippet: str | None = Field(
+        description="The first passage holding a searched word: HTML-escaped text, the words in <mark></mark>"
+    )
+    message_id: str | None = Field(description="The message the snippet comes from; null for the subject")
+
+
+class ListItem(ConversationSummary):
+    match: Match | None = Field(default=None, description="Why a search found it; null outside a search")
+
+
 class ConversationPage(_Body):
-    items: list[ConversationSummary]
+    items: list[ListItem]
     next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null on the last page")
+
+
+class Change(_Body):
+    seq: int = Field(description="Commit order: strictly increasing, not necessarily consecutive")
+    conversation_id: str
+    provider: str
+    workspace: str
+    external_id: str
+    action: Literal["created", "updated", "deleted"]
+    revision: int = Field(description="The conversation's revision after this change")
+    changed_at: datetime
+
+
+class ChangePage(_Body):
+    items: list[Change]
+    next_cursor: str = Field(description="Pass as ?cursor= to continue; always set (repeat it to wait for more)")
+
+    @classmethod
+    def of(cls, records: list[ChangeRecord], *, next_cursor: str) -> ChangePage:
+        items = [
+            Change(
+                seq=r.seq,
+                conversation_id=r.conversation_id,
+                provider=r.provider,
+                workspace=r.workspace,
+                external_id=r.external_id,
+                action=r.action,
+                revision=r.revision,
+                changed_at=from_micros(r.changed_at),
+            )
+            for r in records
+        ]
+        return cls(items=items, next_cursor=next_cursor)
 
 
 class Health(_Body):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
@@ -122,10 +122,14 @@ class Cursor:
 
 @dataclass(frozen=True, slots=True)
 class Filters:
-    """Which live conversations a list (or an export) is about; None: any."""
+    """Which live conversations a list (or an export) is about; None: any. Times are microseconds, exclusive."""
 
     provider: str | None = None
     workspace: str | None = None
+    state: str | None = None
+    tag: str | None = None
+    updated_after: int | None = None
+    updated_before: int | None = None
 
 
 ALL = Filters()
@@ -135,6 +139,36 @@ ALL = Filters()
 class Page:
     items: list[ConversationSummary]
     next_cursor: Cursor | None
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """A conversation found by full-text search: higher ``score`` is more relevant."""
+
+    summary: ConversationSummary
+    score: float
+    snippet: str | None
+    message_id: str | None  # the message the snippet comes from; None for the subject
+
+
+@dataclass(frozen=True, slots=True)
+class ExportBatch:
+    total: int  # conversations in the whole export (the same snapshot)
+    details: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeRecord:
+    """One committed change of a conversation, as the feed serves it."""
+
+    seq: int
+    conversation_id: str
+    provider: str
+    workspace: str
+    external_id: str
+    action: Literal["created", "updated", "deleted"]
+    revision: int
+    changed_at: int
 
 
 class Store(Protocol):
@@ -207,6 +241,25 @@ class Store(Protocol):
 
     async def list_conversations(self, *, limit: int, cursor: Cursor | None, filters: Filters = ALL) -> Page:
         """Live conversations matching ``filters``, newest-updated first, keyset-paginated."""
+        ...
+
+    async def search(self, terms: Sequence[str], *, filters: Filters, limit: int, offset: int) -> list[Hit]:
+        """Live conversations matching ``filters`` that contain every term (see ``kbms.search``), most relevant
+        first (ties by id); ``limit`` of them after the first ``offset``."""
+        ...
+
+    async def changes(self, *, after: int, limit: int) -> list[ChangeRecord]:
+        """Committed changes with ``seq`` greater than ``after``, in commit (``seq``) order."""
+        ...
+
+    def export(self, filters: Filters) -> AsyncGenerator[ExportBatch]:
+        """Every live conversation matching ``filters``, as the detail JSON the API serves, in batches, newest-updated
+        first, from one consistent snapshot of the database (constant memory, whatever is written meanwhile). At
+        least one batch comes, with the total."""
+        ...
+
+    async def count(self, filters: Filters) -> int:
+        """How many live conversations match ``filters``."""
         ...
 
     async def ping(self) -> None:

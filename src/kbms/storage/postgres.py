@@ -15,22 +15,24 @@ before a thread is, so an exhausted pool answers 503 quickly instead of queueing
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
 import psycopg
-from sqlalchemy import URL, create_engine
+from sqlalchemy import URL, Connection, create_engine
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from kbms.errors import StorageUnavailable
-from kbms.storage.sql import Sql
+from kbms.storage.sql import Sql, discard_changes, flush_changes
 from kbms.storage.store import Job, SqlStore, is_refused, is_unavailable, refused, unavailable, utc_now
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ RETRIED_SQLSTATES = frozenset(("40001", "40P01"))  # serialization_failure, dead
 ATTEMPTS = 3
 # Server-side limits, so that no request waits on the database for longer than a client would.
 SESSION_OPTIONS = "-c lock_timeout=4000 -c statement_timeout=15000 -c idle_in_transaction_session_timeout=30000"
+EXPORT_IDLE_MS = 600_000
 
 
 def postgres_url(url: URL) -> URL:
@@ -113,7 +116,10 @@ class PostgresStore(SqlStore):
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 with self._engine.begin() as conn:
-                    return job(conn)
+                    discard_changes(conn)  # whatever an earlier, failed attempt left on this connection
+                    result = job(conn)
+                    flush_changes(self._sql, conn)  # last: numbered in commit order (see flush_changes)
+                    return result
             except (DBAPIError, psycopg.Error) as exc:
                 if _sqlstate(exc) in RETRIED_SQLSTATES and attempt < ATTEMPTS:
                     log.info("retrying a transaction after %s", _sqlstate(exc))
@@ -126,6 +132,46 @@ class PostgresStore(SqlStore):
             except PoolTimeout as exc:
                 raise unavailable(exc) from exc
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    @contextlib.asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[Callable[[Job[Any]], Awaitable[Any]]]:
+        """A REPEATABLE READ transaction: one snapshot for all its reads. It holds a pool slot until it ends."""
+        try:
+            with anyio.fail_after(self._pool_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise StorageUnavailable("Database busy: no connection free") from None
+        conn: Connection | None = None
+
+        def begin() -> Connection:
+            opened = self._engine.connect().execution_options(isolation_level="REPEATABLE READ")
+            opened.begin()
+            # A client reading an export slowly leaves the transaction idle between reads: not for 30 s only.
+            opened.exec_driver_sql(f"SET LOCAL idle_in_transaction_session_timeout = {EXPORT_IDLE_MS}")
+            return opened
+
+        try:
+            conn = await anyio.to_thread.run_sync(self._call, begin, limiter=self._threads)
+
+            async def run(job: Job[T]) -> T:
+                assert conn is not None
+                return await anyio.to_thread.run_sync(self._call, partial(job, conn), limiter=self._threads)
+
+            yield run
+        finally:
+            if conn is not None:
+                await anyio.to_thread.run_sync(conn.close, limiter=self._threads)
+            self._slots.release()
+
+    def _call(self, function: Callable[[], T]) -> T:
+        try:
+            return function()
+        except (DBAPIError, psycopg.Error, PoolTimeout) as exc:
+            if is_refused(exc):
+                raise refused(exc) from exc
+            if isinstance(exc, PoolTimeout) or is_unavailable(exc):
+                raise unavailable(exc) from exc
+            raise
 
     async def close(self) -> None:
         self._engine.dispose()

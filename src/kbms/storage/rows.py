@@ -15,7 +15,7 @@ from kbms.merge import (
     render,
     summarize,
 )
-from kbms.model import Attachment, Event, Message
+from kbms.model import Attachment, Conversation, Event, Message
 
 
 def dumps(value: Any) -> str:
@@ -30,9 +30,11 @@ def decode_registers(text: str) -> dict[str, Register]:
     return {name: Register(version, value) for name, (version, value) in json.loads(text).items()}
 
 
-def conversation_values(state: ConversationState, *, changed_at: int) -> dict[str, Any]:
-    """Every column of a conversations row (but ``pk``), derived from its merge state."""
-    detail = render(state)
+def conversation_values(
+    state: ConversationState, *, changed_at: int, detail: Conversation | None = None
+) -> dict[str, Any]:
+    """Every column of a conversations row (but ``pk``), derived from its merge state (``detail``: its render)."""
+    detail = detail or render(state)
     summary = summarize(detail)
     return {
         "id": state.id,

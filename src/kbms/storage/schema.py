@@ -82,6 +82,17 @@ Index(
     postgresql_where=text("deleted_at IS NULL"),
 )
 
+# The list's filters, each with the list's order, over live conversations only.
+for _column in ("provider", "workspace", "state"):
+    Index(
+        f"ix_conversations_live_{_column}",
+        conversations.c[_column],
+        conversations.c.updated_at.desc(),
+        conversations.c.id.desc(),
+        sqlite_where=text("deleted_at IS NULL"),
+        postgresql_where=text("deleted_at IS NULL"),
+    )
+
 participants = Table(
     "participants",
     metadata,
@@ -169,3 +180,42 @@ redactions = Table(
     PrimaryKeyConstraint("provider", "workspace", "external_id", "message_id"),
     sqlite_with_rowid=False,
 )
+
+# A conversation's tags, one row each: the list's ``tag`` filter.
+conversation_tags = Table(
+    "conversation_tags",
+    metadata,
+    Column("conversation_pk", PrimaryKey, ForeignKey("conversations.pk", ondelete="CASCADE"), nullable=False),
+    Column("tag", Text, nullable=False),
+    PrimaryKeyConstraint("conversation_pk", "tag"),
+    sqlite_with_rowid=False,
+)
+Index("ix_conversation_tags_tag", conversation_tags.c.tag, conversation_tags.c.conversation_pk)
+
+# The change feed: one row per committed change of a conversation, numbered in commit order (see storage/sql.py,
+# ``flush_changes``, for how PostgreSQL keeps that order under concurrent writers).
+changes = Table(
+    "changes",
+    metadata,
+    Column("seq", PrimaryKey, primary_key=True, autoincrement=True),
+    Column("conversation_id", ConversationId, nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("workspace", Text, nullable=False),
+    Column("external_id", Text, nullable=False),
+    Column("action", String(16), nullable=False),  # created | updated | deleted
+    Column("revision", Integer, nullable=False),
+    Column("changed_at", BigInteger, nullable=False),
+)
+
+# Full-text search lives outside this metadata, because each engine has its own: an FTS5 table ``search_index`` on
+# SQLite, a ``search_documents`` table with a tsvector and a GIN index on PostgreSQL (migration 0002).
+SEARCH_OBJECTS = ("search_index", "search_documents")
+
+
+def declared(name: str | None, type_: str) -> bool:
+    """Whether a database object belongs to this metadata (for Alembic: the search objects are hand-made)."""
+    if type_ == "table" and name is not None:
+        return not name.startswith(SEARCH_OBJECTS)
+    if type_ == "index" and name is not None:
+        return not name.startswith(("ix_search_",))
+    return True

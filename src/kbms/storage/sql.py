@@ -15,14 +15,31 @@ nothing (on PostgreSQL it waits for the winner to commit) and it merges instead.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, Select, Table, and_, bindparam, func, or_, select, update
+from sqlalchemy import (
+    Connection,
+    RowMapping,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    column,
+    func,
+    literal_column,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy import delete as delete_
+from sqlalchemy import table as table_
 from sqlalchemy.engine import Dialect
 
+from kbms import search
 from kbms.errors import FieldIssue, describe
 from kbms.merge import (
     ConversationState,
@@ -32,17 +49,20 @@ from kbms.merge import (
     merge,
     micros,
     new_state,
+    render,
     replay,
     tombstone,
 )
 from kbms.model import Change, Conversation, ConversationDeletion, ConversationSnapshot, ConversationSummary, Message
 from kbms.storage.base import (
     Applied,
+    ChangeRecord,
     ConcurrentCreation,
     ConversationKey,
     Cursor,
     Delivery,
     Filters,
+    Hit,
     KnownDelivery,
     LedgerEntry,
     Page,
@@ -60,7 +80,16 @@ from kbms.storage.rows import (
     participant_from_row,
     participant_values,
 )
-from kbms.storage.schema import conversations, events, ledger, messages, participants, redactions
+from kbms.storage.schema import (
+    changes,
+    conversation_tags,
+    conversations,
+    events,
+    ledger,
+    messages,
+    participants,
+    redactions,
+)
 
 # sqlalchemy.dialects.sqlite.insert or sqlalchemy.dialects.postgresql.insert: same upsert API, two dialects.
 InsertFactory = Callable[[Table], Any]
@@ -195,16 +224,35 @@ class Sql:
             )
         )
         self.detail = select(c.detail).where(c.id == bindparam("b_id"), c.deleted_at.is_(None))
-        self._pages: dict[tuple[bool, ...], Any] = {}
+        self.tag = insert(conversation_tags)
+        self.untag = delete_(conversation_tags).where(conversation_tags.c.conversation_pk == bindparam("b_pk"))
+        self.record = insert(changes)
+        self.feed = (
+            select(changes)
+            .where(changes.c.seq > bindparam("b_after"))
+            .order_by(changes.c.seq)
+            .limit(bindparam("b_limit"))
+        )
+        if dialect.name == "sqlite":
+            self.index_document = text("INSERT INTO search_index (rowid, document) VALUES (:b_pk, :b_document)")
+            self.unindex = text("DELETE FROM search_index WHERE rowid = :b_pk")
+        else:
+            self.index_document = text(
+                "INSERT INTO search_documents (conversation_pk, tsv) VALUES (:b_pk, to_tsvector('simple', :b_document))"
+                " ON CONFLICT (conversation_pk) DO UPDATE SET tsv = EXCLUDED.tsv"
+            )
+            self.unindex = text("DELETE FROM search_documents WHERE conversation_pk = :b_pk")
+        self._statements: dict[tuple[object, ...], Any] = {}
 
-    def page(self, after: bool, filters: Filters) -> Any:
-        """The list statement for this combination of filters (built once per combination)."""
-        shape = (after, filters.provider is not None, filters.workspace is not None)
-        cached = self._pages.get(shape)
+    def page(self, after: bool, filters: Filters, *, export: bool = False) -> Any:
+        """The list (or export) statement for this combination of filters, built once per combination."""
+        shape = ("export" if export else "page", after, *_shape(filters))
+        cached = self._statements.get(shape)
         if cached is not None:
             return cached
         c = conversations.c
-        statement: Any = select(*SUMMARY_COLUMNS).where(c.deleted_at.is_(None))
+        columns = (c.detail, c.updated_at, c.id) if export else SUMMARY_COLUMNS
+        statement: Any = select(*columns).where(c.deleted_at.is_(None), *_conditions(filters))
         if after:
             statement = statement.where(
                 or_(
@@ -212,12 +260,38 @@ class Sql:
                     and_(c.updated_at == bindparam("b_updated_at"), c.id < bindparam("b_id")),
                 )
             )
-        if filters.provider is not None:
-            statement = statement.where(c.provider == bindparam("b_provider"))
-        if filters.workspace is not None:
-            statement = statement.where(c.workspace == bindparam("b_workspace"))
         statement = statement.order_by(c.updated_at.desc(), c.id.desc()).limit(bindparam("b_limit"))
-        self._pages[shape] = statement
+        self._statements[shape] = statement
+        return statement
+
+    def search(self, filters: Filters) -> Any:
+        """Full-text search with these filters: each engine's index and relevance, the same words (kbms.search)."""
+        shape = ("search", *_shape(filters))
+        cached = self._statements.get(shape)
+        if cached is not None:
+            return cached
+        c = conversations.c
+        if self._dialect.name == "sqlite":
+            index = table_("search_index", column("rowid"))
+            # bm25 is lower for better matches: negated, higher is better on both engines.
+            score = (-func.bm25(literal_column("search_index"))).label("score")
+            matches = literal_column("search_index").op("MATCH")(bindparam("b_query"))
+            joined = index.join(conversations, c.pk == index.c.rowid)
+        else:
+            index = table_("search_documents", column("conversation_pk"), column("tsv"))
+            query = func.to_tsquery("simple", bindparam("b_query"))
+            score = func.ts_rank(index.c.tsv, query).label("score")
+            matches = index.c.tsv.op("@@")(query)
+            joined = index.join(conversations, c.pk == index.c.conversation_pk)
+        statement = (
+            select(*SUMMARY_COLUMNS, c.detail, score)
+            .select_from(joined)
+            .where(matches, c.deleted_at.is_(None), *_conditions(filters))
+            .order_by(score.desc(), c.id)
+            .limit(bindparam("b_limit"))
+            .offset(bindparam("b_offset"))
+        )
+        self._statements[shape] = statement
         return statement
 
     def _compile(self, statement: Any, keys: tuple[str, ...]) -> _Compiled:
@@ -254,17 +328,31 @@ class Creation:
     state: ConversationState
     row: dict[str, Any]  # the conversations row, but changed_at
     children: tuple[list[dict[str, Any]], ...]  # participants, messages, events rows, but conversation_pk
+    index: Index
+
+
+@dataclass(frozen=True, slots=True)
+class Index:
+    """What a live conversation adds to the list's tag filter and to full-text search."""
+
+    tags: list[str]
+    document: str
+
+    @classmethod
+    def of(cls, detail: Conversation) -> Index:
+        return cls(list(dict.fromkeys(detail.tags)), search.document(detail))
 
 
 def prepare(snapshot: ConversationSnapshot) -> Creation:
     state = new_state(conversation_id(snapshot.provider, snapshot.workspace, snapshot.external_id), snapshot)
-    row = conversation_values(state, changed_at=0)
+    detail = render(state)
+    row = conversation_values(state, changed_at=0, detail=detail)
     children = (
         [participant_values(0, p) for p in state.participants.values()],
         [message_values(0, m, state.message_versions[i]) for i, m in state.messages.items()],
         [event_values(0, e) for e in state.events.values()],
     )
-    return Creation(state, row, children)
+    return Creation(state, row, children, Index.of(detail))
 
 
 def _key_params(change: Change) -> dict[str, str]:
@@ -355,6 +443,8 @@ def _store_snapshot(
                     child["conversation_pk"] = pk  # the rows are this write's own (a retry sets them again)
                 # A fresh conversation has no children yet: a plain insert is enough (and cheaper).
                 sql.run_many(conn, sql.children[table][1], rows)
+        _write_index(sql, conn, pk, new.index, fresh=True)
+        record_change(conn, new.state, "created", now)
         return Applied("created", new.state.id, new.state.external_id), pk
 
     pk, stored = load_state(sql, conn, key)
@@ -363,7 +453,11 @@ def _store_snapshot(
         return Applied("unchanged", stored.id, stored.external_id), pk
     merged = result.state
     _write_children(sql, conn, pk, merged, result.participants, result.rewritten_messages, result.events, fresh=False)
-    sql.run(conn, sql.save, {**conversation_values(merged, changed_at=now), "b_pk": pk})
+    detail = render(merged)
+    sql.run(conn, sql.save, {**conversation_values(merged, changed_at=now, detail=detail), "b_pk": pk})
+    if stored.deleted_at is None:  # a tombstone stays out of the index (its merge changes nothing anyway)
+        _write_index(sql, conn, pk, Index.of(detail), fresh=False)
+        record_change(conn, merged, "updated", now)
     return Applied("updated", merged.id, merged.external_id), pk
 
 
@@ -382,6 +476,8 @@ def _store_deletion(
     for load, _insert, _upsert in sql.children.values():
         conn.execute(sql.purge[load], {"b_pk": pk})
     conn.execute(sql.save, {**conversation_values(deleted, changed_at=now), "b_pk": pk})
+    _write_index(sql, conn, pk, None, fresh=False)
+    record_change(conn, deleted, "deleted", now)
     return Applied("updated", stored.id, stored.external_id), pk
 
 
@@ -436,6 +532,70 @@ def _stream(cursor: Any, size: int = 50) -> Iterator[tuple[int, bytes]]:
     while rows := cursor.fetchmany(size):
         for pk, body in rows:
             yield pk, bytes(body)
+
+
+def _write_index(sql: Sql, conn: Connection, pk: int, index: Index | None, *, fresh: bool) -> None:
+    """Replace a conversation's tags and search document (``index`` None: remove them, it is deleted)."""
+    if not fresh:
+        sql.run(conn, sql.untag, {"b_pk": pk})
+        sql.run(conn, sql.unindex, {"b_pk": pk})
+    if index is None:
+        return
+    if index.tags:
+        sql.run_many(conn, sql.tag, [{"conversation_pk": pk, "tag": tag} for tag in index.tags])
+    sql.run(conn, sql.index_document, {"b_pk": pk, "b_document": index.document})
+
+
+# The change feed. A write records its changes on its connection as it goes; the store writes them into
+# ``changes`` at the end of the transaction, with ``flush_changes``, and drops those of a write rolled back to its
+# savepoint (``discard_changes``). Why at the end: on PostgreSQL the rows are numbered under a lock held until the
+# commit, so the numbering is the commit order (see ``flush_changes``); taking that lock last means a transaction
+# holding it never waits for anything else, and cannot deadlock with one that holds a row it needs.
+PENDING_CHANGES = "kbms.pending_changes"
+# The PostgreSQL advisory lock that orders the feed ("feed" in ASCII).
+FEED_LOCK = 0x66656564
+
+
+def record_change(conn: Connection, state: ConversationState, action: str, now: int) -> None:
+    row = {
+        "conversation_id": state.id,
+        "provider": state.provider,
+        "workspace": state.workspace,
+        "external_id": state.external_id,
+        "action": action,
+        "revision": state.revision,
+        "changed_at": now,
+    }
+    conn.info.setdefault(PENDING_CHANGES, []).append(row)
+
+
+def pending_changes(conn: Connection) -> int:
+    """How many changes this transaction has recorded so far (a mark for ``discard_changes``)."""
+    return len(conn.info.get(PENDING_CHANGES, ()))
+
+
+def discard_changes(conn: Connection, mark: int = 0) -> None:
+    """Forget the changes recorded after ``mark`` (their write was rolled back)."""
+    del conn.info.setdefault(PENDING_CHANGES, [])[mark:]
+
+
+def flush_changes(sql: Sql, conn: Connection) -> None:
+    """Write the recorded changes; the last statements of a write transaction.
+
+    On PostgreSQL, sequence values are handed out in one order and transactions commit in another, so a reader
+    following ``seq`` could pass a number whose transaction commits later, and miss it for good. Here every writer
+    takes one transaction-scoped advisory lock before it draws its numbers, and keeps it until its commit: the
+    next writer draws only after the previous one has committed (PostgreSQL makes a commit visible before it
+    releases the transaction's locks), so numbers become visible in increasing order and a reader that has seen
+    ``seq`` n will never later see a smaller one. SQLite has one writer at a time already.
+    """
+    rows = conn.info.get(PENDING_CHANGES)
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({FEED_LOCK})")
+    sql.run_many(conn, sql.record, rows)
+    rows.clear()
 
 
 def _write_children(
@@ -514,14 +674,40 @@ def get_detail(sql: Sql, conn: Connection, conversation_id: str) -> Conversation
     return None if text is None else Conversation.model_validate_json(text)
 
 
+FILTERS = ("provider", "workspace", "state", "tag", "updated_after", "updated_before")
+
+
+def _shape(filters: Filters) -> tuple[bool, ...]:
+    return tuple(getattr(filters, name) is not None for name in FILTERS)
+
+
+def _conditions(filters: Filters) -> list[Any]:
+    """The WHERE conditions of the filters that are set, each with a ``b_<filter>`` parameter."""
+    c = conversations.c
+    conditions: list[Any] = []
+    for name in ("provider", "workspace", "state"):
+        if getattr(filters, name) is not None:
+            conditions.append(c[name] == bindparam(f"b_{name}"))
+    if filters.tag is not None:
+        tagged = select(conversation_tags.c.conversation_pk).where(
+            conversation_tags.c.conversation_pk == c.pk, conversation_tags.c.tag == bindparam("b_tag")
+        )
+        conditions.append(tagged.exists())
+    if filters.updated_after is not None:
+        conditions.append(c.updated_at > bindparam("b_updated_after"))
+    if filters.updated_before is not None:
+        conditions.append(c.updated_at < bindparam("b_updated_before"))
+    return conditions
+
+
+def _filter_params(filters: Filters) -> dict[str, Any]:
+    return {f"b_{name}": getattr(filters, name) for name in FILTERS if getattr(filters, name) is not None}
+
+
 def list_page(sql: Sql, conn: Connection, *, limit: int, cursor: Cursor | None, filters: Filters) -> Page:
-    params: dict[str, Any] = {"b_limit": limit + 1}
+    params: dict[str, Any] = {"b_limit": limit + 1, **_filter_params(filters)}
     if cursor is not None:
         params.update(b_updated_at=cursor.updated_at, b_id=cursor.conversation_id)
-    if filters.provider is not None:
-        params["b_provider"] = filters.provider
-    if filters.workspace is not None:
-        params["b_workspace"] = filters.workspace
     rows = conn.execute(sql.page(cursor is not None, filters), params).mappings().all()
     items = [_summary(row) for row in rows[:limit]]
     last = rows[limit - 1] if len(rows) > limit else None
@@ -545,6 +731,54 @@ def _summary(row: RowMapping) -> ConversationSummary:
         subject=row["subject"],
         state=row["state"],
     )
+
+
+def search_page(
+    sql: Sql, conn: Connection, *, terms: Sequence[str], filters: Filters, limit: int, offset: int
+) -> list[Hit]:
+    query = search.fts5_query(terms) if conn.dialect.name == "sqlite" else search.tsquery(terms)
+    params = {"b_query": query, "b_limit": limit, "b_offset": offset, **_filter_params(filters)}
+    hits = []
+    for row in conn.execute(sql.search(filters), params).mappings():
+        detail = json.loads(row["detail"])
+        found = search.snippet(
+            detail.get("subject"), ((m["id"], m["content"]) for m in detail.get("messages", ())), terms
+        )
+        hits.append(
+            Hit(
+                summary=_summary(row),
+                score=float(row["score"]),
+                snippet=found.text if found is not None else None,
+                message_id=found.message_id if found is not None else None,
+            )
+        )
+    return hits
+
+
+def changes_after(sql: Sql, conn: Connection, *, after: int, limit: int) -> list[ChangeRecord]:
+    rows = conn.execute(sql.feed, {"b_after": after, "b_limit": limit}).mappings()
+    return [ChangeRecord(**row) for row in rows]
+
+
+def count(sql: Sql, conn: Connection, *, filters: Filters) -> int:
+    c = conversations.c
+    statement = select(func.count()).where(c.deleted_at.is_(None), *_conditions(filters))
+    return int(conn.execute(statement, _filter_params(filters)).scalar_one())
+
+
+def export_chunk(
+    sql: Sql, conn: Connection, *, filters: Filters, cursor: Cursor | None, size: int
+) -> tuple[list[bytes], Cursor | None]:
+    """Up to ``size`` details after ``cursor`` (in the list's order), and the cursor after them (None at the end)."""
+    params: dict[str, Any] = {"b_limit": size, **_filter_params(filters)}
+    if cursor is not None:
+        params.update(b_updated_at=cursor.updated_at, b_id=cursor.conversation_id)
+    rows = conn.execute(sql.page(cursor is not None, filters, export=True), params).all()
+    if not rows:
+        return [], None
+    last = rows[-1]
+    following = Cursor(updated_at=last[1], conversation_id=last[2]) if len(rows) == size else None
+    return [row[0].encode() for row in rows], following
 
 
 # Re-deriving conversations from the ledger (``kbms reprocess``). Not a hot path: statements are built per call.
@@ -659,7 +893,8 @@ def rebuild(
     if state is not None and (stored is None or not state.same_content(stored)):
         changed = True
         revised = replace(state, revision=stored.revision + 1 if stored is not None else 1)
-        values = conversation_values(revised, changed_at=now)
+        detail = render(revised)
+        values = conversation_values(revised, changed_at=now, detail=detail)
         if stored_pk is None:
             created = conn.execute(sql.create, values).first()
             if created is None:
@@ -672,6 +907,12 @@ def rebuild(
         _write_children(
             sql, conn, stored_pk, revised, revised.participants, revised.messages, revised.events, fresh=True
         )
+        was_live = stored is not None and stored.deleted_at is None
+        live = revised.deleted_at is None
+        _write_index(sql, conn, stored_pk, Index.of(detail) if live else None, fresh=not was_live)
+        if live or was_live:
+            action = ("updated" if was_live else "created") if live else "deleted"
+            record_change(conn, revised, action, now)
 
     reclassified = 0
     newly_linked: list[LedgerEntry] = []

@@ -29,7 +29,7 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,7 +41,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from kbms.errors import StorageUnavailable
-from kbms.storage.sql import Sql
+from kbms.storage.sql import Sql, discard_changes, flush_changes, pending_changes
 from kbms.storage.store import Job, SqlStore, is_unavailable, unavailable, utc_now
 
 log = logging.getLogger(__name__)
@@ -166,20 +166,25 @@ class SqliteStore(SqlStore):
         settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         # Savepoints on the driver: SQLAlchemy's own cost 50 us per write, and the writes run on the driver anyway.
         cursor = writer.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        discard_changes(writer)
         try:
             for job, future in batch:
                 cursor.execute("SAVEPOINT write")
+                mark = pending_changes(writer)
                 try:
                     settled.append((future, job(writer), None))
                 except Exception as exc:
                     if is_unavailable(exc):
                         raise  # the database itself failed: the whole batch goes
                     cursor.execute("ROLLBACK TO write")  # if even this fails, the whole batch goes
+                    discard_changes(writer, mark)
                     settled.append((future, None, exc))
                 cursor.execute("RELEASE write")
+            flush_changes(self._sql, writer)  # one writer at a time: the feed's order is the commit order
             await anyio.to_thread.run_sync(transaction.commit)
         except Exception as exc:
             # Nothing of this batch is committed: every caller hears so, and may retry.
+            discard_changes(writer)
             with contextlib.suppress(Exception):
                 transaction.rollback()
             if not is_unavailable(exc):
@@ -233,6 +238,26 @@ class SqliteStore(SqlStore):
             if is_unavailable(exc):
                 raise unavailable(exc) from exc
             raise
+
+    @contextlib.asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[Callable[[Job[Any]], Awaitable[Any]]]:
+        """A deferred read transaction on a pooled connection: in WAL mode, its first read fixes the snapshot it
+        sees until it ends, while writers go on."""
+        conn = await anyio.to_thread.run_sync(self._reader_engine.connect)
+        try:
+            await anyio.to_thread.run_sync(conn.begin)
+
+            async def run(job: Job[T]) -> T:
+                try:
+                    return await anyio.to_thread.run_sync(job, conn)
+                except Exception as exc:
+                    if is_unavailable(exc):
+                        raise unavailable(exc) from exc
+                    raise
+
+            yield run
+        finally:
+            await anyio.to_thread.run_sync(conn.close)
 
     async def close(self) -> None:
         if self._closed:

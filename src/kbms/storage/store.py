@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import abc
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from functools import partial
 from typing import TypeVar
@@ -20,10 +21,13 @@ from kbms.storage import sql
 from kbms.storage.base import (
     ALL,
     Applied,
+    ChangeRecord,
     ConversationKey,
     Cursor,
     Delivery,
+    ExportBatch,
     Filters,
+    Hit,
     KnownDelivery,
     LedgerEntry,
     Outcome,
@@ -36,6 +40,7 @@ from kbms.storage.base import (
 
 T = TypeVar("T")
 Job = Callable[[Connection], T]
+EXPORT_CHUNK = 500  # conversations per read of an export: about 2.5 MB of detail JSON
 
 
 def _sort_key(item: Pending) -> tuple[str, str, str, str]:
@@ -142,6 +147,7 @@ class SqlStore(abc.ABC):
             for index in order:
                 item = items[index]
                 cursor.execute("SAVEPOINT item")
+                mark = sql.pending_changes(conn)
                 try:
                     if item.issues is not None:
                         sql.record_rejection(self._sql, conn, item.delivery, item.issues)
@@ -159,6 +165,7 @@ class SqlStore(abc.ABC):
                     if not is_refused(exc):
                         raise  # the database failed, or a bug: the whole batch goes
                     cursor.execute("ROLLBACK TO item")
+                    sql.discard_changes(conn, mark)
                     results[index] = refused(exc)
                 cursor.execute("RELEASE item")
             return results
@@ -205,6 +212,32 @@ class SqlStore(abc.ABC):
 
     async def list_conversations(self, *, limit: int, cursor: Cursor | None, filters: Filters = ALL) -> Page:
         return await self._read(partial(sql.list_page, self._sql, limit=limit, cursor=cursor, filters=filters))
+
+    async def search(self, terms: Sequence[str], *, filters: Filters, limit: int, offset: int) -> list[Hit]:
+        # The index answers fast, but a common word can match many conversations: not on the event loop.
+        job = partial(sql.search_page, self._sql, terms=terms, filters=filters, limit=limit, offset=offset)
+        return await self._read_long(job)
+
+    async def changes(self, *, after: int, limit: int) -> list[ChangeRecord]:
+        return await self._read(partial(sql.changes_after, self._sql, after=after, limit=limit))
+
+    async def count(self, filters: Filters) -> int:
+        return await self._read_long(partial(sql.count, self._sql, filters=filters))
+
+    async def export(self, filters: Filters) -> AsyncGenerator[ExportBatch]:
+        async with self._snapshot() as run:
+            total = await run(partial(sql.count, self._sql, filters=filters))
+            cursor: Cursor | None = None
+            while True:
+                job = partial(sql.export_chunk, self._sql, filters=filters, cursor=cursor, size=EXPORT_CHUNK)
+                chunk, cursor = await run(job)
+                yield ExportBatch(total, chunk)
+                if cursor is None:
+                    return
+
+    @abc.abstractmethod
+    def _snapshot(self) -> AbstractAsyncContextManager[Callable[[Job[T]], Awaitable[T]]]:
+        """One read transaction (one snapshot of the database) for a sequence of jobs, each run off the loop."""
 
     async def ping(self) -> None:
         await self._read(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
