@@ -13,7 +13,9 @@ one table each. Nothing here knows about HTTP.
     │   ├── UnsupportedMediaType      the Content-Type is not JSON
     │   ├── UnknownProvider           no provider of that name is registered
     │   ├── ClientDisconnected        the client went away before its body arrived
-    │   └── NotFound                  the requested resource does not exist
+    │   ├── NotFound                  the requested resource does not exist
+    │   ├── Unauthenticated           no API key, or one that is not (or no longer) valid
+    │   └── Forbidden                 a valid API key without the scope or workspace the request needs
     └── StorageUnavailable            the database cannot be reached or written right now (retryable)
 """
 
@@ -115,6 +117,18 @@ class ClientDisconnected(InputError):
 
 class NotFound(InputError):
     """Raised when a conversation (or another resource) does not exist or is deleted."""
+
+
+class Unauthenticated(InputError):
+    """Raised when a request needs an API key and has none, or one that is malformed, unknown or revoked."""
+
+    def __init__(self, message: str, *, presented: bool) -> None:
+        super().__init__(message)
+        self.presented = presented  # a key was sent (RFC 6750: error="invalid_token")
+
+
+class Forbidden(InputError):
+    """Raised when a valid API key lacks the scope, or the workspace, that a request needs."""
 
 
 class StorageUnavailable(KbmsError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -40,6 +41,11 @@ class Settings(BaseSettings):
     allow_unsigned_webhooks: bool = Field(
         default=False, description="Accept webhooks without a valid signature: local testing only, warned at start"
     )
+    api_keys: str = Field(
+        default="",
+        description="API keys as a JSON list of {name, sha256, scopes, workspaces?, revoked?} (see `kbms keys create`)",
+    )
+    api_keys_file: Path | None = Field(default=None, description="A JSON file holding more API keys, same format")
     # Providers name their own secret variables (KBMS_INTERCOM_CLIENT_SECRET, ...): every KBMS_*_SECRET is kept.
     secrets: dict[str, SecretStr] = Field(default_factory=dict, exclude=True, repr=False)
     default_workspace: str = Field(

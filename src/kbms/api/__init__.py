@@ -12,8 +12,10 @@ from fastapi import FastAPI
 
 from kbms import __version__
 from kbms.api import conversations, health, integrations, webhooks
+from kbms.api.auth import ApiKeyMiddleware, required_scope
 from kbms.api.errors import install_error_handlers
 from kbms.api.openapi import install_openapi
+from kbms.auth import Keyring
 from kbms.providers import REGISTRY
 from kbms.settings import Settings
 from kbms.storage import Store, open_store
@@ -30,6 +32,8 @@ Every error has the body `{error_code, message, details}`:
 |---|---|---|
 | 400 | invalid_json | the body is not JSON, or not UTF-8 |
 | 401 | invalid_signature | a webhook without a valid signature (nothing of it is kept) |
+| 401 | unauthorized | no API key, or a malformed, unknown or revoked one (with `WWW-Authenticate: Bearer`) |
+| 403 | forbidden | the API key lacks the scope, or the workspace, the request needs |
 | 404 | not_found | unknown conversation, path or provider |
 | 405 | method_not_allowed | a method the path does not have (with an `Allow` header) |
 | 413 | payload_too_large | the body exceeds the configured limit |
@@ -63,11 +67,14 @@ def create_app(
     app.state.settings = settings
     app.state.clock = clock or (lambda: datetime.now(UTC))
     install_error_handlers(app)
+    keyring = Keyring.configured(settings.api_keys, settings.api_keys_file)
+    if keyring:
+        app.add_middleware(ApiKeyMiddleware, keyring=keyring)
     app.include_router(health.router)
     app.include_router(integrations.router(REGISTRY.values()))
     app.include_router(webhooks.router(REGISTRY.values()))
     app.include_router(conversations.router)
-    install_openapi(app, (provider.push_schema for provider in REGISTRY.values()))
+    install_openapi(app, (provider.push_schema for provider in REGISTRY.values()), protected=required_scope)
     return app
 
 

@@ -218,8 +218,8 @@ class SqlStore(abc.ABC):
         job = partial(sql.search_page, self._sql, terms=terms, filters=filters, limit=limit, offset=offset)
         return await self._read_long(job)
 
-    async def changes(self, *, after: int, limit: int) -> list[ChangeRecord]:
-        return await self._read(partial(sql.changes_after, self._sql, after=after, limit=limit))
+    async def changes(self, *, after: int, limit: int, within: frozenset[str] | None = None) -> list[ChangeRecord]:
+        return await self._read(partial(sql.changes_after, self._sql, after=after, limit=limit, within=within))
 
     async def count(self, filters: Filters) -> int:
         return await self._read_long(partial(sql.count, self._sql, filters=filters))
