@@ -53,6 +53,8 @@ def postgres_url(url: URL) -> URL:
 
 def make_engine(url: URL, *, pool_size: int, pool_timeout: float) -> Engine:
     options = " ".join(filter(None, (url.query.get("options"), SESSION_OPTIONS)))  # type: ignore[arg-type]
+    # ?application_name= in the URL names the connections (pg_stat_activity), e.g. one name per replica.
+    application_name = url.query.get("application_name") or "kbms"
     return create_engine(
         postgres_url(url).difference_update_query(["options"]),
         hide_parameters=True,  # SQL parameters are payload data: keep them out of exception messages and logs
@@ -65,7 +67,7 @@ def make_engine(url: URL, *, pool_size: int, pool_timeout: float) -> Engine:
         connect_args={
             "connect_timeout": 3,
             "options": options,
-            "application_name": "kbms",
+            "application_name": application_name,
             "keepalives": 1,
             "keepalives_idle": 10,
             "keepalives_interval": 5,
