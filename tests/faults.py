@@ -11,6 +11,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -177,7 +178,32 @@ class PrivatePostgres:
         """``fast`` disconnects clients and shuts down cleanly; ``immediate`` is a crash (recovery at start)."""
         self._ctl("stop", "-m", mode)
 
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server and its backends stopped (SIGSTOP) while the block runs: connections stay up, the kernel
+        still accepts new ones, and nothing answers, as with a server whose disk has stalled."""
+        postmaster = int((self.directory / "data" / "postmaster.pid").read_text().split()[0])
+        processes = [postmaster, *_children(postmaster)]
+        for pid in processes:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in processes:
+                os.kill(pid, signal.SIGCONT)
+
     def close(self) -> None:
         with contextlib.suppress(RuntimeError):  # it was not running
             self._ctl("stop", "-m", "immediate")
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _children(parent: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # pid (comm) state ppid ...: comm may hold spaces and parentheses, so split after its last ")".
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[1]) == parent:
+                children.append(int(stat.parent.name))
+    return children

@@ -165,3 +165,28 @@ async def test_a_postgres_restart_and_a_postgres_crash_mid_load_cost_at_most_503
         assert_kept(traffic, url)
     finally:
         postgres.close()
+
+
+async def test_a_frozen_postgres_is_503_within_the_timeout_not_a_hang(fork_server: ForkServer, tmp_path: Path) -> None:
+    """A server that stops answering while its connections stay up trips no timeout of the driver's: without
+    KBMS_DB_TIMEOUT, as many requests as the pool has connections hung until it came back (the Traffic client's
+    10 s timeout then fails the test)."""
+    postgres = PrivatePostgres()
+    try:
+        postgres.start()
+        url = migrate(postgres.url)
+        server = fork_server.spawn(url, tmp_path / "server.log", env={"KBMS_DB_TIMEOUT": "1"})
+        try:
+            async with Traffic.running(server.url) as traffic:
+                await traffic.acknowledged_more(20)
+                with postgres.frozen():
+                    await traffic.answered_more(40)
+                    assert await ready(server.url) == 503
+                await traffic.acknowledged_more(20)
+                assert await ready(server.url) == 200
+        finally:
+            server.kill()
+        assert traffic.statuses[503] >= 40, traffic.statuses
+        assert_kept(traffic, url)
+    finally:
+        postgres.close()

@@ -19,11 +19,9 @@ from typing import Any
 import httpx2
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import make_url
 
 from kbms.api import create_app
 from kbms.settings import Settings
-from kbms.storage.sqlite import SqliteStore
 from tests.conftest import migrate
 from tests.faults import (
     HOLD_FLOCK,
@@ -181,14 +179,12 @@ async def test_writes_the_kernel_refuses_are_503_in_a_real_server(
 def test_a_write_lock_held_by_another_process_is_503_not_a_hang(database: Path, program: str, locked: str) -> None:
     ledger = Ledger()
     # The default wait is 5 s; half a second keeps the test short, on the same code path.
-    store = SqliteStore(make_url(f"sqlite:///{database}"), lock_timeout=0.5)
-    with TestClient(create_app(Settings(database_url=f"sqlite:///{database}"), store=store)) as client:
+    with TestClient(create_app(Settings(database_url=f"sqlite:///{database}", db_timeout=0.5))) as client:
         assert ledger.post(client, "before") == 201
         with held_by_another_process(program, database.with_name(locked)):
             assert ledger.post(client, "locked out") == 503
             assert client.get("/internal/conversations").status_code == 200  # WAL readers do not wait
         assert ledger.post(client, "after") == 201
-        client.portal.call(store.close)  # type: ignore[union-attr]
     assert ledger.acknowledged == {"before", "after"} == stored(database)
 
 

@@ -56,9 +56,9 @@ T = TypeVar("T")
 BUSY_TIMEOUT_MS = 10_000
 MAX_BATCH = 256
 READ_POOL_SIZE = 8
-# How long a write waits for the write lock before its caller hears 503. The lock is normally held for
-# milliseconds (a batch of another kbms process); longer means a foreign writer (a sqlite3 shell, a long migration)
-# or a stopped process, and a webhook sender stops waiting after 10-15 s (GitHub, Zendesk, Svix).
+# How long a write waits for the write lock before its caller hears 503 (KBMS_DB_TIMEOUT). The lock is normally
+# held for milliseconds (a batch of another kbms process); longer means a foreign writer (a sqlite3 shell, a long
+# migration) or a stopped process, and webhook senders commonly give up after 5 to 15 s.
 LOCK_TIMEOUT = 5.0
 FileIdentity = tuple[int, int] | None  # (device, inode) of the file at the database's path; None: no file there
 
