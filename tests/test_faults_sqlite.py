@@ -9,6 +9,7 @@ The faults are real (see tests/faults.py): the kernel or SQLite refuses, no stor
 from __future__ import annotations
 
 import asyncio
+import json
 import resource
 import shutil
 import sqlite3
@@ -35,6 +36,7 @@ from tests.forkserver import ForkServer
 from tests.helpers import intercom_payload, part
 
 INGEST = "/integrations/intercom/conversations"
+NDJSON = {"content-type": "application/x-ndjson"}
 
 
 def conversation(name: str, *, text_bytes: int = 200) -> dict[str, Any]:
@@ -131,6 +133,9 @@ def test_a_full_disk_is_503_and_writes_resume_once_space_is_freed(tmp_path: Path
                     break
             assert ledger.unavailable == 1
             assert ledger.post(client, "still full", text_bytes=20_000) == 503
+            lines = [json.dumps(conversation(f"batched-{i}", text_bytes=20_000)) for i in range(3)]
+            batch = client.post(f"{INGEST}/batch", content="\n".join(lines), headers=NDJSON)
+            assert ledger.record("a batch", batch) == 503  # one transaction: none of its lines is kept
             assert client.get("/internal/conversations").status_code == 200
             filler.unlink()
             assert ledger.post(client, "after", text_bytes=20_000) == 201
