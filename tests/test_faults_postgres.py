@@ -86,6 +86,7 @@ class Traffic:
             finally:
                 traffic._stop.set()
                 await asyncio.gather(*tasks)
+        print(f"\nanswers: {dict(sorted(traffic.statuses.items()))}, acknowledged: {len(traffic.acknowledged)}")
         assert not traffic.wrong, traffic.wrong[:5]
 
 
