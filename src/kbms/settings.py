@@ -37,6 +37,13 @@ class Settings(BaseSettings):
     db_pool_timeout: float = Field(
         default=1.5, gt=0, le=30, description="Seconds a request waits for a free connection before a 503"
     )
+    db_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="Seconds a request waits on the database (SQLite: for the write lock; PostgreSQL: for its "
+        "transaction) before a 503",
+    )
     workers: int = Field(default=1, ge=1, le=64, description="HTTP worker processes of `kbms serve`")
     allow_unsigned_webhooks: bool = Field(
         default=False, description="Accept webhooks without a valid signature: local testing only, warned at start"
