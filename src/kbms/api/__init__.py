@@ -11,9 +11,10 @@ from datetime import UTC, datetime
 from fastapi import FastAPI
 
 from kbms import __version__
-from kbms.api import conversations, health, integrations, webhooks
+from kbms.api import conversations, health, integrations, metrics, webhooks
 from kbms.api.errors import install_error_handlers
 from kbms.api.openapi import install_openapi
+from kbms.api.telemetry import RequestTelemetry
 from kbms.providers import REGISTRY
 from kbms.settings import Settings
 from kbms.storage import Store, open_store
@@ -54,7 +55,8 @@ def create_app(
         app.state.store = store if store is not None else open_store(settings)
         _tune_garbage_collection()
         try:
-            yield
+            async with app.state.metrics.sampling(app.state.store):
+                yield
         finally:
             if store is None:
                 await app.state.store.close()
@@ -62,8 +64,11 @@ def create_app(
     app = FastAPI(title="kbms", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.clock = clock or (lambda: datetime.now(UTC))
+    app.state.metrics = metrics.Metrics(REGISTRY, multiprocess_dir=metrics.multiprocess_dir())
+    app.add_middleware(RequestTelemetry, metrics=app.state.metrics)
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(integrations.router(REGISTRY.values()))
     app.include_router(webhooks.router(REGISTRY.values()))
     app.include_router(conversations.router)

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -105,9 +106,15 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    # The trace goes to the log, never to the client.
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal_error", "Internal server error")
+    # The trace goes to the log, never to the client. This runs outside the telemetry middleware (Starlette calls
+    # it last), so the request id is bound again; the route's template is logged, not the path, which can carry
+    # personal data, and the exception's message is withheld by the log formatter.
+    request_id = getattr(request.state, "request_id", None)
+    route = getattr(request.scope.get("route"), "path", "unmatched")
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        log.error("unhandled error on %s %s", request.method, route, exc_info=exc)
+    headers = {"X-Request-ID": request_id} if request_id else None
+    return error_response(500, "internal_error", "Internal server error", headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
