@@ -16,11 +16,12 @@ from sqlalchemy import func, select
 from kbms.providers.intercom.signature import sign
 from kbms.storage import admin_engine
 from kbms.storage.schema import conversations, ledger, messages
+from tests import canary
 from tests.conftest import start_server
 from tests.helpers import intercom_payload, part
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-SECRET = "crash-secret"
+SECRET = canary.secret("crash")  # never to be logged (tests/canary.py)
 CONVERSATIONS, PARTS = 100, 3
 KILL_AFTER = 120  # acknowledged deliveries before the SIGKILL
 
