@@ -25,9 +25,10 @@ LEVELS = {
     "error": logging.ERROR,
     "critical": logging.CRITICAL,
 }
-# SQLAlchemy's engine loggers print every statement and every row fetched (customer data) at info and debug;
-# uvicorn's access log, and HTTP clients (provider API calls), print whole URLs with their query strings at info;
-# Alembic narrates every schema check at info. kbms writes its own access line (``log_request``).
+# SQLAlchemy's engine loggers print every statement and every row fetched (customer data) at info and debug (it
+# holds them at warning itself; so does kbms, whatever KBMS_LOG_LEVEL says); uvicorn's access log and HTTP clients
+# (the test client; provider API calls) print whole URLs, query strings included, at info; Alembic narrates every
+# schema check at info. kbms writes its own access line (``log_request``).
 QUIET = ("sqlalchemy", "alembic", "uvicorn.access", "httpx", "httpcore", "httpx2", "httpcore2")
 ACCESS = logging.getLogger("kbms.access")
 
