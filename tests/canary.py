@@ -1,10 +1,13 @@
-"""The log canary: fake personal data and secrets, unique to this test session, seeded into the suite's inputs, and a
-watch that fails the whole run if any of them reaches a log line or an error body.
+"""The log canary: fake personal data and secrets seeded into the suite's inputs, and a watch that fails the whole
+run if any of them reaches a log line or an error body.
 
-Every canary carries ``TAG`` (random hex, new for each session), so one search finds them all, whatever field they
-went through. Where they are seeded: ``tests/helpers.py`` (authors' emails and part bodies of built payloads), the
-webhook secrets of the webhook tests, the ``Authorization: Bearer`` header of the ``client`` fixture, and the error
-paths of ``tests/test_canary.py``.
+Every canary carries ``TAG``, a string found nowhere else, so one search finds them all, whatever field they went
+through. It is fixed rather than drawn for each session: payloads are identified by their hash, and a random tag
+made hash-ordered results (which of two versions of a conversation in a batch comes first) differ between runs.
+
+Where they are seeded: ``tests/helpers.py`` (authors' emails and part bodies of built payloads), the webhook secrets
+of the webhook tests, the ``Authorization: Bearer`` header of the ``client`` fixture, and the error paths of
+``tests/test_canary.py``.
 
 What is watched, for the whole session (``CanaryWatch``, registered by ``tests/conftest.py``):
 - every log line of the test process, all loggers at debug, exactly as kbms renders it: logging is configured by
@@ -23,7 +26,6 @@ import contextlib
 import io
 import json
 import logging
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO, cast
@@ -34,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kbms.logs import configure_logging
 
-TAG = secrets.token_hex(8)
+TAG = "cnry0c4e9f1b7a2d"
 EMAIL = f"canary.{TAG}@example.invalid"
 NAME = f"Canary {TAG}"
 TEXT = f"my card number is canary-{TAG}"
