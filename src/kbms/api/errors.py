@@ -6,7 +6,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -26,6 +25,7 @@ from kbms.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
+from kbms.logs import REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,11 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     # personal data, and the exception's message is withheld by the log formatter.
     request_id = getattr(request.state, "request_id", None)
     route = getattr(request.scope.get("route"), "path", "unmatched")
-    with structlog.contextvars.bound_contextvars(request_id=request_id):
+    token = REQUEST_ID.set(request_id)
+    try:
         log.error("unhandled error on %s %s", request.method, route, exc_info=exc)
+    finally:
+        REQUEST_ID.reset(token)
     headers = {"X-Request-ID": request_id} if request_id else None
     return error_response(500, "internal_error", "Internal server error", headers=headers)
 
