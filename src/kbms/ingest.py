@@ -197,7 +197,7 @@ async def ingest_batch(
             results[index] = result  # refused by the database
         elif result is None:
             cast(InputError, results[index]).kept = True  # a rejection, now committed to the ledger
-        elif result is not None:
+        else:
             # A push always carries a snapshot, so it always lands in a conversation.
             assert result.result != "ignored"
             assert result.conversation_id is not None

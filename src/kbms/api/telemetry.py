@@ -70,7 +70,7 @@ class RequestTelemetry:
             method = scope["method"] if scope["method"] in METHODS else "OTHER"
             route = route_of(scope)
             self.metrics.request(method, route, status, seconds)
-            log_request(method, route, status, round(seconds * 1000, 2), request_id)
+            log_request(method, route, status, seconds * 1000, request_id)
             REQUEST_ID.reset(token)
 
 
