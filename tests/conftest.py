@@ -22,6 +22,7 @@ from kbms.api import create_app
 from kbms.settings import Settings
 from kbms.storage import Store, admin_engine, open_store
 from kbms.storage.migrate import upgrade
+from tests import canary
 
 if TYPE_CHECKING:
     from tests.forkserver import ForkServer
@@ -116,6 +117,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatu
         )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(canary.WATCH, "kbms-log-canary")
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     skipped = [r for r in getattr(reporter, "stats", {}).get("skipped", []) if "postgres" in r.keywords]
@@ -130,7 +135,9 @@ def settings(database_url: str) -> Settings:
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as test_client:
+    # A bearer token that must never reach a log line (tests/canary.py); ignored while no API keys are configured.
+    headers = {"Authorization": f"Bearer {canary.TOKEN}"}
+    with TestClient(create_app(settings), headers=headers) as test_client:
         yield test_client
 
 
@@ -165,6 +172,7 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+            canary.WATCH.check_file(self.log)
 
 
 def start_server(
@@ -176,7 +184,7 @@ def start_server(
             [sys.executable, "-m", "kbms", "serve", "--port", str(port), "--database-url", database_url, *args],
             stdout=output,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, "KBMS_LOG_LEVEL": "debug", **(env or {})},  # every line, for the log canary
         )
     server = LiveServer(url=f"http://127.0.0.1:{port}", process=process, log=log)
     deadline = time.monotonic() + 30

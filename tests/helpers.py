@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tests import canary
+
 ROOT = Path(__file__).resolve().parent
 FIXTURES = ROOT / "fixtures"
 INTERCOM = FIXTURES / "intercom"
@@ -92,14 +94,16 @@ def intercom_payload(
             "type": "conversation",
             "id": f"{conversation_id}-m0",
             "body": "<p>Hello</p>",
-            "author": {"type": "user", "id": "u1", "name": "Ana", "email": "ana@example.com"},
+            "author": {"type": "user", "id": "u1", "name": "Ana", "email": canary.EMAIL},
         },
         "conversation_parts": {"type": "conversation_part.list", "conversation_parts": parts or []},
         **fields,
     }
 
 
-def part(part_id: str, body: str | None = "<p>Hi</p>", *, at: int = 1_700_000_100, **fields: Any) -> dict[str, Any]:
+def part(
+    part_id: str, body: str | None = f"<p>Hi, {canary.TEXT}</p>", *, at: int = 1_700_000_100, **fields: Any
+) -> dict[str, Any]:
     return {
         "type": "conversation_part",
         "id": part_id,

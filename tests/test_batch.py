@@ -58,13 +58,17 @@ def test_every_line_is_answered_and_a_bad_line_is_rejected_alone(client: TestCli
         "rejected": 2,
     }
     results = answer["results"]
-    assert [(r["line"], r["status"], r["result"]) for r in results] == [
+    assert [(r["line"], r["status"], r["result"]) for r in results if r["line"] not in (5, 7)] == [
         (1, 201, "created"),
         (2, 400, "rejected"),
         (3, 422, "rejected"),
-        (5, 201, "created"),
         (6, 200, "unchanged"),
-        (7, 200, "updated"),
+    ]
+    # Lines 5 and 7 are two versions of one conversation: applied in delivery-key (body hash) order, not line order,
+    # so which of them creates it depends on the bytes.
+    assert sorted((r["status"], r["result"]) for r in results if r["line"] in (5, 7)) == [
+        (200, "updated"),
+        (201, "created"),
     ]
     assert results[1]["error"] == {"error_code": "invalid_json", "message": "Malformed JSON body", "details": None}
     assert results[2]["error"]["error_code"] == "validation_error"

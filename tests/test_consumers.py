@@ -23,12 +23,13 @@ from kbms.providers.intercom.signature import sign
 from kbms.settings import Settings
 from kbms.storage import admin_engine
 from kbms.storage.schema import conversations
+from tests import canary
 from tests.helpers import intercom_payload, part
 
 INGEST = "/integrations/intercom/conversations"
 ZENDESK = "/integrations/zendesk/conversations"
 LIST = "/internal/conversations"
-SECRET = "consumers-secret"
+SECRET = canary.secret("consumers")  # never to be logged (tests/canary.py)
 
 
 @pytest.fixture

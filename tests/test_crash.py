@@ -30,11 +30,12 @@ from sqlalchemy import Connection, text
 
 from kbms.providers.intercom.signature import sign
 from kbms.storage import admin_engine
+from tests import canary
 from tests.forkserver import ForkedServer, ForkServer
 from tests.helpers import intercom_payload, part
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-SECRET = "crash-secret"
+SECRET = canary.secret("crash")  # never to be logged (tests/canary.py)
 RUNS = 20
 CLIENTS = 16
 CONVERSATIONS, PARTS = 60, 10  # webhook deliveries: one part each

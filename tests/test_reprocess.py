@@ -23,10 +23,11 @@ from kbms.reprocess import ReprocessReport, reprocess
 from kbms.settings import Settings
 from kbms.storage import Store, admin_engine, open_store
 from kbms.storage.schema import ledger
+from tests import canary
 from tests.helpers import INTERCOM, intercom_conversations, intercom_payload, part
 
 pytestmark = pytest.mark.anyio
-SECRET = "reprocess-secret"
+SECRET = canary.secret("reprocess")  # never to be logged (tests/canary.py)
 INGEST = "/integrations/intercom/conversations"
 
 

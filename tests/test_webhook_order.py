@@ -21,10 +21,11 @@ from kbms.api import create_app
 from kbms.merge import conversation_id
 from kbms.providers.intercom.signature import sign
 from kbms.settings import Settings
+from tests import canary
 from tests.conftest import ENGINES, engine_url, start_server
 from tests.helpers import load
 
-SECRET = "order-secret"
+SECRET = canary.secret("order")  # never to be logged (tests/canary.py)
 EXTERNAL_ID = "215472621202693"
 HOOK = "/webhooks/intercom"
 

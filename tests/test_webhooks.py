@@ -20,10 +20,11 @@ from kbms.providers.intercom.signature import sign
 from kbms.settings import Settings
 from kbms.storage import admin_engine
 from kbms.storage.schema import conversations, ledger, messages
+from tests import canary
 from tests.conftest import migrated_sqlite_url
 from tests.helpers import INTERCOM, intercom_payload, part
 
-SECRET = "test-intercom-client-secret"
+SECRET = canary.secret("intercom")  # never to be logged (tests/canary.py)
 HOOK = "/webhooks/intercom"
 INGEST = "/integrations/intercom/conversations"
 SECRETS = {"KBMS_INTERCOM_CLIENT_SECRET": SECRET}

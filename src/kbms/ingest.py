@@ -105,6 +105,7 @@ async def ingest_push(
         snapshot = await _parse(parse, len(body))
     except ValidationFailed as exc:
         await store.reject(delivery, exc.issues)
+        exc.kept = True
         raise
     _check_allowed(snapshot.workspace, allowed)
     # The ledger files a delivery under its conversation's workspace, which the payload may have named.
@@ -215,7 +216,9 @@ async def ingest_batch(
     for index, result in zip(positions, applied, strict=True):
         if isinstance(result, ValidationFailed):
             results[index] = result  # refused by the database
-        elif result is not None:
+        elif result is None:
+            cast(InputError, results[index]).kept = True  # a rejection, now committed to the ledger
+        else:
             # A push always carries a snapshot, so it always lands in a conversation.
             assert result.result != "ignored"
             assert result.conversation_id is not None
@@ -288,14 +291,17 @@ async def receive_webhook(
         event = await _parse(functools.partial(hooks.parse, body, workspace=workspace), len(body))
     except InvalidWebhookItem as exc:
         await store.reject(delivery(exc.delivery_id, topic=exc.topic, workspace=exc.workspace), exc.issues)
+        exc.kept = True
         raise
     except ValidationFailed as exc:
         await store.reject(delivery(None, topic=None, workspace=workspace or DEFAULT_WORKSPACE), exc.issues)
+        exc.kept = True
         raise
     except InvalidJson as exc:
         # Signed, so genuinely the provider's: kept, like every verified payload, even if nothing can read it.
         issue = FieldIssue("body", "invalid_json", exc.message)
         await store.reject(delivery(None, topic=None, workspace=workspace or DEFAULT_WORKSPACE), [issue])
+        exc.kept = True
         raise
     received = delivery(event.delivery_id, topic=event.topic, workspace=event.workspace)
     known = await store.find_delivery(provider.name, received.delivery_key)

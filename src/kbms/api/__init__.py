@@ -11,10 +11,11 @@ from datetime import UTC, datetime
 from fastapi import FastAPI
 
 from kbms import __version__
-from kbms.api import conversations, health, integrations, webhooks
+from kbms.api import conversations, health, integrations, metrics, webhooks
 from kbms.api.auth import ApiKeyMiddleware, required_scope
 from kbms.api.errors import install_error_handlers
 from kbms.api.openapi import install_openapi
+from kbms.api.telemetry import RequestTelemetry
 from kbms.auth import Keyring
 from kbms.providers import REGISTRY
 from kbms.settings import Settings
@@ -58,7 +59,8 @@ def create_app(
         app.state.store = store if store is not None else open_store(settings)
         _tune_garbage_collection()
         try:
-            yield
+            async with app.state.metrics.sampling(app.state.store):
+                yield
         finally:
             if store is None:
                 await app.state.store.close()
@@ -66,11 +68,15 @@ def create_app(
     app = FastAPI(title="kbms", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.clock = clock or (lambda: datetime.now(UTC))
-    install_error_handlers(app)
+    app.state.metrics = metrics.Metrics(REGISTRY, multiprocess_dir=metrics.multiprocess_dir())
+    # The last added is the outermost: telemetry sees (and counts, with a request id) what auth refuses.
     keyring = Keyring.configured(settings.api_keys, settings.api_keys_file)
     if keyring:
         app.add_middleware(ApiKeyMiddleware, keyring=keyring)
+    app.add_middleware(RequestTelemetry, metrics=app.state.metrics)
+    install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(integrations.router(REGISTRY.values()))
     app.include_router(webhooks.router(REGISTRY.values()))
     app.include_router(conversations.router)

@@ -27,6 +27,7 @@ from kbms.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
+from kbms.logs import REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,18 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    # The trace goes to the log, never to the client.
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal_error", "Internal server error")
+    # The trace goes to the log, never to the client. This runs outside the telemetry middleware (Starlette calls
+    # it last), so the request id is bound again; the route's template is logged, not the path, which can carry
+    # personal data, and the exception's message is withheld by the log formatter.
+    request_id = getattr(request.state, "request_id", None)
+    route = getattr(request.scope.get("route"), "path", "unmatched")
+    token = REQUEST_ID.set(request_id)
+    try:
+        log.error("unhandled error on %s %s", request.method, route, exc_info=exc)
+    finally:
+        REQUEST_ID.reset(token)
+    headers = {"X-Request-ID": request_id} if request_id else None
+    return error_response(500, "internal_error", "Internal server error", headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -14,6 +14,7 @@ from kbms.api.auth import visible_workspaces
 from kbms.api.body import NDJSON_TYPES, read_json_body, read_ndjson_body
 from kbms.api.errors import ERROR_RESPONSES, error_body, status_of
 from kbms.api.lean import LeanRoute, parameter, query, settings_of, store_of
+from kbms.api.metrics import metrics_of
 from kbms.api.responses import json_response
 from kbms.api.schemas import BatchLine, BatchResponse, ErrorBody, IngestResponse
 from kbms.errors import FieldIssue, InputError, PayloadTooLarge, ValidationFailed
@@ -32,16 +33,22 @@ def workspace_parameter(description: str) -> dict[str, Any]:
 def _endpoint(provider: Provider) -> Callable[[Request], Awaitable[Response]]:
     async def ingest(request: Request) -> Response:
         settings = settings_of(request)
-        workspace = query(request, "workspace", WORKSPACE, None)
-        body = await read_json_body(request, limit=settings.max_body_bytes)
-        outcome = await ingest_push(
-            store_of(request),
-            provider,
-            body,
-            workspace=workspace,
-            default_workspace=settings.default_workspace,
-            allowed=visible_workspaces(request),
-        )
+        metrics = metrics_of(request)
+        try:
+            workspace = query(request, "workspace", WORKSPACE, None)
+            body = await read_json_body(request, limit=settings.max_body_bytes)
+            outcome = await ingest_push(
+                store_of(request),
+                provider,
+                body,
+                workspace=workspace,
+                default_workspace=settings.default_workspace,
+                allowed=visible_workspaces(request),
+            )
+        except InputError as exc:
+            metrics.refused(provider.name, "push", exc)
+            raise
+        metrics.ingested(provider.name, "push", outcome.result)
         return json_response(IngestResponse.of(outcome), status=201 if outcome.result == "created" else 200)
 
     return ingest
@@ -60,19 +67,22 @@ def _batch_endpoint(provider: Provider) -> Callable[[Request], Awaitable[Respons
             raise PayloadTooLarge(settings.max_batch_bytes, message)
         line_limit = settings.max_body_bytes
         fitting = [payload for _number, payload in lines if len(payload) <= line_limit]
-        outcomes = iter(
-            await ingest_batch(
-                store_of(request),
-                provider,
-                fitting,
-                workspace=workspace,
-                default_workspace=settings.default_workspace,
-                allowed=visible_workspaces(request),
-            )
+        ingested = await ingest_batch(
+            store_of(request),
+            provider,
+            fitting,
+            workspace=workspace,
+            default_workspace=settings.default_workspace,
+            allowed=visible_workspaces(request),
         )
+        outcomes = iter(ingested)
         too_large = PayloadTooLarge(line_limit, f"Line exceeds {line_limit} bytes")
         results = [_line(number, next(outcomes) if len(p) <= line_limit else too_large) for number, p in lines]
         counts = Counter(result.result for result in results)
+        metrics = metrics_of(request)
+        for outcome, count in counts.items():
+            metrics.ingested(provider.name, "batch", outcome, count)
+        metrics.kept(provider.name, "batch", sum(isinstance(o, InputError) and o.kept for o in ingested))
         response = BatchResponse(
             provider=provider.name,
             lines=len(results),

@@ -13,8 +13,10 @@ from kbms.api.body import read_json_body
 from kbms.api.errors import ERROR_RESPONSES
 from kbms.api.integrations import WORKSPACE, workspace_parameter
 from kbms.api.lean import LeanRoute, query, settings_of, store_of
+from kbms.api.metrics import metrics_of
 from kbms.api.responses import json_response
 from kbms.api.schemas import ErrorBody, WebhookResponse
+from kbms.errors import InputError
 from kbms.ingest import receive_webhook
 from kbms.providers import Provider
 
@@ -22,18 +24,24 @@ from kbms.providers import Provider
 def _endpoint(provider: Provider, secret_variable: str) -> Callable[[Request], Awaitable[Response]]:
     async def receive(request: Request) -> Response:
         settings = settings_of(request)
-        workspace = query(request, "workspace", WORKSPACE, None)
-        body = await read_json_body(request, limit=settings.max_body_bytes)
-        outcome = await receive_webhook(
-            store_of(request),
-            provider,
-            body,
-            request.headers,
-            secret=settings.secret(secret_variable),
-            workspace=workspace,
-            verify=not settings.allow_unsigned_webhooks,
-            clock=request.app.state.clock,
-        )
+        metrics = metrics_of(request)
+        try:
+            workspace = query(request, "workspace", WORKSPACE, None)
+            body = await read_json_body(request, limit=settings.max_body_bytes)
+            outcome = await receive_webhook(
+                store_of(request),
+                provider,
+                body,
+                request.headers,
+                secret=settings.secret(secret_variable),
+                workspace=workspace,
+                verify=not settings.allow_unsigned_webhooks,
+                clock=request.app.state.clock,
+            )
+        except InputError as exc:
+            metrics.refused(provider.name, "webhook", exc)
+            raise
+        metrics.ingested(provider.name, "webhook", outcome.result)
         return json_response(WebhookResponse.of(outcome))
 
     return receive

@@ -173,6 +173,16 @@ class ChangeRecord:
     changed_at: int
 
 
+@dataclass(frozen=True, slots=True)
+class PoolUsage:
+    """How busy one of a store's connection pools is, right now (for ``/metrics``)."""
+
+    pool: str  # e.g. "postgresql", "sqlite_writer"
+    in_use: int  # connections (or the writer) busy
+    size: int  # connections the pool may hold
+    waiting: int  # callers queued for one: requests waiting for a connection, writes waiting for the next commit
+
+
 class Store(Protocol):
     """One storage interface; every backend passes the same contract suite (tests/test_store_contract.py).
 
@@ -267,6 +277,10 @@ class Store(Protocol):
 
     async def ping(self) -> None:
         """Raise ``StorageUnavailable`` unless the database answers."""
+        ...
+
+    def pool_usage(self) -> list[PoolUsage]:
+        """How busy the store's connection pools are (cheap: read from memory, no database call)."""
         ...
 
     async def close(self) -> None:

@@ -40,6 +40,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from kbms.errors import StorageUnavailable
+from kbms.storage.base import PoolUsage
 from kbms.storage.sql import Sql, discard_changes, flush_changes
 from kbms.storage.store import Job, SqlStore, is_refused, is_unavailable, refused, unavailable, utc_now
 
@@ -104,6 +105,7 @@ class PostgresStore(SqlStore):
         super().__init__(Sql(insert=pg_insert, dialect=self._engine.dialect), clock=clock)
         self._pool_timeout = pool_timeout
         self._answer_timeout = answer_timeout
+        self._pool_size = pool_size
         self._slots = anyio.Semaphore(pool_size)
         self._threads = anyio.CapacityLimiter(pool_size)
 
@@ -191,6 +193,11 @@ class PostgresStore(SqlStore):
             if isinstance(exc, PoolTimeout) or is_unavailable(exc):
                 raise unavailable(exc) from exc
             raise
+
+    def pool_usage(self) -> list[PoolUsage]:
+        # Slots are taken before connections: a slot holder is about to use one, and the waiters are the queue.
+        waiting = self._slots.statistics().tasks_waiting
+        return [PoolUsage("postgresql", self._pool_size - self._slots.value, self._pool_size, waiting)]
 
     async def close(self) -> None:
         self._engine.dispose()

@@ -44,9 +44,10 @@ import anyio.to_thread
 from sqlalchemy import URL, Connection, RootTransaction, create_engine, event
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 
 from kbms.errors import StorageUnavailable
+from kbms.storage.base import PoolUsage
 from kbms.storage.sql import Sql, discard_changes, flush_changes, pending_changes
 from kbms.storage.store import Job, SqlStore, is_unavailable, unavailable, utc_now
 
@@ -364,6 +365,16 @@ class SqliteStore(SqlStore):
 
     def _idle(self) -> bool:
         return self._committer is None or self._committer.done()
+
+    def pool_usage(self) -> list[PoolUsage]:
+        # The writer: one connection, busy while a group commit runs; waiting are the writes queued for the next.
+        committing = int(self._committer is not None and not self._committer.done())
+        reader = self._reader_engine.pool
+        checked_out = reader.checkedout() if isinstance(reader, QueuePool) else 0
+        return [
+            PoolUsage("sqlite_writer", committing, 1, len(self._pending)),
+            PoolUsage("sqlite_reader", checked_out, 2 * READ_POOL_SIZE, 0),  # make_engine: as many again overflow
+        ]
 
     async def close(self) -> None:
         if self._closed:
