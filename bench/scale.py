@@ -1,7 +1,7 @@
 """Reads at scale, on SQLite: the consumer endpoints with 10,000 and then 1,000,000 conversations stored.
 
-One database grows from the small size to the large one (``kbms ingest`` of the harness corpus: its first 10,000
-lines, then all of it), and at each size one ``kbms serve`` process is measured, sequentially, from one client:
+Two databases are built with ``kbms ingest`` of the harness corpus (its first 10,000 lines; all of it), then each
+is served by one ``kbms serve`` process in turn, in alternating rounds, and measured sequentially from one client:
 
 - list: the first page (``limit=50``) and pages reached by following ``next_cursor``, p50 and p95;
 - search: single-word queries (``q=<word>``) over words of the corpus, each a few times, p50 and p95;
@@ -11,7 +11,7 @@ lines, then all of it), and at each size one ``kbms serve`` process is measured,
 Targets (issue 7): list p50 at 1M within 1.5x of the p50 at 10k; single-word search p50 under 50 ms; the export of
 everything with server RSS under 200 MB. Writes ``bench/out/scale.json``; ``bench.py`` puts the table in the summary.
 
-    python bench/scale.py [--large 1000000] [--small 10000] [--keep DIR]
+    python bench/scale.py [--large 1000000] [--small 10000] [--rounds 2] [--keep DIR [--reuse]]
 """
 
 from __future__ import annotations
@@ -196,31 +196,59 @@ def measure_export(server: Server) -> dict[str, Any]:
     }
 
 
+def stored(url: str) -> int:
+    path = Path(url.removeprefix("sqlite:///"))
+    if not path.exists():
+        return 0
+    import sqlite3  # only to look: the figures are measured through the API
+
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        try:
+            return int(db.execute("SELECT count(*) FROM conversations").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
+
+def build(url: str, source: Path, count: int, reuse: bool) -> float | None:
+    """The database at ``url`` with the first ``count`` conversations of ``source``; None if reused."""
+    if reuse and stored(url) >= count:
+        return None
+    Path(url.removeprefix("sqlite:///")).unlink(missing_ok=True)
+    subprocess.run([str(KBMS), "migrate", "--database-url", url], check=True, capture_output=True)  # noqa: S603
+    return round(ingest(source, url), 1)
+
+
+def median_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, v in rounds[0].items() if isinstance(v, float)]
+    return rounds[0] | {k: round(statistics.median(r[k] for r in rounds), 2) for k in keys} | {"rounds": len(rounds)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     OUT.mkdir(exist_ok=True)
     large = corpus(args.large)
     directory = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="kbms-scale-"))
     directory.mkdir(parents=True, exist_ok=True)
-    url = f"sqlite:///{directory / 'kbms.db'}"
+    urls = {"small": f"sqlite:///{directory / 'small.db'}", "large": f"sqlite:///{directory / 'large.db'}"}
     log = directory / "server.log"
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "engine": "sqlite"}
     try:
-        subprocess.run([str(KBMS), "migrate", "--database-url", url], check=True, capture_output=True)  # noqa: S603
         small = head(large, args.small, directory / f"first-{args.small}.ndjson")
-        results["ingest_small_seconds"] = round(ingest(small, url), 1)
-        server = Server(url, args.port, log)
+        results["ingest_small_seconds"] = build(urls["small"], small, args.small, args.reuse)
+        results["ingest_large_seconds"] = build(urls["large"], large, args.large, args.reuse)
+        results["database_bytes"] = sum(p.stat().st_size for p in directory.glob("large.db*"))
+        # The two sizes alternate, round after round, so that both see the same machine.
+        measured: dict[str, list[dict[str, Any]]] = {"small": [], "large": []}
+        for _ in range(args.rounds):
+            for size, count in (("small", args.small), ("large", args.large)):
+                server = Server(urls[size], args.port, log)
+                try:
+                    measured[size].append(measure_reads(server, count))
+                finally:
+                    server.stop()
+                print(f"{size}: {measured[size][-1]}", flush=True)
+        results["small"], results["large"] = median_of(measured["small"]), median_of(measured["large"])
+        server = Server(urls["large"], args.port, log)
         try:
-            results["small"] = measure_reads(server, args.small)
-        finally:
-            server.stop()
-        print(f"at {args.small:,}: {results['small']}", flush=True)
-        # The first lines are already stored: they come back unchanged, and the rest is new.
-        results["ingest_large_seconds"] = round(ingest(large, url), 1)
-        results["database_bytes"] = sum(p.stat().st_size for p in directory.glob("kbms.db*"))
-        server = Server(url, args.port, log)
-        try:
-            results["large"] = measure_reads(server, args.large)
-            print(f"at {args.large:,}: {results['large']}", flush=True)
             results["export"] = measure_export(server)
             print(f"export: {results['export']}", flush=True)
         finally:
@@ -244,7 +272,8 @@ def table(results: dict[str, Any]) -> str:
     targets = results["targets"]
     return "\n".join(
         [
-            f"Reads at scale (SQLite, one `kbms serve` process, sequential requests; {results['date']}):",
+            f"Reads at scale (SQLite, one `kbms serve` process, sequential requests, medians of "
+            f"{large['rounds']} alternating rounds; {results['date']}):",
             "",
             f"| metric | {small['stored']:,} stored | {large['stored']:,} stored | target |",
             "|---|---:|---:|---|",
@@ -265,7 +294,9 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=1_000_000)
     parser.add_argument("--small", type=int, default=10_000)
     parser.add_argument("--port", type=int, default=8731)
-    parser.add_argument("--keep", help="build the database in this folder and keep it (default: a temporary one)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the two sizes (medians)")
+    parser.add_argument("--keep", help="build the databases in this folder and keep them (default: a temporary one)")
+    parser.add_argument("--reuse", action="store_true", help="with --keep: use the databases already there")
     args = parser.parse_args()
     results = run(args)
     print()
