@@ -7,7 +7,8 @@ one table each. Nothing here knows about HTTP.
     ├── InputError                    the caller sent something we refuse (a 4xx at the HTTP edge)
     │   ├── InvalidJson               the body is not JSON, or not UTF-8
     │   ├── ValidationFailed          a payload or a parameter breaks its schema (one issue per field)
-    │   │   └── InvalidWebhookItem    a webhook's envelope is fine, but the item it carries is not
+    │   │   ├── InvalidWebhookItem    a webhook's envelope is fine, but the item it carries is not
+    │   │   └── LimitExceeded         a payload holds more (parts, characters) than the configured caps
     │   ├── InvalidSignature          a webhook is not signed with the configured secret
     │   ├── PayloadTooLarge           the body is larger than the configured limit
     │   ├── UnsupportedMediaType      the Content-Type is not JSON
@@ -73,6 +74,10 @@ class InvalidWebhookItem(ValidationFailed):
         self.delivery_id = delivery_id
         self.topic = topic
         self.workspace = workspace
+
+
+class LimitExceeded(ValidationFailed):
+    """Raised when a valid payload exceeds a size cap (``kbms.limits``); like an oversized body, it is not kept."""
 
 
 class InvalidSignature(InputError):

@@ -40,6 +40,14 @@ class Settings(BaseSettings):
     allow_unsigned_webhooks: bool = Field(
         default=False, description="Accept webhooks without a valid signature: local testing only, warned at start"
     )
+    # Limits on what one payload may hold (refused with 422, nothing kept). Intercom returns at most 500 parts per
+    # conversation and a Zendesk ticket holds at most 5,000 comments: the defaults leave room above both.
+    max_parts: int = Field(default=10_000, ge=1, description="Messages plus events (and participants) in one payload")
+    max_list_items: int = Field(default=1_000, ge=1, description="Tags of a conversation, attachments of a message")
+    max_message_chars: int = Field(default=1_048_576, ge=1, description="Characters of one message's text or HTML")
+    max_field_chars: int = Field(
+        default=8_192, ge=1, description="Characters of any other text: subject, names, emails, tags, URLs"
+    )
     # Providers name their own secret variables (KBMS_INTERCOM_CLIENT_SECRET, ...): every KBMS_*_SECRET is kept.
     secrets: dict[str, SecretStr] = Field(default_factory=dict, exclude=True, repr=False)
     default_workspace: str = Field(

@@ -14,6 +14,7 @@ from kbms import __version__
 from kbms.api import conversations, health, integrations, webhooks
 from kbms.api.errors import install_error_handlers
 from kbms.api.openapi import install_openapi
+from kbms.limits import PayloadLimits
 from kbms.providers import REGISTRY
 from kbms.settings import Settings
 from kbms.storage import Store, open_store
@@ -61,6 +62,7 @@ def create_app(
 
     app = FastAPI(title="kbms", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.limits = PayloadLimits.of(settings)
     app.state.clock = clock or (lambda: datetime.now(UTC))
     install_error_handlers(app)
     app.include_router(health.router)

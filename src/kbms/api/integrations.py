@@ -12,7 +12,7 @@ from pydantic import StringConstraints, TypeAdapter
 
 from kbms.api.body import NDJSON_TYPES, read_json_body, read_ndjson_body
 from kbms.api.errors import ERROR_RESPONSES, error_body, status_of
-from kbms.api.lean import LeanRoute, parameter, query, settings_of, store_of
+from kbms.api.lean import LeanRoute, limits_of, parameter, query, settings_of, store_of
 from kbms.api.responses import json_response
 from kbms.api.schemas import BatchLine, BatchResponse, ErrorBody, IngestResponse
 from kbms.errors import FieldIssue, InputError, PayloadTooLarge, ValidationFailed
@@ -34,7 +34,12 @@ def _endpoint(provider: Provider) -> Callable[[Request], Awaitable[Response]]:
         workspace = query(request, "workspace", WORKSPACE, None)
         body = await read_json_body(request, limit=settings.max_body_bytes)
         outcome = await ingest_push(
-            store_of(request), provider, body, workspace=workspace, default_workspace=settings.default_workspace
+            store_of(request),
+            provider,
+            body,
+            workspace=workspace,
+            default_workspace=settings.default_workspace,
+            limits=limits_of(request),
         )
         return json_response(IngestResponse.of(outcome), status=201 if outcome.result == "created" else 200)
 
@@ -56,7 +61,12 @@ def _batch_endpoint(provider: Provider) -> Callable[[Request], Awaitable[Respons
         fitting = [payload for _number, payload in lines if len(payload) <= line_limit]
         outcomes = iter(
             await ingest_batch(
-                store_of(request), provider, fitting, workspace=workspace, default_workspace=settings.default_workspace
+                store_of(request),
+                provider,
+                fitting,
+                workspace=workspace,
+                default_workspace=settings.default_workspace,
+                limits=limits_of(request),
             )
         )
         too_large = PayloadTooLarge(line_limit, f"Line exceeds {line_limit} bytes")
