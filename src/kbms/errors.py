@@ -15,7 +15,8 @@ one table each. Nothing here knows about HTTP.
     │   ├── UnknownProvider           no provider of that name is registered
     │   ├── ClientDisconnected        the client went away before its body arrived
     │   └── NotFound                  the requested resource does not exist
-    └── StorageUnavailable            the database cannot be reached or written right now (retryable)
+    ├── StorageUnavailable            the database cannot be reached or written right now (retryable)
+    └── Overloaded                    the process has more requests than it can take right now (retryable)
 """
 
 from __future__ import annotations
@@ -124,3 +125,10 @@ class NotFound(InputError):
 
 class StorageUnavailable(KbmsError):
     """Raised when the database cannot be reached or written; the same request may succeed later."""
+
+
+class Overloaded(KbmsError):
+    """Raised when a request finds every slot of the process taken and none frees up in time."""
+
+    def __init__(self, message: str = "The service is at capacity; retry after the Retry-After delay") -> None:
+        super().__init__(message)

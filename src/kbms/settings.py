@@ -48,6 +48,13 @@ class Settings(BaseSettings):
     max_field_chars: int = Field(
         default=8_192, ge=1, description="Characters of any other text: subject, names, emails, tags, URLs"
     )
+    # Overload: per process, at most max_in_flight requests run; max_queued more wait at most queue_timeout seconds
+    # for a slot; anything else is answered 503 with Retry-After at once (kbms.api.admission).
+    max_in_flight: int = Field(default=64, ge=1, le=10_000, description="Requests handled at once per process")
+    max_queued: int = Field(default=256, ge=0, le=100_000, description="Requests waiting for a slot per process")
+    queue_timeout: float = Field(
+        default=0.5, ge=0, le=30, description="Seconds a request waits for a slot before a 503"
+    )
     # Providers name their own secret variables (KBMS_INTERCOM_CLIENT_SECRET, ...): every KBMS_*_SECRET is kept.
     secrets: dict[str, SecretStr] = Field(default_factory=dict, exclude=True, repr=False)
     default_workspace: str = Field(

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from kbms import __version__
 from kbms.api import conversations, health, integrations, webhooks
+from kbms.api.admission import Admission
 from kbms.api.errors import install_error_handlers
 from kbms.api.openapi import install_openapi
 from kbms.limits import PayloadLimits
@@ -37,7 +38,7 @@ Every error has the body `{error_code, message, details}`:
 | 415 | unsupported_media_type | a body that is not JSON, or is compressed |
 | 422 | validation_error | details: `[{field, issue, message}]` with dotted field paths |
 | 500 | internal_error | a bug (the trace is logged, never returned) |
-| 503 | unavailable | the database cannot be used right now; retry after `Retry-After` |
+| 503 | unavailable | the database cannot be used right now, or the service is at capacity; retry after `Retry-After` |
 """
 
 
@@ -65,6 +66,9 @@ def create_app(
     app.state.limits = PayloadLimits.of(settings)
     app.state.clock = clock or (lambda: datetime.now(UTC))
     install_error_handlers(app)
+    app.add_middleware(
+        Admission, capacity=settings.max_in_flight, queued=settings.max_queued, wait=settings.queue_timeout
+    )
     app.include_router(health.router)
     app.include_router(integrations.router(REGISTRY.values()))
     app.include_router(webhooks.router(REGISTRY.values()))

@@ -19,6 +19,7 @@ from kbms.errors import (
     InvalidSignature,
     KbmsError,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
     StorageUnavailable,
     UnknownProvider,
@@ -39,6 +40,7 @@ STATUS: dict[type[KbmsError], tuple[int, str]] = {
     PayloadTooLarge: (413, "payload_too_large"),
     UnsupportedMediaType: (415, "unsupported_media_type"),
     StorageUnavailable: (503, "unavailable"),
+    Overloaded: (503, "unavailable"),
 }
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 LOCATIONS = frozenset(("body", "query", "path", "header", "cookie"))
@@ -74,15 +76,21 @@ def error_body(exc: KbmsError) -> ErrorBody:
     return ErrorBody(error_code=code, message=exc.message, details=details)
 
 
-async def _kbms_error(_request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, KbmsError)
+def response_of(exc: KbmsError) -> Response:
+    """The response for a kbms error: its status, the error body, and ``Retry-After`` on a 503."""
     status, _code = status_of(exc)
     headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
-    if status == 503:
-        log.warning("storage unavailable: %s", exc.message)
     return Response(
         error_body(exc).model_dump_json(), status_code=status, media_type="application/json", headers=headers
     )
+
+
+async def _kbms_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, KbmsError)
+    response = response_of(exc)
+    if response.status_code == 503:
+        log.warning("storage unavailable: %s", exc.message)
+    return response
 
 
 def _field(loc: Sequence[Any]) -> str:
@@ -119,5 +127,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     500: {"model": ErrorBody, "description": "Unexpected error (no trace is returned)"},
-    503: {"model": ErrorBody, "description": "Database unavailable; retry after the Retry-After delay"},
+    503: {"model": ErrorBody, "description": "Database unavailable or service at capacity; retry after Retry-After"},
 }
