@@ -14,6 +14,8 @@ one table each. Nothing here knows about HTTP.
     │   ├── UnsupportedMediaType      the Content-Type is not JSON
     │   ├── UnknownProvider           no provider of that name is registered
     │   ├── ClientDisconnected        the client went away before its body arrived
+    │   ├── RequestTimeout            a request's headers or body did not arrive in time (a slow client)
+    │   ├── HeadersTooLarge           a request line and headers larger than the configured limit
     │   └── NotFound                  the requested resource does not exist
     ├── StorageUnavailable            the database cannot be reached or written right now (retryable)
     └── Overloaded                    the process has more requests than it can take right now (retryable)
@@ -117,6 +119,21 @@ class ClientDisconnected(InputError):
 
     def __init__(self) -> None:
         super().__init__("Client disconnected")
+
+
+class RequestTimeout(InputError):
+    """Raised by the HTTP server when a request's headers or body do not arrive within their deadline."""
+
+    def __init__(self, message: str = "The request did not arrive in time") -> None:
+        super().__init__(message)
+
+
+class HeadersTooLarge(InputError):
+    """Raised by the HTTP server when a request line and headers exceed the configured size."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Request line and headers exceed {limit} bytes")
+        self.limit = limit
 
 
 class NotFound(InputError):

@@ -48,6 +48,23 @@ class Settings(BaseSettings):
     max_field_chars: int = Field(
         default=8_192, ge=1, description="Characters of any other text: subject, names, emails, tags, URLs"
     )
+    # Slow clients: how long a request may take to arrive (enforced by kbms serve's HTTP protocol, kbms.server).
+    header_timeout: float = Field(
+        default=5.0, gt=0, le=300, description="Seconds from a request's first byte to the end of its headers"
+    )
+    # With header_timeout: a client trickling its head and then its body is cut off after at most about 9 s.
+    body_timeout: float = Field(
+        default=4.0, gt=0, le=300, description="Seconds for a body to arrive, plus 1 s per body_min_rate bytes received"
+    )
+    body_min_rate: int = Field(
+        default=10_000, ge=1, description="Bytes per second a body must keep up, on average, past body_timeout"
+    )
+    keepalive_timeout: int = Field(
+        default=5, ge=1, le=300, description="Seconds an idle keep-alive connection is kept open"
+    )
+    max_header_bytes: int = Field(
+        default=65_536, ge=1024, description="Bytes of a request line and headers (431 past it)"
+    )
     # Overload: per process, at most max_in_flight requests run; max_queued more wait at most queue_timeout seconds
     # for a slot; anything else is answered 503 with Retry-After at once (kbms.api.admission).
     max_in_flight: int = Field(default=64, ge=1, le=10_000, description="Requests handled at once per process")

@@ -34,8 +34,10 @@ Every error has the body `{error_code, message, details}`:
 | 401 | invalid_signature | a webhook without a valid signature (nothing of it is kept) |
 | 404 | not_found | unknown conversation, path or provider |
 | 405 | method_not_allowed | a method the path does not have (with an `Allow` header) |
+| 408 | request_timeout | the headers or body did not arrive in time (a slow client; the connection is closed) |
 | 413 | payload_too_large | the body exceeds the configured limit |
 | 415 | unsupported_media_type | a body that is not JSON, or is compressed |
+| 431 | headers_too_large | the request line and headers exceed the configured limit |
 | 422 | validation_error | details: `[{field, issue, message}]` with dotted field paths |
 | 500 | internal_error | a bug (the trace is logged, never returned) |
 | 503 | unavailable | the database cannot be used right now, or the service is at capacity; retry after `Retry-After` |

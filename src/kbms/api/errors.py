@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,12 +16,14 @@ from kbms.api.schemas import ErrorBody, ErrorDetail
 from kbms.errors import (
     ClientDisconnected,
     FieldIssue,
+    HeadersTooLarge,
     InvalidJson,
     InvalidSignature,
     KbmsError,
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     StorageUnavailable,
     UnknownProvider,
     UnsupportedMediaType,
@@ -38,6 +41,8 @@ STATUS: dict[type[KbmsError], tuple[int, str]] = {
     NotFound: (404, "not_found"),
     UnknownProvider: (404, "not_found"),
     PayloadTooLarge: (413, "payload_too_large"),
+    RequestTimeout: (408, "request_timeout"),
+    HeadersTooLarge: (431, "headers_too_large"),
     UnsupportedMediaType: (415, "unsupported_media_type"),
     StorageUnavailable: (503, "unavailable"),
     Overloaded: (503, "unavailable"),
@@ -83,6 +88,18 @@ def response_of(exc: KbmsError) -> Response:
     return Response(
         error_body(exc).model_dump_json(), status_code=status, media_type="application/json", headers=headers
     )
+
+
+def raw_response_of(exc: KbmsError) -> bytes:
+    """A whole HTTP/1.1 response for a kbms error, closing the connection: for the HTTP server itself
+    (``kbms.server``), which answers some requests before there is an application request to answer."""
+    status, _code = status_of(exc)
+    body = error_body(exc).model_dump_json().encode()
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
 
 
 async def _kbms_error(_request: Request, exc: Exception) -> Response:
