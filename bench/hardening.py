@@ -290,9 +290,37 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(kind: str, directory: Path, env: dict[str, str]) -> Iterator[Server]:
+def server(kind: str, directory: Path, env: dict[str, str], postgres: str | None = None) -> Iterator[Server]:
     directory.mkdir(parents=True, exist_ok=True)
-    url = f"sqlite:///{directory / 'kbms.db'}"
+    with database(directory, postgres) as url, _serving(kind, directory, env, url) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def database(directory: Path, postgres: str | None) -> Iterator[str]:
+    """An SQLite file in ``directory``, or a fresh schema in the ``postgres`` database (dropped after)."""
+    if postgres is None:
+        yield f"sqlite:///{directory / 'kbms.db'}"
+        return
+    from sqlalchemy import make_url  # kbms's own dependency: only needed for PostgreSQL runs
+
+    from kbms.storage import admin_engine
+
+    schema = f"bench_{os.getpid()}_{directory.name}"
+    admin = admin_engine(postgres)
+    try:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+        url = make_url(postgres).update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def _serving(kind: str, directory: Path, env: dict[str, str], url: str) -> Iterator[Server]:
     subprocess.run([PYTHON, "-m", "kbms", "migrate", "--database-url", url], check=True, capture_output=True)  # noqa: S603
     port = free_port()
     environment = {**os.environ, "KBMS_DATABASE_URL": url, "KBMS_LOG_LEVEL": "warning", **env}
@@ -472,16 +500,18 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per measured phase")
     parser.add_argument("--factors", default="2,4", help="overload phases, as multiples of the capacity")
     parser.add_argument("--env", action="append", default=[], help="KBMS_X=value for the server (repeatable)")
+    parser.add_argument("--postgres", help="a PostgreSQL database URL to run on (a fresh schema), instead of SQLite")
     parser.add_argument("--out", type=Path, default=OUT / "hardening.json")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 16384)), hard))
     env = dict(item.split("=", 1) for item in args.env)
-    results: dict[str, Any] = {"server": args.server, "env": env, "cpus": os.cpu_count()}
+    engine = "postgresql" if args.postgres else "sqlite"
+    results: dict[str, Any] = {"server": args.server, "database": engine, "env": env, "cpus": os.cpu_count()}
     results["load_average_before"] = [round(x, 2) for x in os.getloadavg()]  # other work on the machine
     with tempfile.TemporaryDirectory(prefix="kbms-hardening-") as directory:
         if args.what in ("slow", "all"):
-            with server(args.server, Path(directory) / "slow", env) as running:
+            with server(args.server, Path(directory) / "slow", env, args.postgres) as running:
                 results["slow"] = run(
                     measure_slow(
                         running.port,
@@ -495,7 +525,7 @@ def main() -> None:
             print(json.dumps(results["slow"], indent=2), flush=True)
         if args.what in ("overload", "all"):
             factors = [float(f) for f in args.factors.split(",")]
-            with server(args.server, Path(directory) / "overload", env) as running:
+            with server(args.server, Path(directory) / "overload", env, args.postgres) as running:
                 results["overload"] = run(
                     measure_overload(running.port, running.process.pid, duration=args.duration, factors=factors)
                 )
