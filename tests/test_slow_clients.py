@@ -196,3 +196,47 @@ def test_worker_processes_enforce_the_deadlines_too(tmp_path: Path) -> None:
         running.stop()
     assert closed
     assert error_code(answer) == (408, "request_timeout")
+
+
+def read_answers(sock: socket.socket, count: int) -> list[bytes]:
+    """``count`` whole answers (heads and bodies with a content-length) from a kept-alive connection."""
+    buffer, answers = b"", []
+    sock.settimeout(10)
+    while len(answers) < count:
+        while b"\r\n\r\n" not in buffer:
+            buffer += sock.recv(65536)
+        head, _, rest = buffer.partition(b"\r\n\r\n")
+        length = int(next(v for k, _, v in _headers(head + b"\r\n\r\n") if k == "content-length"))
+        while len(rest) < length:
+            rest += sock.recv(65536)
+        answers.append(head + b"\r\n\r\n" + rest[:length])
+        buffer = rest[length:]
+    return answers
+
+
+def test_pipelined_requests_are_answered_in_order(server: LiveServer) -> None:
+    body = dumps(intercom_payload("pipelined"))
+    requests = (
+        b"GET /health HTTP/1.1\r\nhost: t\r\n\r\n"
+        + f"POST {INGEST} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n".encode()
+        + f"content-length: {len(body)}\r\n\r\n".encode()
+        + body
+        + b"GET /internal/conversations HTTP/1.1\r\nhost: t\r\n\r\n"
+    )
+    with connect(server) as sock:
+        sock.sendall(requests)
+        answers = read_answers(sock, 3)
+    assert [answer.split(b" ", 2)[1] for answer in answers] == [b"200", b"201", b"200"]
+    assert b'"external_id":"pipelined"' in answers[2]
+
+
+def test_a_stray_line_break_after_a_body_does_not_cut_the_connection(server: LiveServer) -> None:
+    # Some old clients send CRLF after a POST body; the server skips it (RFC 9112) and the connection lives on.
+    body = dumps(intercom_payload("crlf"))
+    head = f"POST {INGEST} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    with connect(server) as sock:
+        sock.sendall(head.encode() + body + b"\r\n")
+        first = read_answers(sock, 1)[0]
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: t\r\n\r\n")
+        second = read_answers(sock, 1)[0]
+    assert (first.split(b" ", 2)[1], second.split(b" ", 2)[1]) == (b"201", b"200")

@@ -88,7 +88,6 @@ class DeadlineProtocol(HttpToolsProtocol):
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
-        self._buffering = False
         self._held: tuple[RequestResponseCycle, ASGI3Application] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -104,8 +103,10 @@ class DeadlineProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._phase is None and (self.cycle is None or self.cycle.response_complete):
-            self._start("head", self._limits.header_timeout)  # the first byte of the next request
+        if self._phase is None and not self.pipeline:
+            # The first byte of the next request: on a kept-alive connection, or sent before the previous
+            # answer (pipelined). Not while a pipelined request waits: what arrives then is its body.
+            self._start("head", self._limits.header_timeout)
         if self._phase == "head":
             self._head_bytes += len(data)
         super().data_received(data)
@@ -115,17 +116,21 @@ class DeadlineProtocol(HttpToolsProtocol):
             self._refuse(HeadersTooLarge(self._limits.max_header_bytes))
 
     def on_headers_complete(self) -> None:
-        self._start("body", self._limits.body_timeout)
-        self._buffering = True
-        try:
-            super().on_headers_complete()
-        finally:
-            self._buffering = False
+        # A pipelined request (one sent before the previous one's answer) waits, unread, until that answer is
+        # complete: its body deadline starts when uvicorn starts it (_start_asgi_task), not now.
+        pipelined = self.cycle is not None and not self.cycle.response_complete
+        if pipelined:
+            self._phase = None
+        else:
+            self._start("body", self._limits.body_timeout)
+        super().on_headers_complete()
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
-        if not self._buffering:  # a pipelined request, started once the one before it is answered
+        if not cycle.more_body:  # the body is all here (a pipelined request that waited)
             super()._start_asgi_task(cycle, app)
             return
+        if self._phase is None:  # a pipelined request whose body is still to come
+            self._start("body", self._limits.body_timeout)
         if cycle.waiting_for_100_continue and not self.transport.is_closing():
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             cycle.waiting_for_100_continue = False
@@ -142,6 +147,11 @@ class DeadlineProtocol(HttpToolsProtocol):
         super().on_message_complete()
         if self._held is not None:
             self._release_request()
+
+    def on_response_complete(self) -> None:
+        if self._phase == "head":  # a next request began during the answer: its head gets its full time from now
+            self._deadline = max(self._deadline, self.loop.time() + self._limits.header_timeout)
+        super().on_response_complete()
 
     def _release_request(self) -> None:
         assert self._held is not None
@@ -163,6 +173,10 @@ class DeadlineProtocol(HttpToolsProtocol):
         self._timer = None
         if self._phase is None or self.transport.is_closing():
             return
+        if self._phase == "head" and self.cycle is not None and not self.cycle.response_complete:
+            # The next request began while this one is being answered: its head can wait for the answer, which
+            # closing now would cut short.
+            self._deadline = self.loop.time() + self._limits.header_timeout
         if self.loop.time() < self._deadline:
             self._timer = self.loop.call_at(self._deadline, self._check_deadline)
             return
@@ -173,9 +187,15 @@ class DeadlineProtocol(HttpToolsProtocol):
             self.transport.close()  # opened and never used: nobody to answer
 
     def _refuse(self, error: RequestTimeout | HeadersTooLarge) -> None:
-        # Answered only if the application has not begun its own response; the closed connection makes the
-        # application's read of the body end (``http.disconnect``).
-        if self.cycle is None or self._phase == "head" or not self.cycle.response_started:
+        # Answered only where no other answer is under way on the connection: a request's head, once the previous
+        # request is answered; a body, if the application has not begun its answer. Either way the connection is
+        # closed, which ends the application's read of the body (``http.disconnect``).
+        cycle = self.cycle
+        if self._phase == "head":
+            answer = cycle is None or cycle.response_complete
+        else:
+            answer = cycle is not None and not cycle.response_started
+        if answer:
             self.transport.write(raw_response_of(error))
         self._phase = None
         self._held = None  # never handed to the application
