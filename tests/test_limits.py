@@ -120,12 +120,12 @@ def test_a_signed_webhook_over_a_cap_is_422_and_not_kept(capped: TestClient, sql
     assert count(sqlite_url, ledger) == count(sqlite_url, conversations) == 0
 
 
-def test_kbms_ingest_applies_the_caps(sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kbms_ingest_applies_the_caps(sqlite_url: str, tmp_path: Path) -> None:
     source = tmp_path / "in.ndjson"
     over = intercom_payload("over", parts=[part(f"p{i}") for i in range(5)])
     source.write_bytes(dumps(intercom_payload("fine")) + b"\n" + dumps(over) + b"\n")
-    monkeypatch.setenv("KBMS_MAX_PARTS", "3")  # the CLI reads its settings from the environment
-    result = CliRunner().invoke(cli, ["ingest", str(source), "--database-url", sqlite_url])
+    arguments = ["ingest", str(source), "--database-url", sqlite_url]
+    result = CliRunner().invoke(cli, arguments, env={"KBMS_MAX_PARTS": "3"})  # the CLI's settings come from KBMS_*
     assert result.exit_code == 1, result.output
     assert "line 2: rejected: messages" in " ".join(result.output.split())
     assert count(sqlite_url, conversations) == 1
