@@ -200,7 +200,8 @@ def test_worker_processes_enforce_the_deadlines_too(tmp_path: Path) -> None:
 
 def read_answers(sock: socket.socket, count: int) -> list[bytes]:
     """``count`` whole answers (heads and bodies with a content-length) from a kept-alive connection."""
-    buffer, answers = b"", []
+    buffer = b""
+    answers: list[bytes] = []
     sock.settimeout(10)
     while len(answers) < count:
         while b"\r\n\r\n" not in buffer:
