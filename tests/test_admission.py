@@ -16,7 +16,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from kbms.api import create_app
-from kbms.api.admission import Admission
+from kbms.api.admission import STANDING_WAIT, Admission
 from kbms.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -182,3 +182,18 @@ async def test_the_app_refuses_past_max_in_flight_in_front_of_every_route(tmp_pa
         store.release.set()
         assert (await first).status_code == 404
         assert (await http.get("/internal/conversations/c")).status_code == 404  # served again
+
+
+async def test_a_standing_queue_makes_newcomers_wait_only_briefly() -> None:
+    gate = Gate()
+    app = Admission(gate, capacity=1, queued=10, wait=0.5)
+    first = await held(app, gate)
+    assert app.allowed_wait(asyncio.get_running_loop().time() + 60) == 0.5  # nobody waits: a burst may queue
+    waiting = [asyncio.create_task(call(app, "/other")) for _ in range(2)]
+    await asyncio.sleep(0)
+    now = asyncio.get_running_loop().time()
+    assert app.allowed_wait(now) == 0.5  # queued just now: still a burst
+    assert app.allowed_wait(now + 0.6) == STANDING_WAIT  # not emptied for longer than the wait: overload
+    gate.release.set()
+    assert [(await task)[0] for task in [first, *waiting]] == [200, 200, 200]
+    assert app.allowed_wait(asyncio.get_running_loop().time() + 60) == 0.5  # drained: bursts may queue again

@@ -7,6 +7,11 @@ at once with 503 ``unavailable`` and ``Retry-After`` (the documented error body)
 instead of a request's milliseconds. Nothing is kept between bursts, so service resumes by itself as soon as the
 load drops.
 
+The wait absorbs bursts, not sustained overload: a queue that has not emptied for ``wait`` seconds is standing,
+and while it stands, newcomers wait at most ``STANDING_WAIT`` (CoDel, as in Facebook's "Fail at scale", ACM Queue
+2015). Without it, under sustained overload the queue stays full, so every admitted request first sits out nearly
+the whole wait, and so does every 503; with it, a standing queue answers in milliseconds either way.
+
 This also bounds everything behind it: SQLite's queue of writes waiting for the next group commit holds at most
 ``capacity`` of them per process, and PostgreSQL requests wait for a pooled connection behind at most that many.
 
@@ -33,6 +38,7 @@ from kbms.errors import Overloaded
 log = logging.getLogger(__name__)
 
 EXEMPT = ("/health", "/ready")
+STANDING_WAIT = 0.01  # seconds a newcomer waits while the queue stands: enough to take a slot that frees up now
 WARN_EVERY_SECONDS = 10.0  # one line per burst, not one per refused request: logging is not free under overload
 
 
@@ -49,6 +55,7 @@ class Admission:
         self.exempt = frozenset(exempt)
         self.in_flight = 0
         self._waiters: deque[asyncio.Future[bool]] = deque()
+        self._queued_since = 0.0  # when the queue last went from empty to not empty
         self._refusal = response_of(Overloaded())  # built once: refusing must stay cheap
         self._refused_since_warning = 0
         self._warned_at = -WARN_EVERY_SECONDS
@@ -77,9 +84,12 @@ class Admission:
         if len(self._waiters) >= self.max_queued or self.wait <= 0:
             return False
         loop = asyncio.get_running_loop()
+        now = loop.time()
+        if not self._waiters:
+            self._queued_since = now
         slot: asyncio.Future[bool] = loop.create_future()
         self._waiters.append(slot)
-        timer = loop.call_later(self.wait, self._expire, slot)
+        timer = loop.call_later(self.allowed_wait(now), self._expire, slot)
         try:
             return await slot
         except asyncio.CancelledError:
@@ -90,6 +100,11 @@ class Admission:
             raise
         finally:
             timer.cancel()
+
+    def allowed_wait(self, now: float) -> float:
+        """How long a request arriving at ``now`` (loop time) may wait: short while the queue stands."""
+        standing = len(self._waiters) > 1 and now - self._queued_since >= self.wait
+        return min(self.wait, STANDING_WAIT) if standing else self.wait
 
     def _expire(self, slot: asyncio.Future[bool]) -> None:
         if not slot.done():
