@@ -16,7 +16,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from kbms.api import create_app
-from kbms.api.admission import STANDING_WAIT, TARGET_LAG, Admission
+from kbms.api.admission import STANDING_WAIT, Admission
 from kbms.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -197,29 +197,3 @@ async def test_a_standing_queue_makes_newcomers_wait_only_briefly() -> None:
     gate.release.set()
     assert [(await task)[0] for task in [first, *waiting]] == [200, 200, 200]
     assert app.allowed_wait(asyncio.get_running_loop().time() + 60) == 0.5  # drained: bursts may queue again
-
-
-def test_the_limit_follows_the_event_loops_lag() -> None:
-    app = Admission(Gate(), capacity=64, queued=0, wait=0.5)
-    limits = []
-    for lag in [0.5] * 13 + [0.0] * 20:
-        app.adjust(lag)
-        limits.append(app.limit)
-    assert limits[:13] == [48, 36, 27, 20, 15, 11, 8, 6, 4, 3, 2, 1, 1]  # down by a quarter while late, to 1
-    assert limits[-1] == 64  # and back to the capacity once on time, never above it
-    assert max(limits) == 64
-    app.adjust(TARGET_LAG * 0.75)
-    assert app.limit == 64
-
-
-async def test_a_shrunk_limit_gives_slots_back_instead_of_handing_them_on() -> None:
-    gate = Gate()
-    app = Admission(gate, capacity=2, queued=1, wait=30)
-    first, second = await held(app, gate), await held(app, gate)
-    app.adjust(1.0)  # the loop ran late: the limit drops to 1 with 2 in flight
-    waiting = asyncio.create_task(call(app, "/other"))
-    await asyncio.sleep(0)
-    assert (app.limit, app.in_flight, app.queued) == (1, 2, 1)
-    gate.release.set()
-    assert [(await task)[0] for task in (first, second, waiting)] == [200, 200, 200]
-    assert (app.in_flight, app.queued) == (0, 0)

@@ -12,14 +12,6 @@ and while it stands, newcomers wait at most ``STANDING_WAIT`` (CoDel, as in Face
 2015). Without it, under sustained overload the queue stays full, so every admitted request first sits out nearly
 the whole wait, and so does every 503; with it, a standing queue answers in milliseconds either way.
 
-The number of requests a process can run at once without falling behind is not fixed: it depends on what they
-are and on how much CPU the process gets (on a shared 2-core machine, the server got 0.3 to 0.6 of a core from
-one minute to the next). So ``capacity`` is a ceiling, and the limit in force follows the event loop's own lag,
-sampled every ``TICK`` seconds while requests are in flight: while the loop runs more than ``TARGET_LAG`` late,
-the limit shrinks by a quarter; while it keeps up, it grows back (as TCP's congestion window does). A lagging loop
-is a process whose admitted work leaves no CPU to read, answer or refuse what keeps arriving: with a fixed limit
-of 64, 503s took up to 3.6 s at 4x capacity on that machine.
-
 This also bounds everything behind it: SQLite's queue of writes waiting for the next group commit holds at most
 ``capacity`` of them per process, and PostgreSQL requests wait for a pooled connection behind at most that many.
 
@@ -47,13 +39,11 @@ log = logging.getLogger(__name__)
 
 EXEMPT = ("/health", "/ready")
 STANDING_WAIT = 0.01  # seconds a newcomer waits while the queue stands: enough to take a slot that frees up now
-TICK = 0.05  # seconds between two samples of the event loop's lag
-TARGET_LAG = 0.1  # seconds late a loop may run before the limit shrinks: every request waits that long to be read
 WARN_EVERY_SECONDS = 10.0  # one line per burst, not one per refused request: logging is not free under overload
 
 
 class Admission:
-    """The middleware; ``in_flight``, ``limit`` and ``queued`` say how busy the process is right now."""
+    """The middleware; ``in_flight`` and ``queued`` say how busy the process is right now."""
 
     def __init__(
         self, app: ASGIApp, *, capacity: int, queued: int, wait: float, exempt: Collection[str] = EXEMPT
@@ -64,8 +54,6 @@ class Admission:
         self.wait = wait
         self.exempt = frozenset(exempt)
         self.in_flight = 0
-        self.limit = capacity  # the limit in force: at most capacity, less while the loop lags
-        self._sampling = False
         self._waiters: deque[asyncio.Future[bool]] = deque()
         self._queued_since = 0.0  # when the queue last went from empty to not empty
         self._refusal = response_of(Overloaded())  # built once: refusing must stay cheap
@@ -80,9 +68,7 @@ class Admission:
         if scope["type"] != "http" or scope["path"] in self.exempt:
             await self.app(scope, receive, send)
             return
-        if not self._sampling:
-            self._start_sampling()
-        if self.in_flight < self.limit and not self._waiters:
+        if self.in_flight < self.capacity and not self._waiters:
             self.in_flight += 1
         elif not await self._wait_for_slot():
             self._note_refusal()
@@ -129,32 +115,10 @@ class Admission:
         with contextlib.suppress(ValueError):  # already handed on
             self._waiters.remove(slot)  # O(queued), only ever under overload
 
-    def adjust(self, lag: float) -> None:
-        """Move the limit after a sample of the loop's lag: down by a quarter when late; up by a quarter when well
-        on time (back from 1 to 64 in about a second), by one when close to late."""
-        if lag > TARGET_LAG:
-            self.limit = max(1, self.limit * 3 // 4)
-        elif lag > TARGET_LAG / 2:
-            self.limit = min(self.capacity, self.limit + 1)
-        else:
-            self.limit = min(self.capacity, self.limit + max(1, self.limit // 4))
-
-    def _start_sampling(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._sampling = True
-        loop.call_later(TICK, self._sample, loop, loop.time() + TICK)
-
-    def _sample(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
-        self.adjust(loop.time() - due)
-        if self.in_flight or self._waiters:
-            loop.call_later(TICK, self._sample, loop, loop.time() + TICK)
-        else:
-            self._sampling = False  # idle: no timer; the next request starts sampling again
-
     def _release(self) -> None:
-        # The slot goes straight to the oldest waiter, so in_flight never dips below the limit while requests wait
-        # (a newcomer cannot overtake them); above a limit that has just shrunk, it is given back instead.
-        while self._waiters and self.in_flight <= self.limit:
+        # The slot goes straight to the oldest waiter, so in_flight never dips below capacity while requests wait
+        # (a newcomer cannot overtake them).
+        while self._waiters:
             slot = self._waiters.popleft()
             if not slot.done():
                 slot.set_result(True)
