@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +156,7 @@ class Phase:
     records: list[Record] = field(default_factory=list)
     server_cpu: float = 0.0  # seconds of CPU the server process used during the phase
     client_cpu: float = 0.0  # and this load generator
+    client_lag: float = 0.0  # the longest this generator's own event loop ran late: part of every latency measured
 
     def report(self) -> dict[str, Any]:
         answered = [r for r in self.records if r.status is not None]
@@ -173,11 +174,14 @@ class Phase:
             "server_errors_other_than_503": sum(1 for r in answered if r.status >= 500 and r.status != 503),
             "503_without_retry_after": sum(1 for r in unavailable if not r.retry_after),
             "503_latency_max_ms": ms(max((r.latency or 0.0) for r in unavailable)) if unavailable else None,
+            "503_latency_p99_ms": latency_figures(sorted(r.latency or 0.0 for r in unavailable))["p99_ms"],
+            "503_within_1s": sum(1 for r in unavailable if (r.latency or 0.0) <= 1.0),
             "no_answer": sum(errors.values()),
             "errors": dict(errors),
             **latency_figures(latencies),
             "server_cpu_share": round(self.server_cpu / self.duration, 2),
             "client_cpu_share": round(self.client_cpu / self.duration, 2),
+            "client_loop_lag_max_ms": ms(self.client_lag),
         }
 
 
@@ -187,12 +191,25 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@contextlib.contextmanager
-def cpu_of(phase: Phase, server_pid: int) -> Iterator[None]:
+@contextlib.asynccontextmanager
+async def cpu_of(phase: Phase, server_pid: int) -> AsyncIterator[None]:
+    """Record the CPU server and generator use during the phase, and how late the generator's loop ran."""
     server_before, client_before = process_cpu(server_pid), time.process_time()
-    yield
-    phase.server_cpu = process_cpu(server_pid) - server_before
-    phase.client_cpu = time.process_time() - client_before
+    loop = asyncio.get_running_loop()
+
+    async def watch() -> None:
+        while True:
+            due = loop.time() + 0.01
+            await asyncio.sleep(0.01)
+            phase.client_lag = max(phase.client_lag, loop.time() - due)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        phase.server_cpu = process_cpu(server_pid) - server_before
+        phase.client_cpu = time.process_time() - client_before
 
 
 def ms(seconds: float) -> float:
@@ -425,7 +442,7 @@ async def measure_slow(
             return lambda: legit.request("GET", f"/internal/conversations/{rng.choice(ids)}")
         return lambda: legit.request("POST", INGEST, payloads.get(1000 + i))
 
-    with cpu_of(phase, pid):
+    async with cpu_of(phase, pid):
         await open_loop(rate, duration, phase, make)
     stop.set()
     await asyncio.gather(*attackers)
@@ -468,7 +485,7 @@ async def measure_overload(port: int, pid: int, *, duration: float, factors: lis
     for factor in factors:
         offset += 10**6
         capacity_phase = Phase("capacity (64 connections, closed loop)", 0, duration / 2)
-        with cpu_of(capacity_phase, pid):
+        async with cpu_of(capacity_phase, pid):
             await closed_loop(64, duration / 2, capacity_phase, maker(pool))
         capacity = capacity_phase.report()["succeeded_per_s"]
         capacity_phase.offered_rate = capacity
@@ -477,13 +494,13 @@ async def measure_overload(port: int, pid: int, *, duration: float, factors: lis
         offset += 10**6
         await asyncio.sleep(2)  # let the capacity phase drain
         phase = Phase(f"{factor:g}x capacity (open loop)", capacity * factor, duration)
-        with cpu_of(phase, pid):
+        async with cpu_of(phase, pid):
             await open_loop(capacity * factor, duration, phase, maker(pool))
         phases.append(phase)
     offset += 10**6
     await asyncio.sleep(2)
     recovery = Phase("recovery at 0.5x capacity", capacities[-1] / 2, duration)
-    with cpu_of(recovery, pid):
+    async with cpu_of(recovery, pid):
         await open_loop(capacities[-1] / 2, duration, recovery, maker(pool))
     phases.append(recovery)
     pool.close()
