@@ -144,6 +144,7 @@ class Record:
 
     latency: float | None  # None: no answer (a hang, or the connection failed)
     status: int | None = None
+    due: float = 0.0  # when it was due, in seconds from the start of its phase
     retry_after: str | None = None
     error: str | None = None
 
@@ -157,6 +158,7 @@ class Phase:
     server_cpu: float = 0.0  # seconds of CPU the server process used during the phase
     client_cpu: float = 0.0  # and this load generator
     client_lag: float = 0.0  # the longest this generator's own event loop ran late: part of every latency measured
+    started: float = 0.0  # loop time the phase started
 
     def report(self) -> dict[str, Any]:
         answered = [r for r in self.records if r.status is not None]
@@ -182,6 +184,10 @@ class Phase:
             "server_cpu_share": round(self.server_cpu / self.duration, 2),
             "client_cpu_share": round(self.client_cpu / self.duration, 2),
             "client_loop_lag_max_ms": ms(self.client_lag),
+            "503_per_5s": [
+                sum(1 for r in unavailable if window <= r.due < window + 5)
+                for window in range(0, max(1, int(self.duration)), 5)
+            ],
         }
 
 
@@ -233,13 +239,14 @@ async def timed(call: Callable[[], Awaitable[Answer]], due: float, phase: Phase)
     except (OSError, asyncio.IncompleteReadError) as exc:
         phase.records.append(Record(None, error=type(exc).__name__))
         return
-    phase.records.append(Record(loop.time() - due, answer.status, answer.headers.get("retry-after")))
+    retry_after = answer.headers.get("retry-after")
+    phase.records.append(Record(loop.time() - due, answer.status, due - phase.started, retry_after))
 
 
 async def open_loop(rate: float, duration: float, phase: Phase, make: Callable[[int], Callable[[], Awaitable[Answer]]]):
     """Start request i at start + i/rate, whatever happened to the others."""
     loop = asyncio.get_running_loop()
-    start = loop.time()
+    start = phase.started = loop.time()
     total = int(rate * duration)
     running: set[asyncio.Task[None]] = set()
     sent = 0
@@ -258,7 +265,8 @@ async def closed_loop(
     connections: int, duration: float, phase: Phase, make: Callable[[int], Callable[[], Awaitable[Answer]]]
 ):
     loop = asyncio.get_running_loop()
-    end = loop.time() + duration
+    phase.started = loop.time()
+    end = phase.started + duration
     counter = iter(range(10**9))
 
     async def worker() -> None:
