@@ -2,7 +2,10 @@
 
 1. the A/B harness (``harness/run.py``): the reference (A) and kbms (B) started alternately on fresh SQLite
    databases, each measured on ingest, redelivery, detail reads, the first list page and peak memory;
-2. ``kbms ingest`` of a 100,000-conversation NDJSON file into a fresh SQLite database.
+2. ``kbms ingest`` of a 100,000-conversation NDJSON file into a fresh SQLite database;
+3. reads at scale (``scale.py``): list pages, single-word search and the NDJSON export of everything, at 10,000 and
+   at 1,000,000 conversations on SQLite (the database takes about 30 GB and the 1M ingest most of the run's time;
+   ``--scale 0`` skips it).
 
 Writes ``bench/out/results.json`` (the harness's full record), ``bench/out/ingest.json`` and
 ``bench/out/summary.md`` (the table the README carries). Needs ``wrk`` (Debian package ``wrk``): installed when
@@ -23,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from scale import table as scale_table  # bench/scale.py, next to this file
 
 HERE = Path(__file__).resolve().parent
 HARNESS = HERE / "harness"
@@ -94,7 +99,14 @@ def bulk_ingest(count: int) -> dict[str, Any]:
     return {"conversations": count, "seconds": round(elapsed, 2), "per_second": round(count / elapsed)}
 
 
-def summary(results: dict[str, Any], ingest: dict[str, Any] | None, args: argparse.Namespace) -> str:
+def scale(count: int) -> dict[str, Any]:
+    subprocess.run([str(PYTHON), str(HERE / "scale.py"), "--large", str(count)], check=True)  # noqa: S603
+    return dict(json.loads((OUT / "scale.json").read_text()))
+
+
+def summary(
+    results: dict[str, Any], ingest: dict[str, Any] | None, at_scale: dict[str, Any] | None, args: argparse.Namespace
+) -> str:
     metrics = {row["metric"]: row for row in results["metrics"]}
     today = datetime.date.today().isoformat()
     lines = [
@@ -117,6 +129,8 @@ def summary(results: dict[str, Any], ingest: dict[str, Any] | None, args: argpar
             f"`kbms ingest` of {ingest['conversations']:,} conversations (NDJSON, SQLite): "
             f"{ingest['seconds']} s, {ingest['per_second']:,} conversations/s.",
         ]
+    if at_scale is not None:
+        lines += ["", scale_table(at_scale)]
     return "\n".join(lines) + "\n"
 
 
@@ -127,17 +141,19 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per measured phase")
     parser.add_argument("--workers", type=int, default=WORKERS)
     parser.add_argument("--ingest", type=int, default=100_000, help="conversations for the kbms ingest timing")
+    parser.add_argument("--scale", type=int, default=1_000_000, help="conversations for the reads at scale (0: skip)")
     parser.add_argument("--quick", action="store_true", help="a short run while developing (not for the README)")
     args = parser.parse_args()
     if args.quick:
-        args.n, args.rounds, args.duration, args.ingest = 3_000, 1, 5.0, 10_000
+        args.n, args.rounds, args.duration, args.ingest, args.scale = 3_000, 1, 5.0, 10_000, 20_000
     OUT.mkdir(exist_ok=True)
     ensure_wrk()
     results = harness(args)
     ingest = bulk_ingest(args.ingest) if args.ingest else None
     if ingest is not None:
         (OUT / "ingest.json").write_text(json.dumps(ingest, indent=2) + "\n")
-    text = summary(results, ingest, args)
+    at_scale = scale(args.scale) if args.scale else None
+    text = summary(results, ingest, at_scale, args)
     (OUT / "summary.md").write_text(text)
     print()
     print(text)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx2
 import pytest
@@ -21,6 +22,9 @@ from kbms.api import create_app
 from kbms.settings import Settings
 from kbms.storage import Store, admin_engine, open_store
 from kbms.storage.migrate import upgrade
+
+if TYPE_CHECKING:
+    from tests.forkserver import ForkServer
 
 POSTGRES_URL = os.environ.get("KBMS_TEST_POSTGRES_URL", "")
 REQUIRE_POSTGRES = os.environ.get("KBMS_REQUIRE_POSTGRES") == "1"
@@ -195,3 +199,15 @@ def live_server(database_url: str, tmp_path: Path) -> Iterator[LiveServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def fork_server() -> Iterator[ForkServer]:
+    """Starts ``kbms serve`` processes in a fraction of a second each (see tests/forkserver.py)."""
+    from tests.forkserver import ForkServer
+
+    server = ForkServer()
+    try:
+        yield server
+    finally:
+        server.close()

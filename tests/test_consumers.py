@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
+from kbms import search
+from kbms.api.cursor import encode_search_cursor
 from kbms.cli import app as cli
 from kbms.providers.intercom.signature import sign
 from kbms.settings import Settings
@@ -243,6 +245,22 @@ def test_search_with_filters_updates_deletions_and_pages(client: TestClient) -> 
     hook = client.post("/webhooks/intercom", content=body, headers={"x-hub-signature": sign(body, SECRET)})
     assert hook.status_code == 200, hook.text
     assert ids(client.get(LIST, params={"q": "mango"})) == []
+
+
+def test_search_ranks_the_newest_matches_of_a_window(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(search, "WINDOW", 4)
+    # Created in order m0..m5; m0 says it most often, but it is not among the 4 newest matches.
+    for i in range(6):
+        body = "<p>" + " ".join(["lemon"] * (6 - i)) + f" filler{i}</p>"
+        push(client, f"m{i}", workspace="w1" if i % 2 else "w2", parts=[part("p1", body)])
+    assert ids(client.get(LIST, params={"q": "lemon"})) == ["m2", "m3", "m4", "m5"]
+    assert walk(client, f"{LIST}?q=lemon", limit=3) == ["m2", "m3", "m4", "m5"]
+    # The window is over the matches that pass the filters: w2's three are all ranked.
+    assert ids(client.get(LIST, params={"q": "lemon", "workspace": "w2"})) == ["m0", "m2", "m4"]
+    # Narrower words reach older conversations.
+    assert ids(client.get(LIST, params={"q": "lemon filler0"})) == ["m0"]
+    deeper = client.get(LIST, params={"q": "lemon", "cursor": encode_search_cursor(5)})
+    assert (deeper.status_code, deeper.json()["details"][0]["issue"]) == (422, "too_deep")
 
 
 HOSTILE = ['"', "*", "AND(", "((", ")", "NEAR(a b)", "a OR b", "x:y", "^start", "-not", "'; DROP TABLE x", "\x00"]

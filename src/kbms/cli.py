@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import os
 import re
 import sys
@@ -26,6 +28,7 @@ from rich.progress import (
 from rich.table import Table
 from sqlalchemy.engine import Engine
 
+from kbms.auth import SCOPES, Keyring, KeyringError, key_config, new_key
 from kbms.backfill import IngestReport, UnreadableFile, ingest_file
 from kbms.errors import KbmsError, StorageUnavailable
 from kbms.export import FORMATS, ParquetUnavailable, parquet_schemas, write_export
@@ -46,6 +49,7 @@ SHOWN_REJECTS = 20
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="kbms: conversation ingestion service.")
 err = Console(stderr=True)
+log = logging.getLogger(__name__)
 out = Console()
 
 DatabaseUrl = Annotated[
@@ -110,6 +114,9 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Overrides KBMS_PORT", show_default=False)] = None,
     database_url: DatabaseUrl = None,
     workers: Annotated[int | None, typer.Option(help="Overrides KBMS_WORKERS", show_default=False)] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Serve without API keys on a non-loopback address (trusted networks)")
+    ] = False,
 ) -> None:
     """Serve the HTTP API (the schema must be migrated first)."""
     import uvicorn
@@ -120,6 +127,20 @@ def serve(
 
     settings = _settings(host=host, port=port, database_url=database_url, workers=workers)
     configure_logging(settings.log_level)
+    try:
+        keyring = Keyring.configured(settings.api_keys, settings.api_keys_file)
+    except KeyringError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(EXIT_USAGE) from None
+    if not keyring and not _is_loopback(settings.host) and not insecure:
+        err.print(
+            f"[red]No API keys are configured, so anyone who reaches {settings.host} could read every "
+            "conversation.[/] Configure keys (KBMS_API_KEYS, see `kbms keys create`), bind to 127.0.0.1, or pass "
+            "--insecure on a network you trust."
+        )
+        raise typer.Exit(EXIT_USAGE)
+    if not keyring:
+        log.warning("no API keys configured: /internal and /integrations are open to whoever reaches %s", settings.host)
     _require_current_schema(settings)
     server: dict[str, Any] = {
         "host": settings.host,
@@ -135,7 +156,9 @@ def serve(
     # Worker processes build their own app from KBMS_* variables: hand them the settings in effect here. And the
     # supervisor only supervises: replacing this process by uvicorn's own command keeps the app out of it
     # (93 MB here, against about 25 MB), which counts three processes over.
-    os.environ.update({f"KBMS_{name.upper()}": str(value) for name, value in settings.model_dump().items()})
+    os.environ.update(
+        {f"KBMS_{name.upper()}": str(value) for name, value in settings.model_dump().items() if value is not None}
+    )
     arguments = [
         sys.executable,
         "-m",
@@ -155,6 +178,41 @@ def serve(
         *uvicorn_arguments(settings),
     ]
     os.execv(sys.executable, arguments)  # noqa: S606 (our own interpreter, with arguments we built)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def create_key(
+    name: Annotated[str, typer.Option(help="Who or what uses the key (shown in logs)")],
+    scope: Annotated[list[str], typer.Option(help=f"One of {', '.join(SCOPES)}; repeat for more")],
+    workspace: Annotated[
+        list[str] | None, typer.Option(help="Limit the key to this workspace; repeat for more (default: all)")
+    ] = None,
+) -> None:
+    """Make a new API key: prints the key (shown only now) and the entry to add to KBMS_API_KEYS."""
+    token = new_key()
+    try:
+        entry = key_config(token, name=name, scopes=scope, workspaces=workspace)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False, include_input=False):
+            err.print(f"[red]{'.'.join(str(p) for p in error['loc'])}[/]: {error['msg']}")
+        raise typer.Exit(EXIT_USAGE) from None
+    err.print("The key (give it to its user; kbms keeps only its hash, so it cannot be shown again):")
+    out.print(token, highlight=False)
+    err.print("Add this entry to the JSON list in KBMS_API_KEYS (or KBMS_API_KEYS_FILE):")
+    out.print(entry, highlight=False, soft_wrap=True)
 
 
 @app.command()

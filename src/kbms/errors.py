@@ -16,7 +16,9 @@ one table each. Nothing here knows about HTTP.
     │   ├── ClientDisconnected        the client went away before its body arrived
     │   ├── RequestTimeout            a request's headers or body did not arrive in time (a slow client)
     │   ├── HeadersTooLarge           a request line and headers larger than the configured limit
-    │   └── NotFound                  the requested resource does not exist
+    │   ├── NotFound                  the requested resource does not exist
+    │   ├── Unauthenticated           no API key, or one that is not (or no longer) valid
+    │   └── Forbidden                 a valid API key without the scope or workspace the request needs
     ├── StorageUnavailable            the database cannot be reached or written right now (retryable)
     └── Overloaded                    the process has more requests than it can take right now (retryable)
 """
@@ -138,6 +140,18 @@ class HeadersTooLarge(InputError):
 
 class NotFound(InputError):
     """Raised when a conversation (or another resource) does not exist or is deleted."""
+
+
+class Unauthenticated(InputError):
+    """Raised when a request needs an API key and has none, or one that is malformed, unknown or revoked."""
+
+    def __init__(self, message: str, *, presented: bool) -> None:
+        super().__init__(message)
+        self.presented = presented  # a key was sent (RFC 6750: error="invalid_token")
+
+
+class Forbidden(InputError):
+    """Raised when a valid API key lacks the scope, or the workspace, that a request needs."""
 
 
 class StorageUnavailable(KbmsError):

@@ -24,6 +24,7 @@ import anyio.to_thread
 
 from kbms.errors import (
     FieldIssue,
+    Forbidden,
     InputError,
     InvalidJson,
     InvalidSignature,
@@ -72,18 +73,22 @@ async def ingest_push(
     workspace: str | None,
     default_workspace: str = DEFAULT_WORKSPACE,
     limits: PayloadLimits = DEFAULT_LIMITS,
+    allowed: frozenset[str] | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> IngestOutcome:
-    """Validate, map and store one pushed conversation. Raises ``InvalidJson`` or ``ValidationFailed``
-    (``LimitExceeded`` for a payload over ``limits``, which is not kept).
+    """Validate, map and store one pushed conversation. Raises ``InvalidJson``, ``ValidationFailed``
+    (``LimitExceeded`` for a payload over ``limits``, which is not kept) or ``Forbidden``.
 
     ``workspace``: the one the caller named; None lets the provider read it from the payload, if it can, or
-    take ``default_workspace``.
+    take ``default_workspace``. ``allowed``: the workspaces the caller may write (None: any); a conversation of
+    another one is refused before anything of it is stored.
     """
+    _check_allowed(workspace, allowed)
     body_hash = hashlib.sha256(body).hexdigest()
     key = push_delivery_key(workspace, body_hash)
     known = await store.find_delivery(provider.name, key)
     if known is not None and known.conversation_id is not None and known.external_id is not None:
+        _check_allowed(known.workspace, allowed)
         return IngestOutcome(known.conversation_id, provider.name, known.external_id, "unchanged")
 
     delivery = Delivery(
@@ -110,6 +115,7 @@ async def ingest_push(
     except ValidationFailed as exc:
         await store.reject(delivery, exc.issues)
         raise
+    _check_allowed(snapshot.workspace, allowed)
     # The ledger files a delivery under its conversation's workspace, which the payload may have named.
     delivery = dataclasses.replace(delivery, workspace=snapshot.workspace)
     applied = await store.ingest(delivery, snapshot, redact=provider.redactor)
@@ -118,6 +124,11 @@ async def ingest_push(
     assert applied.conversation_id is not None
     assert applied.external_id is not None
     return IngestOutcome(applied.conversation_id, provider.name, applied.external_id, applied.result)
+
+
+def _check_allowed(workspace: str | None, allowed: frozenset[str] | None) -> None:
+    if allowed is not None and workspace is not None and workspace not in allowed:
+        raise Forbidden(f"This API key cannot write to workspace {workspace!r}")
 
 
 LineOutcome = IngestOutcome | InputError
@@ -139,6 +150,7 @@ async def ingest_batch(
     workspace: str | None,
     default_workspace: str = DEFAULT_WORKSPACE,
     limits: PayloadLimits = DEFAULT_LIMITS,
+    allowed: frozenset[str] | None = None,
     parse_inline: bool | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> list[LineOutcome]:
@@ -147,8 +159,10 @@ async def ingest_batch(
     Each payload succeeds or fails alone: the result list holds, in order, an ``IngestOutcome`` or the
     ``InputError`` that payload would have raised on its own. ``parse_inline``: validate on the calling thread
     (True), in a worker thread (False), or by size (None: a worker thread for more than ``INLINE_PARSE_BYTES``).
-    Raises ``StorageUnavailable`` if the write fails (nothing of the batch is then committed).
+    Raises ``StorageUnavailable`` if the write fails (nothing of the batch is then committed), ``Forbidden`` if
+    ``workspace`` is not ``allowed``; a line of a workspace not ``allowed`` is refused alone.
     """
+    _check_allowed(workspace, allowed)
     received_at = clock()
     hashes = [hashlib.sha256(body).hexdigest() for body in bodies]
     keys = [push_delivery_key(workspace, h) for h in hashes]
@@ -158,6 +172,9 @@ async def ingest_batch(
     for index, key in enumerate(keys):
         entry = known.get(key)
         if entry is not None and entry.conversation_id is not None and entry.external_id is not None:
+            if allowed is not None and entry.workspace not in allowed:
+                results[index] = Forbidden(f"This API key cannot write to workspace {entry.workspace!r}")
+                continue
             results[index] = IngestOutcome(entry.conversation_id, provider.name, entry.external_id, "unchanged")
         else:
             fresh.append(index)
@@ -180,6 +197,9 @@ async def ingest_batch(
     pending: list[Pending] = []
     positions: list[int] = []  # the payload index of each pending item
     for index, outcome in zip(fresh, parsed, strict=True):
+        if isinstance(outcome, ConversationSnapshot) and allowed is not None and outcome.workspace not in allowed:
+            results[index] = Forbidden(f"This API key cannot write to workspace {outcome.workspace!r}")
+            continue
         if isinstance(outcome, InputError):
             results[index] = outcome
             if not isinstance(outcome, ValidationFailed) or isinstance(outcome, LimitExceeded):

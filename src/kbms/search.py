@@ -23,6 +23,9 @@ from kbms.model import Conversation
 
 WORD = re.compile(r"[^\W_]+")
 MAX_TERMS = 16
+# A search ranks the WINDOW most recently created conversations that match (all of them when fewer match): the
+# cost of a search then stays flat however many conversations a common word matches. Its pages end there.
+WINDOW = 1000
 SNIPPET_WORDS = 24  # words of context around the first match
 MARK_START, MARK_END = "<mark>", "</mark>"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -36,10 +37,22 @@ class Settings(BaseSettings):
     db_pool_timeout: float = Field(
         default=1.5, gt=0, le=30, description="Seconds a request waits for a free connection before a 503"
     )
+    db_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="Seconds a request waits on the database (SQLite: for the write lock; PostgreSQL: for its "
+        "transaction) before a 503",
+    )
     workers: int = Field(default=1, ge=1, le=64, description="HTTP worker processes of `kbms serve`")
     allow_unsigned_webhooks: bool = Field(
         default=False, description="Accept webhooks without a valid signature: local testing only, warned at start"
     )
+    api_keys: str = Field(
+        default="",
+        description="API keys as a JSON list of {name, sha256, scopes, workspaces?, revoked?} (see `kbms keys create`)",
+    )
+    api_keys_file: Path | None = Field(default=None, description="A JSON file holding more API keys, same format")
     # Limits on what one payload may hold (refused with 422, nothing kept). Intercom returns at most 500 parts per
     # conversation and a Zendesk ticket holds at most 5,000 comments: the defaults leave room above both.
     max_parts: int = Field(default=10_000, ge=1, description="Messages plus events (and participants) in one payload")

@@ -13,8 +13,10 @@ from fastapi import FastAPI
 from kbms import __version__
 from kbms.api import conversations, health, integrations, webhooks
 from kbms.api.admission import Admission
+from kbms.api.auth import ApiKeyMiddleware, required_scope
 from kbms.api.errors import install_error_handlers
 from kbms.api.openapi import install_openapi
+from kbms.auth import Keyring
 from kbms.limits import PayloadLimits
 from kbms.providers import REGISTRY
 from kbms.settings import Settings
@@ -32,6 +34,8 @@ Every error has the body `{error_code, message, details}`:
 |---|---|---|
 | 400 | invalid_json | the body is not JSON, or not UTF-8 |
 | 401 | invalid_signature | a webhook without a valid signature (nothing of it is kept) |
+| 401 | unauthorized | no API key, or a malformed, unknown or revoked one (with `WWW-Authenticate: Bearer`) |
+| 403 | forbidden | the API key lacks the scope, or the workspace, the request needs |
 | 404 | not_found | unknown conversation, path or provider |
 | 405 | method_not_allowed | a method the path does not have (with an `Allow` header) |
 | 408 | request_timeout | the headers or body did not arrive in time (a slow client; the connection is closed) |
@@ -68,6 +72,11 @@ def create_app(
     app.state.limits = PayloadLimits.of(settings)
     app.state.clock = clock or (lambda: datetime.now(UTC))
     install_error_handlers(app)
+    keyring = Keyring.configured(settings.api_keys, settings.api_keys_file)
+    if keyring:
+        app.add_middleware(ApiKeyMiddleware, keyring=keyring)
+    # Added last, so outermost: a refused request costs no key check, and nothing but /health and /ready
+    # gets past it when the process is full.
     app.add_middleware(
         Admission, capacity=settings.max_in_flight, queued=settings.max_queued, wait=settings.queue_timeout
     )
@@ -75,7 +84,7 @@ def create_app(
     app.include_router(integrations.router(REGISTRY.values()))
     app.include_router(webhooks.router(REGISTRY.values()))
     app.include_router(conversations.router)
-    install_openapi(app, (provider.push_schema for provider in REGISTRY.values()))
+    install_openapi(app, (provider.push_schema for provider in REGISTRY.values()), protected=required_scope)
     return app
 
 

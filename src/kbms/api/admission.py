@@ -32,7 +32,7 @@ from collections.abc import Collection
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from kbms.api.errors import response_of
+from kbms.api.errors import kbms_error_response
 from kbms.errors import Overloaded
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class Admission:
         self.in_flight = 0
         self._waiters: deque[asyncio.Future[bool]] = deque()
         self._queued_since = 0.0  # when the queue last went from empty to not empty
-        self._refusal = response_of(Overloaded())  # built once: refusing must stay cheap
+        self._refusal = kbms_error_response(Overloaded())  # built once: refusing must stay cheap
         self._refused_since_warning = 0
         self._warned_at = -WARN_EVERY_SECONDS
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Literal, get_args
@@ -18,6 +19,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field, StringConstraints, TypeAdapter
 
 from kbms import search
+from kbms.api.auth import visible_workspaces
 from kbms.api.cursor import (
     decode_cursor,
     decode_feed_cursor,
@@ -30,7 +32,7 @@ from kbms.api.errors import ERROR_RESPONSES
 from kbms.api.lean import LeanRoute, parameter, query, store_of
 from kbms.api.responses import json_response
 from kbms.api.schemas import ChangePage, ConversationDetail, ConversationPage, ErrorBody, ListItem, Match
-from kbms.errors import FieldIssue, NotFound, ValidationFailed
+from kbms.errors import FieldIssue, Forbidden, NotFound, ValidationFailed
 from kbms.merge import micros
 from kbms.model import WORKSPACE_PATTERN, State
 from kbms.providers import REGISTRY
@@ -39,7 +41,6 @@ from kbms.storage.base import Filters
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
-MAX_SEARCH_OFFSET = 10_000  # relevance pages past this are not worth the database's time
 DEFAULT_FEED_LIMIT = 100
 MAX_FEED_LIMIT = 1000
 LIMIT = TypeAdapter(Annotated[int, Field(ge=1, le=MAX_LIMIT)])
@@ -82,9 +83,16 @@ FILTER_PARAMETERS = [
 def filters_of(request: Request) -> Filters:
     after = query(request, "updated_after", TIME, None)
     before = query(request, "updated_before", TIME, None)
+    workspace = query(request, "workspace", WORKSPACE, None)
+    within = visible_workspaces(request)
+    if within is not None and workspace is not None:
+        if workspace not in within:
+            raise Forbidden(f"This API key cannot read workspace {workspace!r}")
+        within = None  # the workspace filter is narrower
     return Filters(
         provider=query(request, "provider", PROVIDER, None),
-        workspace=query(request, "workspace", WORKSPACE, None),
+        workspace=workspace,
+        within=within,
         state=query(request, "state", STATE, None),
         tag=query(request, "tag", TAG, None),
         updated_after=micros(after) if after is not None else None,
@@ -100,7 +108,8 @@ def filters_of(request: Request) -> Filters:
         "Without `q`: live conversations newest-updated first; `next_cursor` continues the list, and new "
         "conversations arriving meanwhile neither repeat nor skip items. With `q`: full-text search over subjects "
         "and message text (accents and case do not matter, every word must be present), most relevant first, each "
-        "item with a `match` (score and highlighted snippet). Filters apply to both."
+        "item with a `match` (score and highlighted snippet); the 1,000 most recently created matches are ranked. "
+        "Filters apply to both."
     ),
     responses={422: {"model": ErrorBody, "description": "Bad limit, cursor, filter or query"}, **ERROR_RESPONSES},
     openapi_extra={
@@ -128,9 +137,9 @@ async def list_conversations(request: Request) -> Response:
                 message="Request validation failed",
             )
         offset = decode_search_cursor(cursor) if cursor else 0
-        if offset > MAX_SEARCH_OFFSET:
+        if offset > search.WINDOW:
             raise ValidationFailed(
-                [FieldIssue("cursor", "too_deep", f"Search results stop after {MAX_SEARCH_OFFSET}")],
+                [FieldIssue("cursor", "too_deep", f"Search results stop after {search.WINDOW}")],
                 message="Request validation failed",
             )
         hits = await store.search(terms, filters=filters, limit=limit + 1, offset=offset)
@@ -161,7 +170,9 @@ async def list_conversations(request: Request) -> Response:
 )
 async def get_conversation(request: Request) -> Response:
     detail = await store_of(request).get_conversation_json(request.path_params["conversation_id"])
-    if detail is None:
+    within = visible_workspaces(request)
+    if detail is None or (within is not None and json.loads(detail)["workspace"] not in within):
+        # Another workspace's conversation is as unknown to this key as a missing one: no existence oracle.
         raise NotFound("Conversation not found")
     return json_response(detail)
 
@@ -193,7 +204,7 @@ async def list_changes(request: Request) -> Response:
     limit = query(request, "limit", FEED_LIMIT, DEFAULT_FEED_LIMIT)
     cursor = query(request, "cursor", CURSOR, "")
     after = decode_feed_cursor(cursor) if cursor else 0
-    records = await store_of(request).changes(after=after, limit=limit)
+    records = await store_of(request).changes(after=after, limit=limit, within=visible_workspaces(request))
     last = records[-1].seq if records else after
     return json_response(ChangePage.of(records, next_cursor=encode_feed_cursor(last)))
 

@@ -16,6 +16,7 @@ from kbms.api.schemas import ErrorBody, ErrorDetail
 from kbms.errors import (
     ClientDisconnected,
     FieldIssue,
+    Forbidden,
     HeadersTooLarge,
     InvalidJson,
     InvalidSignature,
@@ -25,6 +26,7 @@ from kbms.errors import (
     PayloadTooLarge,
     RequestTimeout,
     StorageUnavailable,
+    Unauthenticated,
     UnknownProvider,
     UnsupportedMediaType,
     ValidationFailed,
@@ -36,6 +38,8 @@ RETRY_AFTER_SECONDS = "1"
 STATUS: dict[type[KbmsError], tuple[int, str]] = {
     InvalidJson: (400, "invalid_json"),
     InvalidSignature: (401, "invalid_signature"),
+    Unauthenticated: (401, "unauthorized"),
+    Forbidden: (403, "forbidden"),
     ClientDisconnected: (400, "client_disconnected"),
     ValidationFailed: (422, "validation_error"),
     NotFound: (404, "not_found"),
@@ -81,10 +85,18 @@ def error_body(exc: KbmsError) -> ErrorBody:
     return ErrorBody(error_code=code, message=exc.message, details=details)
 
 
-def response_of(exc: KbmsError) -> Response:
-    """The response for a kbms error: its status, the error body, and ``Retry-After`` on a 503."""
+def kbms_error_response(exc: KbmsError) -> Response:
+    """The HTTP answer to a kbms error: its status, the error body, and the headers its status calls for."""
     status, _code = status_of(exc)
-    headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
+    headers = None
+    if status == 503:
+        headers = {"Retry-After": RETRY_AFTER_SECONDS}
+        if isinstance(exc, StorageUnavailable):  # not Overloaded: refusals are counted by kbms.api.admission
+            log.warning("storage unavailable: %s", exc.message)
+    elif isinstance(exc, Unauthenticated):
+        # RFC 6750 section 3: a challenge always; error="invalid_token" when a key was sent but is no good.
+        challenge = 'Bearer realm="kbms", error="invalid_token"' if exc.presented else 'Bearer realm="kbms"'
+        headers = {"WWW-Authenticate": challenge}
     return Response(
         error_body(exc).model_dump_json(), status_code=status, media_type="application/json", headers=headers
     )
@@ -104,10 +116,7 @@ def raw_response_of(exc: KbmsError) -> bytes:
 
 async def _kbms_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, KbmsError)
-    response = response_of(exc)
-    if response.status_code == 503:
-        log.warning("storage unavailable: %s", exc.message)
-    return response
+    return kbms_error_response(exc)
 
 
 def _field(loc: Sequence[Any]) -> str:
@@ -142,6 +151,10 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected)
 
 
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "No API key, or not a valid one (with a `WWW-Authenticate` challenge)"},
+    403: {"model": ErrorBody, "description": "The API key lacks the scope or the workspace this request needs"},
+}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     500: {"model": ErrorBody, "description": "Unexpected error (no trace is returned)"},
     503: {"model": ErrorBody, "description": "Database unavailable or service at capacity; retry after Retry-After"},

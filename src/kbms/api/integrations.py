@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request, Response
 from pydantic import StringConstraints, TypeAdapter
 
+from kbms.api.auth import visible_workspaces
 from kbms.api.body import NDJSON_TYPES, read_json_body, read_ndjson_body
 from kbms.api.errors import ERROR_RESPONSES, error_body, status_of
 from kbms.api.lean import LeanRoute, limits_of, parameter, query, settings_of, store_of
@@ -40,6 +41,7 @@ def _endpoint(provider: Provider) -> Callable[[Request], Awaitable[Response]]:
             workspace=workspace,
             default_workspace=settings.default_workspace,
             limits=limits_of(request),
+            allowed=visible_workspaces(request),
         )
         return json_response(IngestResponse.of(outcome), status=201 if outcome.result == "created" else 200)
 
@@ -67,6 +69,7 @@ def _batch_endpoint(provider: Provider) -> Callable[[Request], Awaitable[Respons
                 workspace=workspace,
                 default_workspace=settings.default_workspace,
                 limits=limits_of(request),
+                allowed=visible_workspaces(request),
             )
         )
         too_large = PayloadTooLarge(line_limit, f"Line exceeds {line_limit} bytes")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fastapi import FastAPI
@@ -12,7 +12,10 @@ from pydantic import BaseModel
 REF_TEMPLATE = "#/components/schemas/{model}"
 
 
-def install_openapi(app: FastAPI, payload_schemas: Iterable[type[BaseModel]]) -> None:
+def install_openapi(
+    app: FastAPI, payload_schemas: Iterable[type[BaseModel]], *, protected: Callable[[str], str | None]
+) -> None:
+    """``protected``: the API-key scope a path needs, or None (see ``kbms.api.auth``)."""
     schemas = list(payload_schemas)
 
     def openapi() -> dict[str, Any]:
@@ -24,10 +27,42 @@ def install_openapi(app: FastAPI, payload_schemas: Iterable[type[BaseModel]]) ->
                 components.update(schema.pop("$defs", {}))
                 components[model.__name__] = schema
             _document_our_422(document)
+            _document_api_keys(document, protected)
             app.openapi_schema = document
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _document_api_keys(document: dict[str, Any], protected: Callable[[str], str | None]) -> None:
+    """Which operations need an API key, with which scope, and their 401 and 403 answers."""
+    document["components"]["securitySchemes"] = {
+        "apiKey": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key (`kbms keys create`). Scopes: read (/internal), ingest (/integrations), "
+            "admin (/metrics, and the other two). Not needed when the server has no keys configured.",
+        }
+    }
+    error_ref = {"$ref": REF_TEMPLATE.format(model="ErrorBody")}
+    for path, operations in document.get("paths", {}).items():
+        scope = protected(path)
+        if scope is None:
+            continue
+        for operation in operations.values():
+            operation["security"] = [{"apiKey": []}]
+            needs = f"Needs an API key with the `{scope}` scope."
+            operation["description"] = f"{operation.get('description', '')}\n\n{needs}".strip()
+            responses = operation.setdefault("responses", {})
+            responses["401"] = {
+                "description": "No API key, or not a valid one",
+                "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer challenge"}},
+                "content": {"application/json": {"schema": error_ref}},
+            }
+            responses["403"] = {
+                "description": f"The key lacks the {scope} scope, or the workspace asked for",
+                "content": {"application/json": {"schema": error_ref}},
+            }
 
 
 def _document_our_422(document: dict[str, Any]) -> None:

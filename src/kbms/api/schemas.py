@@ -53,7 +53,7 @@ class ErrorBody(_Body):
 
 class BatchLine(_Body):
     line: int = Field(description="The line's number in the request body (1-based; blank lines count)")
-    status: int = Field(description="What pushing this line alone would have answered: 201, 200, 400, 413 or 422")
+    status: int = Field(description="What pushing this line alone would have answered: 201, 200, 400, 403, 413 or 422")
     result: IngestResult | Literal["rejected"]
     id: str | None = Field(default=None, description="kbms's id for the conversation; null when rejected")
     external_id: str | None = None

@@ -38,8 +38,13 @@ def open_store(settings: Settings) -> Store:
     """The store ``settings.database_url`` names, configured from ``settings``."""
     url = parse_database_url(settings.database_url)
     if is_postgres(url):
-        return postgres.PostgresStore(url, pool_size=settings.db_pool_size, pool_timeout=settings.db_pool_timeout)
-    return sqlite.SqliteStore(url)
+        return postgres.PostgresStore(
+            url,
+            pool_size=settings.db_pool_size,
+            pool_timeout=settings.db_pool_timeout,
+            answer_timeout=settings.db_timeout,
+        )
+    return sqlite.SqliteStore(url, lock_timeout=settings.db_timeout)
 
 
 def admin_engine(database_url: str) -> Engine:

@@ -61,6 +61,7 @@ class KnownDelivery:
     outcome: Outcome
     conversation_id: str | None
     external_id: str | None
+    workspace: str | None = None  # the conversation's
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +131,7 @@ class Filters:
     tag: str | None = None
     updated_after: int | None = None
     updated_before: int | None = None
+    within: frozenset[str] | None = None  # the workspaces the caller may see (an API key's); None: all
 
 
 ALL = Filters()
@@ -248,8 +250,9 @@ class Store(Protocol):
         first (ties by id); ``limit`` of them after the first ``offset``."""
         ...
 
-    async def changes(self, *, after: int, limit: int) -> list[ChangeRecord]:
-        """Committed changes with ``seq`` greater than ``after``, in commit (``seq``) order."""
+    async def changes(self, *, after: int, limit: int, within: frozenset[str] | None = None) -> list[ChangeRecord]:
+        """Committed changes with ``seq`` greater than ``after``, in commit (``seq``) order; ``within``: only
+        those of these workspaces."""
         ...
 
     def export(self, filters: Filters) -> AsyncGenerator[ExportBatch]:

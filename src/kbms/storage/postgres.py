@@ -11,12 +11,20 @@ retried; a lock or statement that waits too long, or a lost connection, is ``Sto
 
 The pool is bounded, and callers wait for one of its connections at most ``pool_timeout`` seconds: a slot is taken
 before a thread is, so an exhausted pool answers 503 quickly instead of queueing requests behind a 30 s timeout.
+
+A caller waits for its transaction at most ``answer_timeout`` seconds. A server that stops answering while its
+TCP connections stay up (frozen, or its disk stalled) trips no timeout of the driver's, nor its own
+``statement_timeout``: without this bound, as many requests as the pool has connections hung until it came back
+(measured: forever, with the server stopped by SIGSTOP). The worker thread cannot be stopped; it is left to
+finish, holding its pool connection, and a transaction it commits afterwards was answered 503: the sender sends
+it again and the retry is recognized (delivery keys, unique keys), as after any commit whose answer was lost.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from functools import partial
@@ -53,6 +61,8 @@ def postgres_url(url: URL) -> URL:
 
 def make_engine(url: URL, *, pool_size: int, pool_timeout: float) -> Engine:
     options = " ".join(filter(None, (url.query.get("options"), SESSION_OPTIONS)))  # type: ignore[arg-type]
+    # ?application_name= in the URL names the connections (pg_stat_activity), e.g. one name per replica.
+    application_name = url.query.get("application_name") or "kbms"
     return create_engine(
         postgres_url(url).difference_update_query(["options"]),
         hide_parameters=True,  # SQL parameters are payload data: keep them out of exception messages and logs
@@ -65,7 +75,7 @@ def make_engine(url: URL, *, pool_size: int, pool_timeout: float) -> Engine:
         connect_args={
             "connect_timeout": 3,
             "options": options,
-            "application_name": "kbms",
+            "application_name": application_name,
             "keepalives": 1,
             "keepalives_idle": 10,
             "keepalives_interval": 5,
@@ -87,11 +97,13 @@ class PostgresStore(SqlStore):
         *,
         pool_size: int = 10,
         pool_timeout: float = 1.5,
+        answer_timeout: float = 5.0,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self._engine = make_engine(url, pool_size=pool_size, pool_timeout=pool_timeout)
         super().__init__(Sql(insert=pg_insert, dialect=self._engine.dialect), clock=clock)
         self._pool_timeout = pool_timeout
+        self._answer_timeout = answer_timeout
         self._slots = anyio.Semaphore(pool_size)
         self._threads = anyio.CapacityLimiter(pool_size)
 
@@ -108,9 +120,15 @@ class PostgresStore(SqlStore):
         except TimeoutError:
             raise StorageUnavailable("Database busy: no connection free") from None
         try:
-            return await anyio.to_thread.run_sync(self._transaction, job, limiter=self._threads)
+            return await self._in_thread(partial(self._transaction, job))
         finally:
             self._slots.release()
+
+    async def _in_thread(self, function: Callable[[], T]) -> T:
+        """``function()`` in a worker thread, answered within ``answer_timeout`` (see the module's docstring)."""
+        with anyio.move_on_after(self._answer_timeout):
+            return await anyio.to_thread.run_sync(function, limiter=self._threads, abandon_on_cancel=True)
+        raise StorageUnavailable("Database did not answer in time")
 
     def _transaction(self, job: Job[T]) -> T:
         for attempt in range(1, ATTEMPTS + 1):
@@ -141,26 +159,27 @@ class PostgresStore(SqlStore):
                 await self._slots.acquire()
         except TimeoutError:
             raise StorageUnavailable("Database busy: no connection free") from None
-        conn: Connection | None = None
+        handoff = _Handoff()
 
         def begin() -> Connection:
-            opened = self._engine.connect().execution_options(isolation_level="REPEATABLE READ")
+            opened = handoff.keep(self._engine.connect().execution_options(isolation_level="REPEATABLE READ"))
             opened.begin()
             # A client reading an export slowly leaves the transaction idle between reads: not for 30 s only.
             opened.exec_driver_sql(f"SET LOCAL idle_in_transaction_session_timeout = {EXPORT_IDLE_MS}")
             return opened
 
         try:
-            conn = await anyio.to_thread.run_sync(self._call, begin, limiter=self._threads)
+            conn = await self._in_thread(partial(self._call, begin))
 
             async def run(job: Job[T]) -> T:
-                assert conn is not None
-                return await anyio.to_thread.run_sync(self._call, partial(job, conn), limiter=self._threads)
+                return await self._in_thread(partial(self._call, partial(job, conn)))
 
             yield run
         finally:
-            if conn is not None:
-                await anyio.to_thread.run_sync(conn.close, limiter=self._threads)
+            opened = handoff.release()
+            if opened is not None:
+                with contextlib.suppress(StorageUnavailable):
+                    await self._in_thread(opened.close)
             self._slots.release()
 
     def _call(self, function: Callable[[], T]) -> T:
@@ -175,3 +194,29 @@ class PostgresStore(SqlStore):
 
     async def close(self) -> None:
         self._engine.dispose()
+
+
+class _Handoff:
+    """A connection opened in a worker thread whose caller may have stopped waiting (``answer_timeout``): whoever
+    comes last, the thread or the caller, closes it, so that no pool connection is lost."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._connection: Connection | None = None
+        self._released = False
+
+    def keep(self, connection: Connection) -> Connection:
+        """In the thread, once the connection is open."""
+        with self._lock:
+            if self._released:
+                connection.close()
+                raise StorageUnavailable("Database did not answer in time")
+            self._connection = connection
+        return connection
+
+    def release(self) -> Connection | None:
+        """For the caller, when it is done: the connection to close, if it was opened already."""
+        with self._lock:
+            self._released = True
+            connection, self._connection = self._connection, None
+        return connection

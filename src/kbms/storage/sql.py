@@ -211,12 +211,12 @@ class Sql:
             r.external_id == bindparam("k_external_id"),
         )
         self.find_delivery = (
-            select(ledger.c.outcome, c.id, c.external_id)
+            select(ledger.c.outcome, c.id, c.external_id, c.workspace)
             .select_from(ledger.outerjoin(conversations, c.pk == ledger.c.conversation_pk))
             .where(ledger.c.provider == bindparam("b_provider"), ledger.c.delivery_key == bindparam("b_key"))
         )
         self.find_deliveries = (
-            select(ledger.c.delivery_key, ledger.c.outcome, c.id, c.external_id)
+            select(ledger.c.delivery_key, ledger.c.outcome, c.id, c.external_id, c.workspace)
             .select_from(ledger.outerjoin(conversations, c.pk == ledger.c.conversation_pk))
             .where(
                 ledger.c.provider == bindparam("b_provider"),
@@ -233,6 +233,7 @@ class Sql:
             .order_by(changes.c.seq)
             .limit(bindparam("b_limit"))
         )
+        self.feed_within = self.feed.where(changes.c.workspace.in_(bindparam("b_within", expanding=True)))
         if dialect.name == "sqlite":
             self.index_document = text("INSERT INTO search_index (rowid, document) VALUES (:b_pk, :b_document)")
             self.unindex = text("DELETE FROM search_index WHERE rowid = :b_pk")
@@ -265,29 +266,49 @@ class Sql:
         return statement
 
     def search(self, filters: Filters) -> Any:
-        """Full-text search with these filters: each engine's index and relevance, the same words (kbms.search)."""
+        """Full-text search with these filters: each engine's index and relevance, the same words (kbms.search).
+
+        Relevance is computed over a window: the ``b_window`` most recently created matching conversations (those
+        with the highest keys), then ranked. Ranking every match costs time in proportion to the matches (a common
+        word matches most of a million conversations: seconds); finding the newest matches in key order stops
+        after the window, so a search costs about the same at any corpus size. When fewer match, all are ranked.
+        """
         shape = ("search", *_shape(filters))
         cached = self._statements.get(shape)
         if cached is not None:
             return cached
         c = conversations.c
+        conditions = _conditions(filters)
         if self._dialect.name == "sqlite":
             index = table_("search_index", column("rowid"))
-            # bm25 is lower for better matches: negated, higher is better on both engines.
-            score = (-func.bm25(literal_column("search_index"))).label("score")
-            matches = literal_column("search_index").op("MATCH")(bindparam("b_query"))
-            joined = index.join(conversations, c.pk == index.c.rowid)
+            # bm25 is lower for better matches: negated, higher is better on both engines. The filters join in
+            # the window's query, so that a filtered search ranks the newest matches that pass the filters.
+            window = select(index.c.rowid.label("pk"), (-func.bm25(literal_column("search_index"))).label("score"))
+            window = window.where(literal_column("search_index").op("MATCH")(bindparam("b_query")))
+            if conditions:
+                window = window.join(conversations, c.pk == index.c.rowid).where(*conditions)
+            ranked = window.order_by(index.c.rowid.desc()).limit(bindparam("b_window")).subquery("ranked")
+            score = ranked.c.score
         else:
-            index = table_("search_documents", column("conversation_pk"), column("tsv"))
+            documents = table_("search_documents", column("conversation_pk"), column("tsv"))
             query = func.to_tsquery("simple", bindparam("b_query"))
-            score = func.ts_rank(index.c.tsv, query).label("score")
-            matches = index.c.tsv.op("@@")(query)
-            joined = index.join(conversations, c.pk == index.c.conversation_pk)
+            # The newest matches first (ts_rank reads each whole tsvector: only for the window's rows).
+            newest = select(documents.c.conversation_pk.label("pk")).where(documents.c.tsv.op("@@")(query))
+            if conditions:
+                newest = newest.join(conversations, c.pk == documents.c.conversation_pk).where(*conditions)
+            newest_rows = newest.order_by(documents.c.conversation_pk.desc()).limit(bindparam("b_window"))
+            chosen = newest_rows.subquery("newest")
+            ranked = (
+                select(chosen.c.pk, func.ts_rank(documents.c.tsv, query).label("score"))
+                .select_from(chosen.join(documents, documents.c.conversation_pk == chosen.c.pk))
+                .subquery("ranked")
+            )
+            score = ranked.c.score
         statement = (
             select(*SUMMARY_COLUMNS, c.detail, score)
-            .select_from(joined)
-            .where(matches, c.deleted_at.is_(None), *_conditions(filters))
-            .order_by(score.desc(), c.id)
+            .select_from(ranked.join(conversations, c.pk == ranked.c.pk))
+            .where(c.deleted_at.is_(None))
+            .order_by(score.desc(), c.pk.desc())
             .limit(bindparam("b_limit"))
             .offset(bindparam("b_offset"))
         )
@@ -652,15 +673,15 @@ def find_delivery(sql: Sql, conn: Connection, provider: str, delivery_key: str) 
     row = sql.run(conn, sql.find_delivery, {"b_provider": provider, "b_key": delivery_key}).fetchone()
     if row is None:
         return None
-    return KnownDelivery(outcome=row[0], conversation_id=row[1], external_id=row[2])
+    return KnownDelivery(outcome=row[0], conversation_id=row[1], external_id=row[2], workspace=row[3])
 
 
 def find_deliveries(sql: Sql, conn: Connection, provider: str, keys: Sequence[str]) -> dict[str, KnownDelivery]:
     found: dict[str, KnownDelivery] = {}
     for start in range(0, len(keys), KEYS_PER_QUERY):
         params = {"b_provider": provider, "b_keys": list(keys[start : start + KEYS_PER_QUERY])}
-        for key, outcome, conversation, external_id in conn.execute(sql.find_deliveries, params):
-            found[key] = KnownDelivery(outcome=outcome, conversation_id=conversation, external_id=external_id)
+        for key, outcome, conversation, external_id, workspace in conn.execute(sql.find_deliveries, params):
+            found[key] = KnownDelivery(outcome, conversation, external_id, workspace)
     return found
 
 
@@ -674,7 +695,7 @@ def get_detail(sql: Sql, conn: Connection, conversation_id: str) -> Conversation
     return None if text is None else Conversation.model_validate_json(text)
 
 
-FILTERS = ("provider", "workspace", "state", "tag", "updated_after", "updated_before")
+FILTERS = ("provider", "workspace", "state", "tag", "updated_after", "updated_before", "within")
 
 
 def _shape(filters: Filters) -> tuple[bool, ...]:
@@ -697,11 +718,16 @@ def _conditions(filters: Filters) -> list[Any]:
         conditions.append(c.updated_at > bindparam("b_updated_after"))
     if filters.updated_before is not None:
         conditions.append(c.updated_at < bindparam("b_updated_before"))
+    if filters.within is not None:
+        conditions.append(c.workspace.in_(bindparam("b_within", expanding=True)))
     return conditions
 
 
 def _filter_params(filters: Filters) -> dict[str, Any]:
-    return {f"b_{name}": getattr(filters, name) for name in FILTERS if getattr(filters, name) is not None}
+    params = {f"b_{name}": getattr(filters, name) for name in FILTERS if getattr(filters, name) is not None}
+    if filters.within is not None:
+        params["b_within"] = sorted(filters.within)
+    return params
 
 
 def list_page(sql: Sql, conn: Connection, *, limit: int, cursor: Cursor | None, filters: Filters) -> Page:
@@ -737,7 +763,8 @@ def search_page(
     sql: Sql, conn: Connection, *, terms: Sequence[str], filters: Filters, limit: int, offset: int
 ) -> list[Hit]:
     query = search.fts5_query(terms) if conn.dialect.name == "sqlite" else search.tsquery(terms)
-    params = {"b_query": query, "b_limit": limit, "b_offset": offset, **_filter_params(filters)}
+    params = {"b_query": query, "b_limit": limit, "b_offset": offset, "b_window": search.WINDOW}
+    params.update(_filter_params(filters))
     hits = []
     for row in conn.execute(sql.search(filters), params).mappings():
         detail = json.loads(row["detail"])
@@ -755,8 +782,14 @@ def search_page(
     return hits
 
 
-def changes_after(sql: Sql, conn: Connection, *, after: int, limit: int) -> list[ChangeRecord]:
-    rows = conn.execute(sql.feed, {"b_after": after, "b_limit": limit}).mappings()
+def changes_after(
+    sql: Sql, conn: Connection, *, after: int, limit: int, within: frozenset[str] | None = None
+) -> list[ChangeRecord]:
+    if within is None:
+        rows = conn.execute(sql.feed, {"b_after": after, "b_limit": limit}).mappings()
+    else:
+        params = {"b_after": after, "b_limit": limit, "b_within": sorted(within)}
+        rows = conn.execute(sql.feed_within, params).mappings()
     return [ChangeRecord(**row) for row in rows]
 
 

@@ -12,7 +12,13 @@ doubled the CPU time of every request (measured with py-spy). So the batch runs 
 thread: taking the write lock and committing (the fsync), during which the loop parses the next requests.
 
 Several processes on one file: a lock file serializes their writers (waiters wake as soon as it is released, unlike
-SQLite's sleeping busy handler); ``BEGIN IMMEDIATE`` and a busy timeout cover any other writer.
+SQLite's sleeping busy handler); ``BEGIN IMMEDIATE`` and a busy timeout cover any other writer. Whoever holds the
+lock, callers wait for it at most ``lock_timeout`` seconds, then hear 503 (see ``_begin_in_time``).
+
+When the database fails (disk full, a file the kernel refuses to write, the file replaced underneath), the batch
+is rolled back and its callers hear 503; the connections involved are closed, so that the next write opens the
+file again: a connection opened while the file was read-only stays read-only, and one opened on a file that has
+since been replaced writes to the old file, where an acknowledged write would be lost.
 
 Reads run inline, on the event loop's own connection: every read the API makes is bounded (a row by key, or an
 index-ordered page of at most 500), takes microseconds, and in WAL mode never waits for the writer. Handing them
@@ -50,6 +56,11 @@ T = TypeVar("T")
 BUSY_TIMEOUT_MS = 10_000
 MAX_BATCH = 256
 READ_POOL_SIZE = 8
+# How long a write waits for the write lock before its caller hears 503 (KBMS_DB_TIMEOUT). The lock is normally
+# held for milliseconds (a batch of another kbms process); longer means a foreign writer (a sqlite3 shell, a long
+# migration) or a stopped process, and webhook senders commonly give up after 5 to 15 s.
+LOCK_TIMEOUT = 5.0
+FileIdentity = tuple[int, int] | None  # (device, inode) of the file at the database's path; None: no file there
 
 
 def sqlite_path(url: URL) -> Path:
@@ -103,9 +114,12 @@ class _WriterLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        if self._fd is None:
-            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except OSError as exc:  # e.g. a directory that cannot be written: the database is not writable either
+            raise StorageUnavailable(f"Cannot take the write lock ({exc.strerror})") from exc
 
     def release(self) -> None:
         if self._fd is not None:
@@ -117,25 +131,40 @@ class _WriterLock:
             self._fd = None
 
 
+# A write waiting for its transaction: the job, its caller's future, and when it was queued (loop time).
+Waiting = tuple[Job[Any], "asyncio.Future[Any]", float]
+
+
 class SqliteStore(SqlStore):
-    def __init__(self, url: URL, *, max_batch: int = MAX_BATCH, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(
+        self,
+        url: URL,
+        *,
+        max_batch: int = MAX_BATCH,
+        lock_timeout: float = LOCK_TIMEOUT,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
         self._writer_engine = make_engine(url, immediate=True)
         super().__init__(Sql(insert=sqlite_insert, dialect=self._writer_engine.dialect), clock=clock)
         self._max_batch = max_batch
+        self._lock_timeout = lock_timeout
+        self._path = sqlite_path(url)
         self._reader_engine = make_engine(url, immediate=False, pool_size=READ_POOL_SIZE)
         self._inline_engine = make_engine(url, immediate=None)
         self._inline: Connection | None = None
         self._writer: Connection | None = None
-        self._lock = _WriterLock(sqlite_path(url).with_name(sqlite_path(url).name + ".writer-lock"))
-        self._pending: list[tuple[Job[Any], asyncio.Future[Any]]] = []
+        self._identity: FileIdentity = None  # of the file the writer opened
+        self._lock = _WriterLock(self._path.with_name(self._path.name + ".writer-lock"))
+        self._pending: list[Waiting] = []
         self._committer: asyncio.Task[None] | None = None
         self._closed = False
 
     async def _write(self, job: Job[T]) -> T:
         if self._closed:
             raise StorageUnavailable("The store is closed")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((job, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._pending.append((job, future, loop.time()))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_pending())
         return await future
@@ -147,17 +176,14 @@ class SqliteStore(SqlStore):
             except BaseException as exc:  # a bug here must not strand the callers: answer them, and go on
                 log.exception("SQLite write batch failed")
                 pending, self._pending = self._pending, []
-                for _job, future in pending:
+                for _job, future, _queued in pending:
                     _settle(future, None, exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
 
     async def _commit_batch(self) -> None:
-        writer = self._writer
-        if writer is None:
-            writer = self._writer = self._writer_engine.connect()
         try:
-            transaction = await anyio.to_thread.run_sync(self._begin, writer)
+            writer, transaction = await self._begin_in_time()
         except Exception as exc:
             self._fail_pending(exc)
             return
@@ -168,7 +194,7 @@ class SqliteStore(SqlStore):
         cursor = writer.connection.driver_connection.cursor()  # type: ignore[union-attr]
         discard_changes(writer)
         try:
-            for job, future in batch:
+            for job, future, _queued in batch:
                 cursor.execute("SAVEPOINT write")
                 mark = pending_changes(writer)
                 try:
@@ -181,83 +207,163 @@ class SqliteStore(SqlStore):
                     settled.append((future, None, exc))
                 cursor.execute("RELEASE write")
             flush_changes(self._sql, writer)  # one writer at a time: the feed's order is the commit order
-            await anyio.to_thread.run_sync(transaction.commit)
+            await anyio.to_thread.run_sync(self._commit, transaction)
         except Exception as exc:
             # Nothing of this batch is committed: every caller hears so, and may retry.
             discard_changes(writer)
             with contextlib.suppress(Exception):
                 transaction.rollback()
-            if not is_unavailable(exc):
-                log.exception("SQLite write batch failed")
-            failure: BaseException = unavailable(exc) if is_unavailable(exc) else exc
-            settled = [(future, None, failure) for _job, future in batch]
+            failure = self._failure(exc)
+            settled = [(future, None, failure) for _job, future, _queued in batch]
         finally:
             self._lock.release()
         for future, result, error in settled:
             _settle(future, result, error)
 
-    def _begin(self, writer: Connection) -> RootTransaction:
+    async def _begin_in_time(self) -> tuple[Connection, RootTransaction]:
+        """Take the write lock and begin, in a thread; callers that wait longer than ``lock_timeout`` hear 503.
+
+        The wait itself goes on: a thread blocked in ``flock`` cannot be called back, and one abandoned there would
+        take the lock later with nobody to release it. Whoever is still pending when the lock comes joins the batch.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        begin = asyncio.ensure_future(anyio.to_thread.run_sync(self._begin))
+        try:
+            while True:
+                # Wake at the oldest caller's deadline, and often enough to see those who arrive meanwhile.
+                deadline = min((max(queued, started) for _j, _f, queued in self._pending), default=loop.time())
+                timeout = min(deadline + self._lock_timeout - loop.time(), self._lock_timeout / 4)
+                done, _ = await asyncio.wait({begin}, timeout=max(timeout, 0))
+                if done:
+                    return begin.result()
+                self._expire(started, loop.time())
+        except asyncio.CancelledError:
+            begin.add_done_callback(self._abandon)
+            raise
+
+    def _expire(self, started: float, now: float) -> None:
+        waiting: list[Waiting] = []
+        for job, future, queued in self._pending:
+            if max(queued, started) + self._lock_timeout <= now:
+                _settle(future, None, StorageUnavailable("Database busy: another process holds the write lock"))
+            else:
+                waiting.append((job, future, queued))
+        self._pending = waiting
+
+    def _abandon(self, begin: asyncio.Future[tuple[Connection, RootTransaction]]) -> None:
+        """A begin whose batch was cancelled: give its lock back once it has it."""
+        if begin.cancelled() or begin.exception() is not None:
+            return
+        _writer, transaction = begin.result()
+        with contextlib.suppress(Exception):
+            transaction.rollback()
+        self._lock.release()
+
+    def _begin(self) -> tuple[Connection, RootTransaction]:
         """In a thread: wait for the other writers, then BEGIN IMMEDIATE (both may block)."""
         self._lock.acquire()
         try:
-            return writer.begin()
+            if self._writer is None:
+                self._writer = self._writer_engine.connect()
+                self._identity = _identity_of(self._path)
+            return self._writer, self._writer.begin()
         except BaseException:
             self._lock.release()
             raise
 
+    def _commit(self, transaction: RootTransaction) -> None:
+        """In a thread: commit, unless the file at the database's path is no longer the one written to."""
+        if _identity_of(self._path) != self._identity:
+            raise StorageUnavailable("The database file was replaced or removed while in use")
+        transaction.commit()
+
+    def _failure(self, exc: BaseException) -> BaseException:
+        """What the callers of a failed write hear. A database failure also closes the writer, which the next
+        batch opens again (see the module's docstring)."""
+        if not isinstance(exc, StorageUnavailable) and not is_unavailable(exc):
+            log.exception("SQLite write batch failed", exc_info=exc)
+            return exc
+        self._discard_writer()
+        return exc if isinstance(exc, StorageUnavailable) else unavailable(exc)
+
     def _fail_pending(self, exc: BaseException) -> None:
-        failure: BaseException = unavailable(exc) if is_unavailable(exc) else exc
-        if not is_unavailable(exc):
-            log.exception("SQLite could not begin a write", exc_info=exc)
+        failure = self._failure(exc)
         pending, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
-        for _job, future in pending:
+        for _job, future, _queued in pending:
             _settle(future, None, failure)
 
+    def _discard_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.invalidate()
+        if _identity_of(self._path) != self._identity:
+            self._discard_readers()
+        self._identity = None  # the next writer records the file it opens
+
+    def _discard_readers(self) -> None:
+        """Close every reading connection (a file replaced underneath: see ``ping``)."""
+        self._discard_inline()
+        self._reader_engine.dispose()
+
+    def _discard_inline(self) -> None:
+        inline, self._inline = self._inline, None
+        if inline is not None:
+            with contextlib.suppress(Exception):
+                inline.invalidate()
+
     async def _read(self, job: Job[T]) -> T:
-        if self._inline is None:
-            self._inline = self._inline_engine.connect()
         try:
-            return job(self._inline)
+            if self._inline is None:
+                self._inline = self._inline_engine.connect()
+            try:
+                return job(self._inline)
+            finally:
+                # No BEGIN was sent; this only ends SQLAlchemy's own bookkeeping of the "autobegun" transaction.
+                self._inline.rollback()
         except Exception as exc:
-            if is_unavailable(exc):
-                raise unavailable(exc) from exc
-            raise
-        finally:
-            # No BEGIN was sent; this only ends SQLAlchemy's own bookkeeping of the "autobegun" transaction.
-            self._inline.rollback()
+            if not is_unavailable(exc):
+                raise
+            self._discard_inline()  # opened again by the next read: the file may be back, or another one
+            raise unavailable(exc) from exc
 
     async def _read_long(self, job: Job[T]) -> T:
         """Reads that may take long (scans) must not hold up the event loop: a pooled connection, in a thread."""
-        return await anyio.to_thread.run_sync(self._read_now, job)
+        return await _off_loop(self._read_now, job)
 
     def _read_now(self, job: Job[T]) -> T:
-        try:
-            with self._reader_engine.connect() as conn, conn.begin():
-                return job(conn)
-        except Exception as exc:
-            if is_unavailable(exc):
-                raise unavailable(exc) from exc
-            raise
+        with self._reader_engine.connect() as conn, conn.begin():
+            return job(conn)
 
     @contextlib.asynccontextmanager
     async def _snapshot(self) -> AsyncIterator[Callable[[Job[Any]], Awaitable[Any]]]:
         """A deferred read transaction on a pooled connection: in WAL mode, its first read fixes the snapshot it
         sees until it ends, while writers go on."""
-        conn = await anyio.to_thread.run_sync(self._reader_engine.connect)
+        conn = await _off_loop(self._reader_engine.connect)
         try:
-            await anyio.to_thread.run_sync(conn.begin)
+            await _off_loop(conn.begin)
 
             async def run(job: Job[T]) -> T:
-                try:
-                    return await anyio.to_thread.run_sync(job, conn)
-                except Exception as exc:
-                    if is_unavailable(exc):
-                        raise unavailable(exc) from exc
-                    raise
+                return await _off_loop(job, conn)
 
             yield run
         finally:
             await anyio.to_thread.run_sync(conn.close)
+
+    async def ping(self) -> None:
+        """Read the schema's version from the file now at the database's path.
+
+        ``SELECT 1`` would not even read the file. A file replaced meanwhile is noticed here too: when no write is
+        under way, every connection is closed before any is opened on the new file, because a connection opened
+        while the old ones are still open would read the old file's WAL as the new file's.
+        """
+        if self._identity is not None and _identity_of(self._path) != self._identity and self._idle():
+            self._discard_writer()
+        await self._read(lambda conn: conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar())
+
+    def _idle(self) -> bool:
+        return self._committer is None or self._committer.done()
 
     async def close(self) -> None:
         if self._closed:
@@ -271,6 +377,24 @@ class SqliteStore(SqlStore):
         for engine in (self._writer_engine, self._reader_engine, self._inline_engine):
             engine.dispose()
         self._lock.close()
+
+
+def _identity_of(path: Path) -> FileIdentity:
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+async def _off_loop(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` in a thread; a database failure becomes ``StorageUnavailable``."""
+    try:
+        return await anyio.to_thread.run_sync(function, *args)
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise unavailable(exc) from exc
+        raise
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -58,6 +58,10 @@ def utc_now() -> datetime:
 UNAVAILABLE_STATES = ("08", "53", "57", "58", "55P03", "40001", "40P01")
 # ...and those that mean "this value cannot be stored": data exceptions, program limits (an index row too big).
 REFUSED_STATES = ("22", "54")
+# SQLite's primary result codes for a database file that cannot be used as it is: SQLITE_CORRUPT and SQLITE_NOTADB
+# (a damaged or foreign file at the path). The sqlite3 module raises them as DatabaseError, not OperationalError;
+# they are the database's state, not the request's: a 503, so that senders keep the payload and retry.
+SQLITE_UNUSABLE_FILE = frozenset((11, 26))
 
 
 def _driver_error(exc: BaseException) -> BaseException:
@@ -80,6 +84,8 @@ def is_unavailable(exc: BaseException) -> bool:
     driver = _driver_error(exc)
     if isinstance(driver, sqlite3.OperationalError):
         return True  # locked, busy, read-only, disk full or I/O error: all of them pass
+    if isinstance(driver, sqlite3.DatabaseError) and driver.sqlite_errorcode & 0xFF in SQLITE_UNUSABLE_FILE:
+        return True
     if isinstance(driver, psycopg.Error):
         state = _sqlstate(exc)
         return state.startswith(UNAVAILABLE_STATES) or (not state and isinstance(driver, psycopg.OperationalError))
@@ -218,8 +224,8 @@ class SqlStore(abc.ABC):
         job = partial(sql.search_page, self._sql, terms=terms, filters=filters, limit=limit, offset=offset)
         return await self._read_long(job)
 
-    async def changes(self, *, after: int, limit: int) -> list[ChangeRecord]:
-        return await self._read(partial(sql.changes_after, self._sql, after=after, limit=limit))
+    async def changes(self, *, after: int, limit: int, within: frozenset[str] | None = None) -> list[ChangeRecord]:
+        return await self._read(partial(sql.changes_after, self._sql, after=after, limit=limit, within=within))
 
     async def count(self, filters: Filters) -> int:
         return await self._read_long(partial(sql.count, self._sql, filters=filters))

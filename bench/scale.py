@@ -1,0 +1,276 @@
+"""Reads at scale, on SQLite: the consumer endpoints with 10,000 and then 1,000,000 conversations stored.
+
+One database grows from the small size to the large one (``kbms ingest`` of the harness corpus: its first 10,000
+lines, then all of it), and at each size one ``kbms serve`` process is measured, sequentially, from one client:
+
+- list: the first page (``limit=50``) and pages reached by following ``next_cursor``, p50 and p95;
+- search: single-word queries (``q=<word>``) over words of the corpus, each a few times, p50 and p95;
+- export (at the large size): ``GET /internal/exports/conversations.ndjson`` of everything, streamed and counted,
+  with the server's resident memory sampled every 20 ms (its peak, VmHWM, too).
+
+Targets (issue 7): list p50 at 1M within 1.5x of the p50 at 10k; single-word search p50 under 50 ms; the export of
+everything with server RSS under 200 MB. Writes ``bench/out/scale.json``; ``bench.py`` puts the table in the summary.
+
+    python bench/scale.py [--large 1000000] [--small 10000] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2
+
+HERE = Path(__file__).resolve().parent
+HARNESS = HERE / "harness"
+OUT = HERE / "out"
+PYTHON = Path(sys.executable)
+KBMS = PYTHON.parent / "kbms"
+# Single words of the corpus's vocabulary (harness/corpus.py): common and rarer ones alike, since every
+# conversation is made of the same few hundred words, each of these matches a large share of the corpus.
+WORDS = [
+    "refund", "invoice", "webhook", "password", "android", "calendar", "warranty", "coupon", "timezone", "backup",
+    "export", "dashboard", "login", "shipping", "crash", "subscription", "permission", "attachment", "slow", "thanks",
+]  # fmt: skip
+LIST_PAGES = 100  # pages followed through next_cursor
+FIRST_PAGE_REPEATS = 100
+SEARCH_REPEATS = 5
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def corpus(count: int) -> Path:
+    path = OUT / f"corpus-{count}.ndjson"
+    if not path.exists():
+        generate = [str(PYTHON), str(HARNESS / "corpus.py"), "--n", str(count), "--seed", "7", "--out", str(path)]
+        subprocess.run(generate, check=True)  # noqa: S603 (our own interpreter and generator)
+    return path
+
+
+def head(source: Path, lines: int, target: Path) -> Path:
+    with source.open("rb") as read, target.open("wb") as write:
+        for number, line in enumerate(read):
+            if number == lines:
+                break
+            write.write(line)
+    return target
+
+
+def ingest(path: Path, url: str) -> float:
+    started = time.perf_counter()
+    done = subprocess.run([str(KBMS), "ingest", str(path), "--database-url", url], capture_output=True, text=True)  # noqa: S603
+    if done.returncode != 0:
+        sys.exit(f"kbms ingest failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+class Server:
+    def __init__(self, url: str, port: int, log: Path) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        with log.open("ab") as output:
+            self.process = subprocess.Popen(  # noqa: S603
+                [str(KBMS), "serve", "--port", str(port), "--database-url", url, "--workers", "1"],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "KBMS_LOG_LEVEL": "warning"},
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx2.get(f"{self.base}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx2.TransportError:
+                time.sleep(0.1)
+        self.stop()
+        sys.exit(f"kbms serve did not start:\n{log.read_text()[-2000:]}")
+
+    def memory_kib(self, field: str) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def timed_get(client: httpx2.Client, path: str, params: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    started = time.perf_counter()
+    answer = client.get(path, params=params)
+    elapsed = (time.perf_counter() - started) * 1000
+    if answer.status_code != 200:
+        sys.exit(f"GET {path} {params} answered {answer.status_code}: {answer.text[:500]}")
+    return elapsed, answer.json()
+
+
+def measure_reads(server: Server, stored: int) -> dict[str, Any]:
+    with httpx2.Client(base_url=server.base, timeout=120) as client:
+        timed_get(client, "/internal/conversations", {"limit": 50})  # warm the connection and the caches
+        first = [timed_get(client, "/internal/conversations", {"limit": 50})[0] for _ in range(FIRST_PAGE_REPEATS)]
+        following, cursor, seen = [], None, 0
+        for _ in range(LIST_PAGES):
+            params: dict[str, Any] = {"limit": 50} | ({"cursor": cursor} if cursor else {})
+            elapsed, page = timed_get(client, "/internal/conversations", params)
+            following.append(elapsed)
+            seen += len(page["items"])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        searches, matched = [], []
+        for word in WORDS:
+            timed_get(client, "/internal/conversations", {"q": word, "limit": 20})
+            for _ in range(SEARCH_REPEATS):
+                elapsed, page = timed_get(client, "/internal/conversations", {"q": word, "limit": 20})
+                searches.append(elapsed)
+            matched.append(len(page["items"]))
+    pages = first + following
+    return {
+        "stored": stored,
+        "list_p50_ms": round(statistics.median(pages), 2),
+        "list_p95_ms": round(percentile(pages, 0.95), 2),
+        "first_page_p50_ms": round(statistics.median(first), 2),
+        "cursor_pages_p50_ms": round(statistics.median(following), 2),
+        "cursor_pages": len(following),
+        "search_p50_ms": round(statistics.median(searches), 2),
+        "search_p95_ms": round(percentile(searches, 0.95), 2),
+        "search_queries": len(searches),
+        "search_words_with_hits": sum(1 for n in matched if n),
+    }
+
+
+def measure_export(server: Server) -> dict[str, Any]:
+    peak = [server.memory_kib("VmRSS")]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak.append(server.memory_kib("VmRSS"))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    lines = size = 0
+    started = time.perf_counter()
+    try:
+        with (
+            httpx2.Client(base_url=server.base, timeout=600) as client,
+            client.stream("GET", "/internal/exports/conversations.ndjson") as answer,
+        ):
+            announced = int(answer.headers["x-kbms-count"])
+            tail = b""
+            for chunk in answer.iter_bytes():
+                size += len(chunk)
+                lines += chunk.count(b"\n")
+                tail = chunk[-1:]
+    finally:
+        done.set()
+        sampler.join()
+    seconds = time.perf_counter() - started
+    if lines != announced or tail != b"\n":
+        sys.exit(f"export: {lines} lines, X-Kbms-Count said {announced}")
+    return {
+        "lines": lines,
+        "bytes": size,
+        "seconds": round(seconds, 1),
+        "lines_per_second": round(lines / seconds),
+        "server_rss_peak_mib": round(max(peak) / 1024, 1),
+        "server_vmhwm_mib": round(server.memory_kib("VmHWM") / 1024, 1),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    OUT.mkdir(exist_ok=True)
+    large = corpus(args.large)
+    directory = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="kbms-scale-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{directory / 'kbms.db'}"
+    log = directory / "server.log"
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "engine": "sqlite"}
+    try:
+        subprocess.run([str(KBMS), "migrate", "--database-url", url], check=True, capture_output=True)  # noqa: S603
+        small = head(large, args.small, directory / f"first-{args.small}.ndjson")
+        results["ingest_small_seconds"] = round(ingest(small, url), 1)
+        server = Server(url, args.port, log)
+        try:
+            results["small"] = measure_reads(server, args.small)
+        finally:
+            server.stop()
+        print(f"at {args.small:,}: {results['small']}", flush=True)
+        # The first lines are already stored: they come back unchanged, and the rest is new.
+        results["ingest_large_seconds"] = round(ingest(large, url), 1)
+        results["database_bytes"] = sum(p.stat().st_size for p in directory.glob("kbms.db*"))
+        server = Server(url, args.port, log)
+        try:
+            results["large"] = measure_reads(server, args.large)
+            print(f"at {args.large:,}: {results['large']}", flush=True)
+            results["export"] = measure_export(server)
+            print(f"export: {results['export']}", flush=True)
+        finally:
+            server.stop()
+    finally:
+        if not args.keep:
+            shutil.rmtree(directory, ignore_errors=True)
+    small_p50, large_p50 = results["small"]["list_p50_ms"], results["large"]["list_p50_ms"]
+    results["targets"] = {
+        "list_p50_ratio": round(large_p50 / small_p50, 2),
+        "list_p50_ratio_met": large_p50 <= 1.5 * small_p50,
+        "search_p50_met": results["large"]["search_p50_ms"] < 50,
+        "export_rss_met": results["export"]["server_rss_peak_mib"] < 200,
+    }
+    (OUT / "scale.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    small, large, export = results["small"], results["large"], results["export"]
+    targets = results["targets"]
+    return "\n".join(
+        [
+            f"Reads at scale (SQLite, one `kbms serve` process, sequential requests; {results['date']}):",
+            "",
+            f"| metric | {small['stored']:,} stored | {large['stored']:,} stored | target |",
+            "|---|---:|---:|---|",
+            f"| list page p50 ms (first page and {large['cursor_pages']} cursor pages) | {small['list_p50_ms']} | "
+            f"{large['list_p50_ms']} | large ≤ 1.5× small: {targets['list_p50_ratio']}× |",
+            f"| list page p95 ms | {small['list_p95_ms']} | {large['list_p95_ms']} | |",
+            f"| single-word search p50 ms ({large['search_queries']} queries) | {small['search_p50_ms']} | "
+            f"{large['search_p50_ms']} | < 50 ms |",
+            f"| single-word search p95 ms | {small['search_p95_ms']} | {large['search_p95_ms']} | |",
+            f"| NDJSON export of everything: server RSS peak MiB | | {export['server_rss_peak_mib']} | < 200 MB |",
+            f"| NDJSON export: lines, seconds | | {export['lines']:,} in {export['seconds']} s | |",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--large", type=int, default=1_000_000)
+    parser.add_argument("--small", type=int, default=10_000)
+    parser.add_argument("--port", type=int, default=8731)
+    parser.add_argument("--keep", help="build the database in this folder and keep it (default: a temporary one)")
+    args = parser.parse_args()
+    results = run(args)
+    print()
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
