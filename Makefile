@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint format bench bench-quick clean
+.PHONY: install run test lint format bench bench-quick bench-hardening clean
 
 # Reinstall only when the dependency pins change.
 $(STAMP): pyproject.toml constraints.txt
@@ -32,6 +32,10 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python bench/bench.py --quick
+
+# Slow clients and overload against a real kbms serve (about 4 minutes): bench/out/hardening.json.
+bench-hardening: install
+	$(BIN)/python bench/hardening.py all
 
 format: install
 	$(BIN)/ruff format .

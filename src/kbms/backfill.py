@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kbms.errors import InputError, StorageUnavailable, ValidationFailed
 from kbms.ingest import ingest_batch
+from kbms.limits import PayloadLimits
 from kbms.providers import Provider, get_provider
 from kbms.settings import Settings
 from kbms.storage import Store, open_store
@@ -62,7 +63,9 @@ def read_records(path: Path) -> Iterator[Record]:
     if head.startswith(b"["):
         try:
             items = json.loads(path.read_bytes())
-        except ValueError as exc:  # includes UnicodeDecodeError
+        # ValueError includes UnicodeDecodeError; the json module recurses per level of nesting, and deeper
+        # documents than the interpreter's recursion limit raise RecursionError.
+        except (ValueError, RecursionError) as exc:
             raise UnreadableFile(f"{path} starts like a JSON array but is not one: {exc}") from None
         if isinstance(items, list):
             for index, item in enumerate(items, start=1):
@@ -84,7 +87,7 @@ def read_records(path: Path) -> Iterator[Record]:
 def _is_complete_json(data: bytes) -> bool:
     try:
         json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # too deep for the json module: pydantic's parser says what is wrong
         return False
     return True
 
@@ -112,7 +115,13 @@ def reason(exc: InputError) -> str:
 
 
 async def ingest_chunk(
-    store: Store, provider: Provider, chunk: list[Record], *, workspace: str | None, default_workspace: str
+    store: Store,
+    provider: Provider,
+    chunk: list[Record],
+    *,
+    workspace: str | None,
+    default_workspace: str,
+    limits: PayloadLimits,
 ) -> IngestReport:
     report = IngestReport()
     try:
@@ -122,6 +131,7 @@ async def ingest_chunk(
             [payload for _, payload in chunk],
             workspace=workspace,
             default_workspace=default_workspace,
+            limits=limits,
             parse_inline=True,
         )
     except StorageUnavailable as exc:
@@ -160,6 +170,7 @@ async def _in_process(
 ) -> IngestReport:
     report = IngestReport()
     source = get_provider(provider)
+    limits = PayloadLimits.of(settings)
     store = open_store(settings)
     # Two chunks in flight: one is validated on this thread while the other one's commit waits for the disk.
     slots = asyncio.Semaphore(2)
@@ -169,7 +180,10 @@ async def _in_process(
         try:
             if report.unavailable is None and not failures:
                 default = settings.default_workspace
-                report.add(await ingest_chunk(store, source, chunk, workspace=workspace, default_workspace=default))
+                ingested = ingest_chunk(
+                    store, source, chunk, workspace=workspace, default_workspace=default, limits=limits
+                )
+                report.add(await ingested)
         except Exception as exc:
             failures.append(exc)
         finally:
@@ -209,7 +223,7 @@ def _in_workers(
         max_workers=processes,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_worker_start,
-        initargs=(settings.database_url, provider, workspace, settings.default_workspace),
+        initargs=(settings.database_url, provider, workspace, settings.default_workspace, PayloadLimits.of(settings)),
     ) as pool:
         running: dict[Future[IngestReport], int] = {}
 
@@ -232,18 +246,21 @@ def _in_workers(
 
 
 # One store and one event loop per worker process, for all the chunks it is given.
-_worker: tuple[asyncio.AbstractEventLoop, Store, Provider, str | None, str] | None = None
+_worker: tuple[asyncio.AbstractEventLoop, Store, Provider, str | None, str, PayloadLimits] | None = None
 
 
-def _worker_start(database_url: str, provider: str, workspace: str | None, default_workspace: str) -> None:
+def _worker_start(
+    database_url: str, provider: str, workspace: str | None, default_workspace: str, limits: PayloadLimits
+) -> None:
     global _worker
     loop = asyncio.new_event_loop()
     store = open_store(Settings(database_url=database_url))
-    _worker = (loop, store, get_provider(provider), workspace, default_workspace)
+    _worker = (loop, store, get_provider(provider), workspace, default_workspace, limits)
     atexit.register(lambda: loop.run_until_complete(store.close()))
 
 
 def _worker_ingest(chunk: list[Record]) -> IngestReport:
     assert _worker is not None, "a worker is started before it is given work"
-    loop, store, provider, workspace, default = _worker
-    return loop.run_until_complete(ingest_chunk(store, provider, chunk, workspace=workspace, default_workspace=default))
+    loop, store, provider, workspace, default, limits = _worker
+    chunk_ingested = ingest_chunk(store, provider, chunk, workspace=workspace, default_workspace=default, limits=limits)
+    return loop.run_until_complete(chunk_ingested)

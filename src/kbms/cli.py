@@ -126,6 +126,7 @@ def serve(
 
     from kbms.api import create_app
     from kbms.logs import configure_logging
+    from kbms.server import uvicorn_arguments, uvicorn_options
 
     settings = _settings(host=host, port=port, database_url=database_url, workers=workers)
     configure_logging(settings.log_level)
@@ -153,7 +154,7 @@ def serve(
         "server_header": False,
     }
     if settings.workers == 1:
-        uvicorn.run(create_app(settings), **server)
+        uvicorn.run(create_app(settings), **server, **uvicorn_options(settings))
         return
     # Worker processes build their own app from KBMS_* variables: hand them the settings in effect here. And the
     # supervisor only supervises: replacing this process by a lean one (kbms.workers: uvicorn's supervisor, and the
@@ -174,6 +175,7 @@ def serve(
         str(settings.workers),
         "--log-level",
         settings.log_level,
+        *uvicorn_arguments(settings),
     ]
     os.execv(sys.executable, arguments)  # noqa: S606 (our own interpreter, with arguments we built)
 

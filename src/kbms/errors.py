@@ -7,16 +7,20 @@ one table each. Nothing here knows about HTTP.
     ├── InputError                    the caller sent something we refuse (a 4xx at the HTTP edge)
     │   ├── InvalidJson               the body is not JSON, or not UTF-8
     │   ├── ValidationFailed          a payload or a parameter breaks its schema (one issue per field)
-    │   │   └── InvalidWebhookItem    a webhook's envelope is fine, but the item it carries is not
+    │   │   ├── InvalidWebhookItem    a webhook's envelope is fine, but the item it carries is not
+    │   │   └── LimitExceeded         a payload holds more (parts, characters) than the configured caps
     │   ├── InvalidSignature          a webhook is not signed with the configured secret
     │   ├── PayloadTooLarge           the body is larger than the configured limit
     │   ├── UnsupportedMediaType      the Content-Type is not JSON
     │   ├── UnknownProvider           no provider of that name is registered
     │   ├── ClientDisconnected        the client went away before its body arrived
+    │   ├── RequestTimeout            a request's headers or body did not arrive in time (a slow client)
+    │   ├── HeadersTooLarge           a request line and headers larger than the configured limit
     │   ├── NotFound                  the requested resource does not exist
     │   ├── Unauthenticated           no API key, or one that is not (or no longer) valid
     │   └── Forbidden                 a valid API key without the scope or workspace the request needs
-    └── StorageUnavailable            the database cannot be reached or written right now (retryable)
+    ├── StorageUnavailable            the database cannot be reached or written right now (retryable)
+    └── Overloaded                    the process has more requests than it can take right now (retryable)
 """
 
 from __future__ import annotations
@@ -81,6 +85,10 @@ class InvalidWebhookItem(ValidationFailed):
         self.workspace = workspace
 
 
+class LimitExceeded(ValidationFailed):
+    """Raised when a valid payload exceeds a size cap (``kbms.limits``); like an oversized body, it is not kept."""
+
+
 class InvalidSignature(InputError):
     """Raised when a webhook's signature is missing, malformed, wrong, or cannot be checked (no secret)."""
 
@@ -119,6 +127,21 @@ class ClientDisconnected(InputError):
         super().__init__("Client disconnected")
 
 
+class RequestTimeout(InputError):
+    """Raised by the HTTP server when a request's headers or body do not arrive within their deadline."""
+
+    def __init__(self, message: str = "The request did not arrive in time") -> None:
+        super().__init__(message)
+
+
+class HeadersTooLarge(InputError):
+    """Raised by the HTTP server when a request line and headers exceed the configured size."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Request line and headers exceed {limit} bytes")
+        self.limit = limit
+
+
 class NotFound(InputError):
     """Raised when a conversation (or another resource) does not exist or is deleted."""
 
@@ -137,3 +160,10 @@ class Forbidden(InputError):
 
 class StorageUnavailable(KbmsError):
     """Raised when the database cannot be reached or written; the same request may succeed later."""
+
+
+class Overloaded(KbmsError):
+    """Raised when a request finds every slot of the process taken and none frees up in time."""
+
+    def __init__(self, message: str = "The service is at capacity; retry after the Retry-After delay") -> None:
+        super().__init__(message)

@@ -14,7 +14,6 @@ its delivery id (the notification id, or the body's hash when the provider sends
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,10 +29,12 @@ from kbms.errors import (
     InvalidJson,
     InvalidSignature,
     InvalidWebhookItem,
+    LimitExceeded,
     UnknownProvider,
     ValidationFailed,
 )
-from kbms.model import DEFAULT_WORKSPACE, ConversationSnapshot, IngestResult
+from kbms.limits import DEFAULT_LIMITS, PayloadLimits, enforce
+from kbms.model import DEFAULT_WORKSPACE, ConversationSnapshot, IngestResult, WebhookEvent
 from kbms.providers import Provider
 from kbms.storage.base import Delivery, Pending, Store
 
@@ -71,11 +72,12 @@ async def ingest_push(
     *,
     workspace: str | None,
     default_workspace: str = DEFAULT_WORKSPACE,
+    limits: PayloadLimits = DEFAULT_LIMITS,
     allowed: frozenset[str] | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> IngestOutcome:
-    """Validate, map and store one pushed conversation. Raises ``InvalidJson``, ``ValidationFailed`` or
-    ``Forbidden``.
+    """Validate, map and store one pushed conversation. Raises ``InvalidJson``, ``ValidationFailed``
+    (``LimitExceeded`` for a payload over ``limits``, which is not kept) or ``Forbidden``.
 
     ``workspace``: the one the caller named; None lets the provider read it from the payload, if it can, or
     take ``default_workspace``. ``allowed``: the workspaces the caller may write (None: any); a conversation of
@@ -100,9 +102,16 @@ async def ingest_push(
         received_at=clock(),
         named_workspace=workspace,
     )
-    parse = functools.partial(provider.parse_push, body, workspace=workspace, default_workspace=default_workspace)
+
+    def parse() -> ConversationSnapshot:
+        snapshot = provider.parse_push(body, workspace=workspace, default_workspace=default_workspace)
+        enforce(snapshot, limits)
+        return snapshot
+
     try:
         snapshot = await _parse(parse, len(body))
+    except LimitExceeded:
+        raise  # a size limit, like the body's: nothing of it is kept
     except ValidationFailed as exc:
         await store.reject(delivery, exc.issues)
         exc.kept = True
@@ -141,6 +150,7 @@ async def ingest_batch(
     *,
     workspace: str | None,
     default_workspace: str = DEFAULT_WORKSPACE,
+    limits: PayloadLimits = DEFAULT_LIMITS,
     allowed: frozenset[str] | None = None,
     parse_inline: bool | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -175,6 +185,7 @@ async def ingest_batch(
         for index in fresh:
             try:
                 snapshot = provider.parse_push(bodies[index], workspace=workspace, default_workspace=default_workspace)
+                enforce(snapshot, limits)
                 parsed.append(snapshot)
             except (InvalidJson, ValidationFailed) as exc:
                 parsed.append(exc)
@@ -192,8 +203,8 @@ async def ingest_batch(
             continue
         if isinstance(outcome, InputError):
             results[index] = outcome
-            if not isinstance(outcome, ValidationFailed):
-                continue  # not JSON: nothing to keep, as for a single push
+            if not isinstance(outcome, ValidationFailed) or isinstance(outcome, LimitExceeded):
+                continue  # not JSON, or over a size limit: nothing to keep, as for a single push
         delivery = Delivery(
             provider=provider.name,
             workspace=outcome.workspace
@@ -257,6 +268,7 @@ async def receive_webhook(
     secret: str,
     workspace: str | None = None,
     verify: bool = True,
+    limits: PayloadLimits = DEFAULT_LIMITS,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> WebhookOutcome:
     """Verify, deduplicate and apply one webhook. Raises ``InvalidSignature`` before anything is parsed or kept.
@@ -287,8 +299,15 @@ async def receive_webhook(
             named_workspace=named,
         )
 
+    def parse() -> WebhookEvent:
+        event = hooks.parse(body, workspace=workspace)
+        enforce(event.change, limits)
+        return event
+
     try:
-        event = await _parse(functools.partial(hooks.parse, body, workspace=workspace), len(body))
+        event = await _parse(parse, len(body))
+    except LimitExceeded:
+        raise  # a size limit, like the body's: nothing of it is kept
     except InvalidWebhookItem as exc:
         await store.reject(delivery(exc.delivery_id, topic=exc.topic, workspace=exc.workspace), exc.issues)
         exc.kept = True

@@ -53,6 +53,40 @@ class Settings(BaseSettings):
         description="API keys as a JSON list of {name, sha256, scopes, workspaces?, revoked?} (see `kbms keys create`)",
     )
     api_keys_file: Path | None = Field(default=None, description="A JSON file holding more API keys, same format")
+    # Limits on what one payload may hold (refused with 422, nothing kept). Intercom returns at most 500 parts per
+    # conversation and a Zendesk ticket holds at most 5,000 comments: the defaults leave room above both.
+    max_parts: int = Field(default=10_000, ge=1, description="Messages plus events (and participants) in one payload")
+    max_list_items: int = Field(default=1_000, ge=1, description="Tags of a conversation, attachments of a message")
+    max_message_chars: int = Field(default=1_048_576, ge=1, description="Characters of one message's text or HTML")
+    max_field_chars: int = Field(
+        default=8_192, ge=1, description="Characters of any other text: subject, names, emails, tags, URLs"
+    )
+    # Slow clients: how long a request may take to arrive (enforced by kbms serve's HTTP protocol, kbms.server).
+    header_timeout: float = Field(
+        default=5.0, gt=0, le=300, description="Seconds from a request's first byte to the end of its headers"
+    )
+    # With header_timeout: a client trickling its head and then its body is cut off after at most about 9 s.
+    body_timeout: float = Field(
+        default=4.0, gt=0, le=300, description="Seconds for a body to arrive, plus 1 s per body_min_rate bytes received"
+    )
+    body_min_rate: int = Field(
+        default=10_000, ge=1, description="Bytes per second a body must keep up, on average, past body_timeout"
+    )
+    keepalive_timeout: int = Field(
+        default=5, ge=1, le=300, description="Seconds an idle keep-alive connection is kept open"
+    )
+    max_header_bytes: int = Field(
+        default=65_536, ge=1024, description="Bytes of a request line and headers (431 past it)"
+    )
+    # Overload: per process, at most max_in_flight requests run; max_queued more wait at most queue_timeout seconds
+    # for a slot; anything else is answered 503 with Retry-After at once (kbms.api.admission). A 503 comes after
+    # that wait plus however late the event loop runs under load (up to 0.6 s measured on a shared 2-core machine):
+    # 0.25 s keeps it within 1 s.
+    max_in_flight: int = Field(default=64, ge=1, le=10_000, description="Requests handled at once per process")
+    max_queued: int = Field(default=256, ge=0, le=100_000, description="Requests waiting for a slot per process")
+    queue_timeout: float = Field(
+        default=0.25, ge=0, le=30, description="Seconds a request waits for a slot before a 503 (bursts only)"
+    )
     # Providers name their own secret variables (KBMS_INTERCOM_CLIENT_SECRET, ...): every KBMS_*_SECRET is kept.
     secrets: dict[str, SecretStr] = Field(default_factory=dict, exclude=True, repr=False)
     default_workspace: str = Field(

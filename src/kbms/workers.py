@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, required=True)
     parser.add_argument("--log-level", choices=sorted(LEVELS), default="info")
+    # The read deadlines of kbms.server (kbms serve passes them; each worker reads its limits from KBMS_*).
+    parser.add_argument("--http", default="auto")
+    parser.add_argument("--timeout-keep-alive", type=int, default=5)
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     directory = tempfile.mkdtemp(prefix="kbms-metrics-")
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
             log_level=args.log_level,
             access_log=False,  # kbms writes its own access line (kbms/api/telemetry.py)
             server_header=False,
+            http=args.http,
+            timeout_keep_alive=args.timeout_keep_alive,
         )
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -12,11 +12,13 @@ from fastapi import FastAPI
 
 from kbms import __version__
 from kbms.api import conversations, health, integrations, metrics, webhooks
+from kbms.api.admission import Admission
 from kbms.api.auth import ApiKeyMiddleware, required_scope
 from kbms.api.errors import install_error_handlers
 from kbms.api.openapi import install_openapi
 from kbms.api.telemetry import RequestTelemetry
 from kbms.auth import Keyring
+from kbms.limits import PayloadLimits
 from kbms.providers import REGISTRY
 from kbms.settings import Settings
 from kbms.storage import Store, open_store
@@ -37,11 +39,13 @@ Every error has the body `{error_code, message, details}`:
 | 403 | forbidden | the API key lacks the scope, or the workspace, the request needs |
 | 404 | not_found | unknown conversation, path or provider |
 | 405 | method_not_allowed | a method the path does not have (with an `Allow` header) |
+| 408 | request_timeout | the headers or body did not arrive in time (a slow client; the connection is closed) |
 | 413 | payload_too_large | the body exceeds the configured limit |
 | 415 | unsupported_media_type | a body that is not JSON, or is compressed |
+| 431 | headers_too_large | the request line and headers exceed the configured limit |
 | 422 | validation_error | details: `[{field, issue, message}]` with dotted field paths |
 | 500 | internal_error | a bug (the trace is logged, never returned) |
-| 503 | unavailable | the database cannot be used right now; retry after `Retry-After` |
+| 503 | unavailable | the database cannot be used right now, or the service is at capacity; retry after `Retry-After` |
 """
 
 
@@ -67,12 +71,19 @@ def create_app(
 
     app = FastAPI(title="kbms", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.limits = PayloadLimits.of(settings)
     app.state.clock = clock or (lambda: datetime.now(UTC))
     app.state.metrics = metrics.Metrics(REGISTRY, multiprocess_dir=metrics.multiprocess_dir())
     # The last added is the outermost: telemetry sees (and counts, with a request id) what auth refuses.
     keyring = Keyring.configured(settings.api_keys, settings.api_keys_file)
     if keyring:
         app.add_middleware(ApiKeyMiddleware, keyring=keyring)
+    # Admission sits inside telemetry (whose cost is small) so that overload refusals are counted and carry a
+    # request id, and outside the key check: a refused request costs no key lookup, and nothing but /health and
+    # /ready gets past it when the process is full.
+    app.add_middleware(
+        Admission, capacity=settings.max_in_flight, queued=settings.max_queued, wait=settings.queue_timeout
+    )
     app.add_middleware(RequestTelemetry, metrics=app.state.metrics)
     install_error_handlers(app)
     app.include_router(health.router)

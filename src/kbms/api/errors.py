@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,11 +17,14 @@ from kbms.errors import (
     ClientDisconnected,
     FieldIssue,
     Forbidden,
+    HeadersTooLarge,
     InvalidJson,
     InvalidSignature,
     KbmsError,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     StorageUnavailable,
     Unauthenticated,
     UnknownProvider,
@@ -42,8 +46,11 @@ STATUS: dict[type[KbmsError], tuple[int, str]] = {
     NotFound: (404, "not_found"),
     UnknownProvider: (404, "not_found"),
     PayloadTooLarge: (413, "payload_too_large"),
+    RequestTimeout: (408, "request_timeout"),
+    HeadersTooLarge: (431, "headers_too_large"),
     UnsupportedMediaType: (415, "unsupported_media_type"),
     StorageUnavailable: (503, "unavailable"),
+    Overloaded: (503, "unavailable"),
 }
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 LOCATIONS = frozenset(("body", "query", "path", "header", "cookie"))
@@ -85,7 +92,8 @@ def kbms_error_response(exc: KbmsError) -> Response:
     headers = None
     if status == 503:
         headers = {"Retry-After": RETRY_AFTER_SECONDS}
-        log.warning("storage unavailable: %s", exc.message)
+        if isinstance(exc, StorageUnavailable):  # not Overloaded: refusals are counted by kbms.api.admission
+            log.warning("storage unavailable: %s", exc.message)
     elif isinstance(exc, Unauthenticated):
         # RFC 6750 section 3: a challenge always; error="invalid_token" when a key was sent but is no good.
         challenge = 'Bearer realm="kbms", error="invalid_token"' if exc.presented else 'Bearer realm="kbms"'
@@ -93,6 +101,18 @@ def kbms_error_response(exc: KbmsError) -> Response:
     return Response(
         error_body(exc).model_dump_json(), status_code=status, media_type="application/json", headers=headers
     )
+
+
+def raw_response_of(exc: KbmsError) -> bytes:
+    """A whole HTTP/1.1 response for a kbms error, closing the connection: for the HTTP server itself
+    (``kbms.server``), which answers some requests before there is an application request to answer."""
+    status, _code = status_of(exc)
+    body = error_body(exc).model_dump_json().encode()
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
 
 
 async def _kbms_error(_request: Request, exc: Exception) -> Response:
@@ -147,5 +167,5 @@ AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     500: {"model": ErrorBody, "description": "Unexpected error (no trace is returned)"},
-    503: {"model": ErrorBody, "description": "Database unavailable; retry after the Retry-After delay"},
+    503: {"model": ErrorBody, "description": "Database unavailable or service at capacity; retry after Retry-After"},
 }

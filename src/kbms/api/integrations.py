@@ -13,7 +13,7 @@ from pydantic import StringConstraints, TypeAdapter
 from kbms.api.auth import visible_workspaces
 from kbms.api.body import NDJSON_TYPES, read_json_body, read_ndjson_body
 from kbms.api.errors import ERROR_RESPONSES, error_body, status_of
-from kbms.api.lean import LeanRoute, parameter, query, settings_of, store_of
+from kbms.api.lean import LeanRoute, limits_of, parameter, query, settings_of, store_of
 from kbms.api.metrics import metrics_of
 from kbms.api.responses import json_response
 from kbms.api.schemas import BatchLine, BatchResponse, ErrorBody, IngestResponse
@@ -43,6 +43,7 @@ def _endpoint(provider: Provider) -> Callable[[Request], Awaitable[Response]]:
                 body,
                 workspace=workspace,
                 default_workspace=settings.default_workspace,
+                limits=limits_of(request),
                 allowed=visible_workspaces(request),
             )
         except InputError as exc:
@@ -73,6 +74,7 @@ def _batch_endpoint(provider: Provider) -> Callable[[Request], Awaitable[Respons
             fitting,
             workspace=workspace,
             default_workspace=settings.default_workspace,
+            limits=limits_of(request),
             allowed=visible_workspaces(request),
         )
         outcomes = iter(ingested)

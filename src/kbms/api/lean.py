@@ -17,6 +17,7 @@ from fastapi.routing import APIRoute
 from pydantic import TypeAdapter, ValidationError
 
 from kbms.errors import FieldIssue, ValidationFailed
+from kbms.limits import PayloadLimits
 from kbms.settings import Settings
 from kbms.storage import Store
 
@@ -38,6 +39,10 @@ def store_of(request: Request) -> Store:
 
 def settings_of(request: Request) -> Settings:
     return cast(Settings, request.app.state.settings)
+
+
+def limits_of(request: Request) -> PayloadLimits:
+    return cast(PayloadLimits, request.app.state.limits)
 
 
 def query(request: Request, name: str, adapter: TypeAdapter[T], default: D) -> T | D:

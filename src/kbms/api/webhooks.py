@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request, Response
 from kbms.api.body import read_json_body
 from kbms.api.errors import ERROR_RESPONSES
 from kbms.api.integrations import WORKSPACE, workspace_parameter
-from kbms.api.lean import LeanRoute, query, settings_of, store_of
+from kbms.api.lean import LeanRoute, limits_of, query, settings_of, store_of
 from kbms.api.metrics import metrics_of
 from kbms.api.responses import json_response
 from kbms.api.schemas import ErrorBody, WebhookResponse
@@ -36,6 +36,7 @@ def _endpoint(provider: Provider, secret_variable: str) -> Callable[[Request], A
                 secret=settings.secret(secret_variable),
                 workspace=workspace,
                 verify=not settings.allow_unsigned_webhooks,
+                limits=limits_of(request),
                 clock=request.app.state.clock,
             )
         except InputError as exc:

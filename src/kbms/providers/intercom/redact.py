@@ -21,7 +21,10 @@ def redact(body: bytes, external_id: str, redacted: Mapping[str, Message]) -> by
     conversation ``external_id``; None when nothing had to change (or the body is another conversation's)."""
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # Rejected payloads are kept as received, including ones nested deeper than the json module can recurse
+        # (a signed webhook of 5 MB of "[" is one): unreadable, so left as they are rather than failing the
+        # delivery that triggered the redaction with a 500.
         return None
     conversation = _conversation(document)
     if conversation is None or _id(conversation.get("id")) != external_id:
