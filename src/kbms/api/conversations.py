@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Annotated, Literal, get_args
 
 from fastapi import APIRouter, Request, Response
@@ -20,6 +19,7 @@ from pydantic import Field, StringConstraints, TypeAdapter
 
 from kbms import search
 from kbms.api.auth import visible_workspaces
+from kbms.api.bounds import TIME, TIME_SCHEMA
 from kbms.api.cursor import (
     decode_cursor,
     decode_feed_cursor,
@@ -36,7 +36,6 @@ from kbms.errors import FieldIssue, Forbidden, NotFound, ValidationFailed
 from kbms.merge import micros
 from kbms.model import WORKSPACE_PATTERN, State
 from kbms.providers import REGISTRY
-from kbms.providers.fields import Timestamp
 from kbms.storage.base import Filters
 
 DEFAULT_LIMIT = 50
@@ -50,7 +49,6 @@ PROVIDER: TypeAdapter[str] = TypeAdapter(Literal[tuple(REGISTRY)])  # type: igno
 WORKSPACE = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=WORKSPACE_PATTERN)])
 STATE: TypeAdapter[State] = TypeAdapter(State)
 TAG = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=255)])
-TIME: TypeAdapter[datetime] = TypeAdapter(Timestamp)
 Q = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=512)])
 
 router = APIRouter(prefix="/internal", tags=["internal"], route_class=LeanRoute)
@@ -68,13 +66,13 @@ FILTER_PARAMETERS = [
     parameter(
         "updated_after",
         "query",
-        {"type": "string", "format": "date-time"},
+        TIME_SCHEMA,
         "Only conversations updated after this time (ISO-8601, or unix seconds; exclusive)",
     ),
     parameter(
         "updated_before",
         "query",
-        {"type": "string", "format": "date-time"},
+        TIME_SCHEMA,
         "Only conversations updated before this time (ISO-8601, or unix seconds; exclusive)",
     ),
 ]
