@@ -132,7 +132,8 @@ def batch_request_body(provider: Provider) -> dict[str, Any]:
         f"NDJSON: one {schema_name} per line (UTF-8, lines end with \\n or \\r\\n, blank lines are skipped), "
         f"at most {MAX_BATCH_LINES} lines and KBMS_MAX_BATCH_BYTES bytes; each line at most KBMS_MAX_BODY_BYTES."
     )
-    schema = {"type": "string", "description": description}
+    # A line counts if it has a byte other than ASCII whitespace (what bytes.strip removes); a batch needs one.
+    schema = {"type": "string", "pattern": "[^ \\t-\\r]", "description": description}
     return {
         "requestBody": {
             "required": True,

@@ -26,6 +26,7 @@ def install_openapi(
                 schema = model.model_json_schema(ref_template=REF_TEMPLATE)
                 components.update(schema.pop("$defs", {}))
                 components[model.__name__] = schema
+            _lift_definitions(document, components)
             _document_our_422(document)
             _document_api_keys(document, protected)
             app.openapi_schema = document
@@ -63,6 +64,31 @@ def _document_api_keys(document: dict[str, Any], protected: Callable[[str], str 
                 "description": f"The key lacks the {scope} scope, or the workspace asked for",
                 "content": {"application/json": {"schema": error_ref}},
             }
+
+
+def _lift_definitions(document: dict[str, Any], components: dict[str, Any]) -> None:
+    """Request bodies documented by a self-contained JSON Schema (webhook deliveries) keep their ``$defs`` inside,
+    where OpenAPI tools do not look: move them to the components and point the references there."""
+    for path in document.get("paths", {}).values():
+        for operation in path.values():
+            for media in operation.get("requestBody", {}).get("content", {}).values():
+                schema = media.get("schema", {})
+                if "$defs" in schema:
+                    components.update(_to_components(schema.pop("$defs")))
+                    media["schema"] = _to_components(schema)
+
+
+def _to_components(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {
+            key: REF_TEMPLATE.format(model=value.removeprefix("#/$defs/"))
+            if key == "$ref" and isinstance(value, str) and value.startswith("#/$defs/")
+            else _to_components(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_to_components(item) for item in node]
+    return node
 
 
 def _document_our_422(document: dict[str, Any]) -> None:
