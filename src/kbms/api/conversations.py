@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
@@ -30,6 +30,7 @@ from kbms.api.cursor import (
 )
 from kbms.api.errors import ERROR_RESPONSES
 from kbms.api.lean import LeanRoute, parameter, query, store_of
+from kbms.api.openapi import link
 from kbms.api.responses import json_response
 from kbms.api.schemas import ChangePage, ConversationDetail, ConversationPage, ErrorBody, ListItem, Match
 from kbms.errors import FieldIssue, Forbidden, NotFound, ValidationFailed
@@ -50,9 +51,16 @@ WORKSPACE = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_lengt
 STATE: TypeAdapter[State] = TypeAdapter(State)
 TAG = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=255)])
 Q = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=512)])
-
 router = APIRouter(prefix="/internal", tags=["internal"], route_class=LeanRoute)
+LIST_PATH, DETAIL_PATH, CHANGES_PATH = "/conversations", "/conversations/{conversation_id}", "/changes"
 
+
+def detail_link(conversation_id: str) -> dict[str, Any]:
+    """A link to the conversation whose id the runtime expression ``conversation_id`` names."""
+    return link(router.prefix + DETAIL_PATH, "get", "The conversation", conversation_id=conversation_id)
+
+
+FILTERS = ("provider", "workspace", "state", "tag", "updated_after", "updated_before")
 FILTER_PARAMETERS = [
     parameter("provider", "query", {"type": "string", "enum": list(REGISTRY)}, "Only this provider's"),
     parameter(
@@ -99,7 +107,7 @@ def filters_of(request: Request) -> Filters:
 
 
 @router.get(
-    "/conversations",
+    LIST_PATH,
     response_model=ConversationPage,
     summary="List or search conversations",
     description=(
@@ -109,7 +117,22 @@ def filters_of(request: Request) -> Filters:
         "item with a `match` (score and highlighted snippet); the 1,000 most recently created matches are ranked. "
         "Filters apply to both."
     ),
-    responses={422: {"model": ErrorBody, "description": "Bad limit, cursor, filter or query"}, **ERROR_RESPONSES},
+    responses={
+        200: {
+            "links": {
+                "NextPage": link(
+                    router.prefix + LIST_PATH,
+                    "get",
+                    "The next page of the same list or search (none when next_cursor is null)",
+                    cursor="$response.body#/next_cursor",
+                    **{name: f"$request.query.{name}" for name in ("limit", "q", *FILTERS)},
+                ),
+                "FirstItem": detail_link("$response.body#/items/0/id"),
+            }
+        },
+        422: {"model": ErrorBody, "description": "Bad limit, cursor, filter or query"},
+        **ERROR_RESPONSES,
+    },
     openapi_extra={
         "parameters": [
             parameter(
@@ -158,7 +181,7 @@ async def list_conversations(request: Request) -> Response:
 
 
 @router.get(
-    "/conversations/{conversation_id}",
+    DETAIL_PATH,
     response_model=ConversationDetail,
     summary="One conversation with its participants, messages and events",
     responses={404: {"model": ErrorBody, "description": "Unknown or deleted conversation"}, **ERROR_RESPONSES},
@@ -176,7 +199,7 @@ async def get_conversation(request: Request) -> Response:
 
 
 @router.get(
-    "/changes",
+    CHANGES_PATH,
     response_model=ChangePage,
     summary="Every committed change, in commit order",
     description=(
@@ -185,7 +208,22 @@ async def get_conversation(request: Request) -> Response:
         "nothing new has been committed), and no change is ever skipped or repeated, whatever the concurrent "
         "writers. Changes are kept: a consumer can resume from any cursor it was given."
     ),
-    responses={422: {"model": ErrorBody, "description": "Bad limit or cursor"}, **ERROR_RESPONSES},
+    responses={
+        200: {
+            "links": {
+                "NextChanges": link(
+                    router.prefix + CHANGES_PATH,
+                    "get",
+                    "The changes committed after these",
+                    cursor="$response.body#/next_cursor",
+                    limit="$request.query.limit",
+                ),
+                "FirstChanged": detail_link("$response.body#/items/0/conversation_id"),
+            }
+        },
+        422: {"model": ErrorBody, "description": "Bad limit or cursor"},
+        **ERROR_RESPONSES,
+    },
     openapi_extra={
         "parameters": [
             parameter(

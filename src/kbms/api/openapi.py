@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 REF_TEMPLATE = "#/components/schemas/{model}"
+
+
+def link(path: str, method: str, description: str, **parameters: str) -> dict[str, Any]:
+    """An OpenAPI link (how a response leads to a next request): the operation at ``path``, its ``parameters`` as
+    runtime expressions (``$response.body#/id``). Clients and schemathesis's stateful tests follow them."""
+    pointer = quote(path.replace("~", "~0").replace("/", "~1"))
+    return {"operationRef": f"#/paths/{pointer}/{method}", "parameters": parameters, "description": description}
 
 
 def install_openapi(

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from kbms.api.body import read_json_body
+from kbms.api.conversations import detail_link
 from kbms.api.errors import ERROR_RESPONSES
 from kbms.api.integrations import WORKSPACE, workspace_parameter
 from kbms.api.lean import LeanRoute, limits_of, query, settings_of, store_of
@@ -80,6 +81,7 @@ def router(providers: Iterable[Provider]) -> APIRouter:
             ),
             response_model=WebhookResponse,
             responses={
+                200: {"links": {"Conversation": detail_link("$response.body#/conversation_id")}},
                 400: {"model": ErrorBody, "description": "Malformed JSON (kept in the ledger as rejected)"},
                 401: {"model": ErrorBody, "description": "Missing or invalid signature: nothing is kept"},
                 413: {"model": ErrorBody, "description": "Body larger than KBMS_MAX_BODY_BYTES"},
