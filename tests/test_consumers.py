@@ -165,6 +165,7 @@ def test_the_cursor_neither_repeats_nor_skips_while_conversations_arrive(client:
         ("2023-11-14", True),  # ISO-8601 dates are still read (as midnight UTC)
         ("9999-12-31T23:59:59-23:59", False),  # after the last instant a datetime holds in UTC
         ("253402300799", False),  # 9999-12-31T23:59:59Z: the largest documented unix second
+        ("1699999999.0", True),  # an integer written with ".0" is still one (JSON Schema's integers)
     ],
 )
 def test_a_filter_bound_may_be_any_instant(client: TestClient, bound: str, matches: bool) -> None:

@@ -7,6 +7,7 @@ whole, and other ISO-8601 forms (a date, no offset: UTC) are read too.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -14,6 +15,9 @@ from pydantic import PlainValidator, TypeAdapter
 from pydantic_core import PydanticCustomError
 
 MAX_UNIX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, the last second a datetime holds
+# An integer, possibly written "5.0": JSON Schema's integers include numbers without a fraction, and so does the
+# documented schema of these parameters.
+UNIX_SECONDS = re.compile(r"([0-9]+)(?:\.0+)?", re.ASCII)
 
 
 def filter_time(value: Any) -> datetime:
@@ -21,10 +25,12 @@ def filter_time(value: Any) -> datetime:
     if not isinstance(value, str):
         raise PydanticCustomError("timestamp_type", "Input should be unix seconds or an ISO-8601 string")
     text = value.strip()
-    if text.isascii() and text.isdigit():
-        if len(text) > 12 or int(text) > MAX_UNIX_SECONDS:
+    seconds = UNIX_SECONDS.fullmatch(text)
+    if seconds is not None:
+        digits = seconds.group(1)
+        if len(digits) > 12 or int(digits) > MAX_UNIX_SECONDS:
             raise PydanticCustomError("timestamp_range", f"Unix seconds should be at most {MAX_UNIX_SECONDS}")
-        return datetime.fromtimestamp(int(text), tz=UTC)
+        return datetime.fromtimestamp(int(digits), tz=UTC)
     try:
         # RFC 3339 allows a lower-case "t" and "z", which Python 3.11 does not read.
         parsed = datetime.fromisoformat(text.upper())
