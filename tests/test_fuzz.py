@@ -8,6 +8,9 @@ Webhooks are signed: ``signing`` puts the provider's signature on the exact byte
 provider would, so the fuzzer reaches what a webhook does with a payload. Unsigned deliveries (401, nothing kept)
 are covered by tests/test_webhooks.py and tests/test_zendesk_api.py.
 
+Every request carries an admin API key (``AUTH_HEADERS``, the one place credentials are set); schemathesis also
+sends none or a bad one where the document asks for a key, and expects a 401.
+
 Where a check cannot hold for a documented reason, ``EXCUSES`` names the exact failures it lets through, and why.
 """
 
@@ -32,6 +35,7 @@ from schemathesis.python.asgi import shutdown_lifespans
 
 from kbms.api import create_app
 from kbms.api.body import NDJSON_TYPES
+from kbms.auth import key_config
 from kbms.providers.intercom import signature as intercom_signature
 from kbms.providers.zendesk import signature as zendesk_signature
 from kbms.settings import Settings
@@ -40,9 +44,10 @@ from tests.conftest import migrated_sqlite_url
 EXAMPLES_PER_OPERATION = 200
 INTERCOM_SECRET = "fuzz-intercom-client-secret"
 ZENDESK_SECRET = "fuzz-zendesk-webhook-secret"
-# The one place API keys go once they exist (KBMS_API_KEYS; with none configured, auth is off): the header every
-# request carries, the document's included. Configure the matching key in ``api_schema``'s Settings.
-AUTH_HEADERS: dict[str, str] = {}
+# The one place the caller's credentials are set: an admin key (every scope, every workspace), configured in the
+# app below and carried by every request. schemathesis then also checks that missing or invalid ones get 401.
+API_KEY = "kbms_fuzz-0123456789-abcdefghijklmnopqrstuvwxyz0"
+AUTH_HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
 CONFIG: dict[str, Any] = {
     "headers": AUTH_HEADERS,
@@ -179,6 +184,7 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     url = migrated_sqlite_url(Path(tmp_path_factory.mktemp("fuzz")))
     settings = Settings(
         database_url=url,
+        api_keys=key_config(API_KEY, name="fuzz", scopes=["admin"], workspaces=None).join("[]"),
         secrets={"KBMS_INTERCOM_CLIENT_SECRET": INTERCOM_SECRET, "KBMS_ZENDESK_WEBHOOK_SECRET": ZENDESK_SECRET},
     )
     # Batches are NDJSON text: sent as the generated string, like text/plain.
