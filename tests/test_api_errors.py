@@ -86,7 +86,7 @@ def mutate(path: str, value: Any, *, delete: bool = False) -> dict[str, Any]:
         ("id", 1.5, "id", "string_type"),
         ("id", {"a": 1}, "id", "string_type"),
         ("created_at", True, "created_at", "timestamp_type"),
-        ("created_at", 1567693209.0, "created_at", "timestamp_type"),
+        ("created_at", 1567693209.5, "created_at", "timestamp_type"),
         ("created_at", 1567693209000, "created_at", "timestamp_range"),
         ("created_at", -1, "created_at", "timestamp_range"),
         ("created_at", "2101-01-01T00:00:00Z", "created_at", "timestamp_range"),
@@ -120,6 +120,20 @@ def test_validation_rules(client: TestClient, database_url: str, path: str, valu
         {"field": d["field"], "issue": d["issue"]} for d in response.json()["details"]
     ]
     assert stored(database_url) == (0, 0)
+
+
+def test_a_number_without_a_fraction_is_an_integer(client: TestClient) -> None:
+    # JSON has one number type, and the OpenAPI document (JSON Schema) counts 5.0 as the integer 5.
+    payload = copy.deepcopy(REQUEST)
+    payload["id"] = 1122334455.0
+    payload["created_at"] = 1567693209.0
+    payload["conversation_message"]["author"]["id"] = 42.0
+    response = client.post(INGEST, json=payload)
+    assert response.status_code == 201, response.text
+    assert response.json()["external_id"] == "1122334455"
+    detail = client.get(f"/internal/conversations/{response.json()['id']}").json()
+    assert detail["created_at"] == "2019-09-05T14:20:09Z"
+    assert "42" in [p["id"] for p in detail["participants"]]
 
 
 def test_a_part_without_an_id_is_refused(client: TestClient) -> None:

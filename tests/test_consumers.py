@@ -157,9 +157,30 @@ def test_the_cursor_neither_repeats_nor_skips_while_conversations_arrive(client:
 
 
 @pytest.mark.parametrize(
+    ("bound", "matches"),
+    [
+        ("0001-01-01T00:00:00+01:00", True),  # before the first instant a datetime holds in UTC
+        ("1900-01-01T00:00:00Z", True),
+        ("2023-11-14t22:13:20z", False),  # RFC 3339 allows lower case; the conversation is at 22:13:20 exactly
+        ("2023-11-14", True),  # ISO-8601 dates are still read (as midnight UTC)
+        ("9999-12-31T23:59:59-23:59", False),  # after the last instant a datetime holds in UTC
+        ("253402300799", False),  # 9999-12-31T23:59:59Z: the largest documented unix second
+        ("1699999999.0", True),  # an integer written with ".0" is still one (JSON Schema's integers)
+    ],
+)
+def test_a_filter_bound_may_be_any_instant(client: TestClient, bound: str, matches: bool) -> None:
+    # Payload timestamps must fall in 1970-2100; a filter bound is just a point in time, as the document says.
+    push(client, "one", updated_at=1_700_000_000)
+    response = client.get(LIST, params={"updated_after": bound})
+    assert response.status_code == 200, response.text
+    assert [item["external_id"] for item in response.json()["items"]] == (["one"] if matches else [])
+
+
+@pytest.mark.parametrize(
     ("query", "field"),
     [
         ("state=gone", "state"),
+        ("updated_after=253402300800", "updated_after"),  # past the last second a datetime holds
         ("updated_after=yesterday", "updated_after"),
         ("updated_before=1e9", "updated_before"),
         ("tag=", "tag"),

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from datetime import datetime
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
@@ -20,6 +19,7 @@ from pydantic import Field, StringConstraints, TypeAdapter
 
 from kbms import search
 from kbms.api.auth import visible_workspaces
+from kbms.api.bounds import TIME, TIME_SCHEMA
 from kbms.api.cursor import (
     decode_cursor,
     decode_feed_cursor,
@@ -30,13 +30,13 @@ from kbms.api.cursor import (
 )
 from kbms.api.errors import ERROR_RESPONSES
 from kbms.api.lean import LeanRoute, parameter, query, store_of
+from kbms.api.openapi import link
 from kbms.api.responses import json_response
 from kbms.api.schemas import ChangePage, ConversationDetail, ConversationPage, ErrorBody, ListItem, Match
 from kbms.errors import FieldIssue, Forbidden, NotFound, ValidationFailed
 from kbms.merge import micros
 from kbms.model import WORKSPACE_PATTERN, State
 from kbms.providers import REGISTRY
-from kbms.providers.fields import Timestamp
 from kbms.storage.base import Filters
 
 DEFAULT_LIMIT = 50
@@ -50,11 +50,17 @@ PROVIDER: TypeAdapter[str] = TypeAdapter(Literal[tuple(REGISTRY)])  # type: igno
 WORKSPACE = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=WORKSPACE_PATTERN)])
 STATE: TypeAdapter[State] = TypeAdapter(State)
 TAG = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=255)])
-TIME: TypeAdapter[datetime] = TypeAdapter(Timestamp)
 Q = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=512)])
-
 router = APIRouter(prefix="/internal", tags=["internal"], route_class=LeanRoute)
+LIST_PATH, DETAIL_PATH, CHANGES_PATH = "/conversations", "/conversations/{conversation_id}", "/changes"
 
+
+def detail_link(conversation_id: str) -> dict[str, Any]:
+    """A link to the conversation whose id the runtime expression ``conversation_id`` names."""
+    return link(router.prefix + DETAIL_PATH, "get", "The conversation", conversation_id=conversation_id)
+
+
+FILTERS = ("provider", "workspace", "state", "tag", "updated_after", "updated_before")
 FILTER_PARAMETERS = [
     parameter("provider", "query", {"type": "string", "enum": list(REGISTRY)}, "Only this provider's"),
     parameter(
@@ -68,13 +74,13 @@ FILTER_PARAMETERS = [
     parameter(
         "updated_after",
         "query",
-        {"type": "string", "format": "date-time"},
+        TIME_SCHEMA,
         "Only conversations updated after this time (ISO-8601, or unix seconds; exclusive)",
     ),
     parameter(
         "updated_before",
         "query",
-        {"type": "string", "format": "date-time"},
+        TIME_SCHEMA,
         "Only conversations updated before this time (ISO-8601, or unix seconds; exclusive)",
     ),
 ]
@@ -101,7 +107,7 @@ def filters_of(request: Request) -> Filters:
 
 
 @router.get(
-    "/conversations",
+    LIST_PATH,
     response_model=ConversationPage,
     summary="List or search conversations",
     description=(
@@ -111,7 +117,22 @@ def filters_of(request: Request) -> Filters:
         "item with a `match` (score and highlighted snippet); the 1,000 most recently created matches are ranked. "
         "Filters apply to both."
     ),
-    responses={422: {"model": ErrorBody, "description": "Bad limit, cursor, filter or query"}, **ERROR_RESPONSES},
+    responses={
+        200: {
+            "links": {
+                "NextPage": link(
+                    router.prefix + LIST_PATH,
+                    "get",
+                    "The next page of the same list or search (none when next_cursor is null)",
+                    cursor="$response.body#/next_cursor",
+                    **{name: f"$request.query.{name}" for name in ("limit", "q", *FILTERS)},
+                ),
+                "FirstItem": detail_link("$response.body#/items/0/id"),
+            }
+        },
+        422: {"model": ErrorBody, "description": "Bad limit, cursor, filter or query"},
+        **ERROR_RESPONSES,
+    },
     openapi_extra={
         "parameters": [
             parameter(
@@ -160,7 +181,7 @@ async def list_conversations(request: Request) -> Response:
 
 
 @router.get(
-    "/conversations/{conversation_id}",
+    DETAIL_PATH,
     response_model=ConversationDetail,
     summary="One conversation with its participants, messages and events",
     responses={404: {"model": ErrorBody, "description": "Unknown or deleted conversation"}, **ERROR_RESPONSES},
@@ -178,7 +199,7 @@ async def get_conversation(request: Request) -> Response:
 
 
 @router.get(
-    "/changes",
+    CHANGES_PATH,
     response_model=ChangePage,
     summary="Every committed change, in commit order",
     description=(
@@ -187,7 +208,22 @@ async def get_conversation(request: Request) -> Response:
         "nothing new has been committed), and no change is ever skipped or repeated, whatever the concurrent "
         "writers. Changes are kept: a consumer can resume from any cursor it was given."
     ),
-    responses={422: {"model": ErrorBody, "description": "Bad limit or cursor"}, **ERROR_RESPONSES},
+    responses={
+        200: {
+            "links": {
+                "NextChanges": link(
+                    router.prefix + CHANGES_PATH,
+                    "get",
+                    "The changes committed after these",
+                    cursor="$response.body#/next_cursor",
+                    limit="$request.query.limit",
+                ),
+                "FirstChanged": detail_link("$response.body#/items/0/conversation_id"),
+            }
+        },
+        422: {"model": ErrorBody, "description": "Bad limit or cursor"},
+        **ERROR_RESPONSES,
+    },
     openapi_extra={
         "parameters": [
             parameter(

@@ -12,6 +12,7 @@ from pydantic import StringConstraints, TypeAdapter
 
 from kbms.api.auth import visible_workspaces
 from kbms.api.body import NDJSON_TYPES, read_json_body, read_ndjson_body
+from kbms.api.conversations import detail_link
 from kbms.api.errors import ERROR_RESPONSES, error_body, status_of
 from kbms.api.lean import LeanRoute, limits_of, parameter, query, settings_of, store_of
 from kbms.api.metrics import metrics_of
@@ -132,7 +133,8 @@ def batch_request_body(provider: Provider) -> dict[str, Any]:
         f"NDJSON: one {schema_name} per line (UTF-8, lines end with \\n or \\r\\n, blank lines are skipped), "
         f"at most {MAX_BATCH_LINES} lines and KBMS_MAX_BATCH_BYTES bytes; each line at most KBMS_MAX_BODY_BYTES."
     )
-    schema = {"type": "string", "description": description}
+    # A line counts if it has a byte other than ASCII whitespace (what bytes.strip removes); a batch needs one.
+    schema = {"type": "string", "pattern": "[^ \\t-\\r]", "description": description}
     return {
         "requestBody": {
             "required": True,
@@ -158,9 +160,11 @@ def router(providers: Iterable[Provider]) -> APIRouter:
             status_code=201,
             response_model=IngestResponse,
             responses={
+                201: {"links": {"Conversation": detail_link("$response.body#/id")}},
                 200: {
                     "model": IngestResponse,
                     "description": "Already stored: merged (updated) or unchanged",
+                    "links": {"Conversation": detail_link("$response.body#/id")},
                 },
                 400: {"model": ErrorBody, "description": "Malformed JSON (or not UTF-8)"},
                 413: {"model": ErrorBody, "description": "Body larger than KBMS_MAX_BODY_BYTES"},
@@ -185,6 +189,7 @@ def router(providers: Iterable[Provider]) -> APIRouter:
             status_code=200,
             response_model=BatchResponse,
             responses={
+                200: {"links": {"FirstConversation": detail_link("$response.body#/results/0/id")}},
                 413: {"model": ErrorBody, "description": "Body over KBMS_MAX_BATCH_BYTES, or too many lines"},
                 415: {"model": ErrorBody, "description": "Content-Type is not NDJSON"},
                 422: {"model": ErrorBody, "description": "Empty batch, or a bad workspace parameter"},

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 REF_TEMPLATE = "#/components/schemas/{model}"
+
+
+def link(path: str, method: str, description: str, **parameters: str) -> dict[str, Any]:
+    """An OpenAPI link (how a response leads to a next request): the operation at ``path``, its ``parameters`` as
+    runtime expressions (``$response.body#/id``). Clients and schemathesis's stateful tests follow them."""
+    pointer = quote(path.replace("~", "~0").replace("/", "~1"))
+    return {"operationRef": f"#/paths/{pointer}/{method}", "parameters": parameters, "description": description}
 
 
 def install_openapi(
@@ -26,6 +34,7 @@ def install_openapi(
                 schema = model.model_json_schema(ref_template=REF_TEMPLATE)
                 components.update(schema.pop("$defs", {}))
                 components[model.__name__] = schema
+            _lift_definitions(document, components)
             _document_our_422(document)
             _document_api_keys(document, protected)
             app.openapi_schema = document
@@ -63,6 +72,31 @@ def _document_api_keys(document: dict[str, Any], protected: Callable[[str], str 
                 "description": f"The key lacks the {scope} scope, or the workspace asked for",
                 "content": {"application/json": {"schema": error_ref}},
             }
+
+
+def _lift_definitions(document: dict[str, Any], components: dict[str, Any]) -> None:
+    """Request bodies documented by a self-contained JSON Schema (webhook deliveries) keep their ``$defs`` inside,
+    where OpenAPI tools do not look: move them to the components and point the references there."""
+    for path in document.get("paths", {}).values():
+        for operation in path.values():
+            for media in operation.get("requestBody", {}).get("content", {}).values():
+                schema = media.get("schema", {})
+                if "$defs" in schema:
+                    components.update(_to_components(schema.pop("$defs")))
+                    media["schema"] = _to_components(schema)
+
+
+def _to_components(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {
+            key: REF_TEMPLATE.format(model=value.removeprefix("#/$defs/"))
+            if key == "$ref" and isinstance(value, str) and value.startswith("#/$defs/")
+            else _to_components(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_to_components(item) for item in node]
+    return node
 
 
 def _document_our_422(document: dict[str, Any]) -> None:

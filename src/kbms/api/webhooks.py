@@ -6,10 +6,12 @@ Authenticated by the provider's signature only. Never answers 410: providers rea
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
 from kbms.api.body import read_json_body
+from kbms.api.conversations import detail_link
 from kbms.api.errors import ERROR_RESPONSES
 from kbms.api.integrations import WORKSPACE, workspace_parameter
 from kbms.api.lean import LeanRoute, limits_of, query, settings_of, store_of
@@ -48,6 +50,14 @@ def _endpoint(provider: Provider, secret_variable: str) -> Callable[[Request], A
     return receive
 
 
+def _workspace(required: bool) -> dict[str, Any]:
+    if required:
+        description = "The workspace of every delivery: the provider's payloads do not name it (set it in the URL)"
+    else:
+        description = "The workspace of deliveries whose payload does not name one (set it in the webhook's URL)"
+    return {**workspace_parameter(description), "required": required}
+
+
 async def _probe(request: Request) -> Response:
     return Response(status_code=200)
 
@@ -71,6 +81,7 @@ def router(providers: Iterable[Provider]) -> APIRouter:
             ),
             response_model=WebhookResponse,
             responses={
+                200: {"links": {"Conversation": detail_link("$response.body#/conversation_id")}},
                 400: {"model": ErrorBody, "description": "Malformed JSON (kept in the ledger as rejected)"},
                 401: {"model": ErrorBody, "description": "Missing or invalid signature: nothing is kept"},
                 413: {"model": ErrorBody, "description": "Body larger than KBMS_MAX_BODY_BYTES"},
@@ -79,15 +90,21 @@ def router(providers: Iterable[Provider]) -> APIRouter:
                 **ERROR_RESPONSES,
             },
             openapi_extra={
-                "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
-                "parameters": [
-                    workspace_parameter(
-                        "The workspace of deliveries whose payload does not name one (set it in the webhook's URL)"
-                    )
-                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": provider.webhooks.delivery_schema()}},
+                },
+                "parameters": [_workspace(provider.webhooks.needs_workspace)],
             },
         )
         api.add_api_route(
-            path, _probe, methods=["HEAD"], name=f"probe_{provider.name}_webhook", summary="URL validation"
+            path,
+            _probe,
+            methods=["HEAD"],
+            name=f"probe_{provider.name}_webhook",
+            summary="URL validation",
+            # An empty 200 without a media type: documenting JSON here promised a Content-Type it never has.
+            response_class=Response,
+            responses={200: {"description": "The URL is a webhook endpoint"}},
         )
     return api

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -38,6 +38,16 @@ class WebhookReceiver(Protocol):
 
         ``workspace``: the ``?workspace=`` of the webhook's URL, for providers whose payloads do not name it.
         """
+        ...
+
+    @property
+    def needs_workspace(self) -> bool:
+        """Whether every delivery needs the ``?workspace=`` of the webhook's URL (its payloads never name one)."""
+        ...
+
+    def delivery_schema(self) -> dict[str, Any]:
+        """What ``parse`` accepts, as one self-contained JSON Schema (``$defs`` inside): documents the webhook in
+        OpenAPI, where it is a promise, so it may be narrower than what is accepted but never wider."""
         ...
 
 

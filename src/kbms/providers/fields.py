@@ -1,8 +1,11 @@
 """Field types shared by provider schemas: tolerant of how providers spell things, strict about what they mean.
 
 - ids arrive as strings or integers; they are kept as trimmed strings and may not be empty;
-- timestamps arrive as unix seconds or ISO-8601 strings; booleans and floats are refused (a float is usually a
-  millisecond or fractional mistake), and so is anything outside 1970-2100 (milliseconds sent as seconds land there).
+- timestamps arrive as unix seconds or ISO-8601 strings; booleans and fractional numbers are refused (a fraction is
+  usually a millisecond mistake), and so is anything outside 1970-2100 (milliseconds sent as seconds land there).
+
+An integer may be written ``5.0``: JSON has one number type, and JSON Schema (which documents these fields in
+OpenAPI) counts any number without a fractional part as an integer, so ``5.0`` is the integer ``5`` here too.
 
 Every error raised here names a stable issue, reported at the field's own dotted path.
 """
@@ -22,9 +25,23 @@ LATEST = datetime(2101, 1, 1, tzinfo=UTC)  # exclusive: "within 1970-2100"
 MAX_ID = 255  # ids are keys in unique indexes; PostgreSQL refuses index entries over ~2.7 KB
 
 
+def integral(value: Any) -> int | None:
+    """The integer a JSON number stands for (``5`` or ``5.0``); None for anything else (booleans included)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def _id(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise PydanticCustomError("string_type", "Input should be a string or an integer")
+    if not isinstance(value, str):
+        number = integral(value)
+        if number is None:
+            raise PydanticCustomError("string_type", "Input should be a string or an integer")
+        value = number
     if isinstance(value, int) and value.bit_length() > 847:  # more than 255 digits
         raise PydanticCustomError("string_too_long", "Id should have at most 255 characters")
     text = str(value).replace("\x00", "").strip()
@@ -54,8 +71,13 @@ def _optional_text(value: Any) -> Any:
 
 def parse_timestamp(value: Any) -> datetime:
     """A UTC datetime from unix seconds (int or digit string) or an ISO-8601 string."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise PydanticCustomError("timestamp_type", "Input should be unix seconds (an integer) or an ISO-8601 string")
+    if not isinstance(value, str):
+        seconds = integral(value)
+        if seconds is None:
+            raise PydanticCustomError(
+                "timestamp_type", "Input should be unix seconds (an integer) or an ISO-8601 string"
+            )
+        value = seconds
     if isinstance(value, str):
         text = value.strip()
         if not (text.isascii() and text.isdigit()):
@@ -96,19 +118,28 @@ def _out_of_range() -> PydanticCustomError:
     return PydanticCustomError("timestamp_range", "Timestamp should be between 1970-01-01 and 2100-12-31")
 
 
-_ID_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1}, {"type": "integer"}]}
+# What the documented schemas promise is accepted (schemathesis holds the API to it). A string id needs a character
+# that is neither NUL nor whitespace as str.strip() sees it (spelled out: "\\s" means less in other regex engines);
+# its length counts as sent. Timestamps: 1971-2099 as text, because a UTC offset can move 1970-01-01 or 2100-12-31
+# across the 1970-2100 bounds, and a pattern cannot see the offset.
+_NOT_BLANK = "[^\\x00\\t-\\r\\x1c- \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
+_STRING_ID_SCHEMA = {"type": "string", "minLength": 1, "maxLength": MAX_ID, "pattern": _NOT_BLANK}
+_ID_SCHEMA = {"anyOf": [_STRING_ID_SCHEMA, {"type": "integer"}]}
+_OPTIONAL_ID_SCHEMA = {"anyOf": [{"type": "string", "maxLength": MAX_ID}, {"type": "integer"}, {"type": "null"}]}
+LATEST_SECONDS = int(LATEST.timestamp()) - 1
 _TIMESTAMP_SCHEMA = {
     "anyOf": [
-        {"type": "integer", "minimum": 0, "description": "unix seconds"},
-        {"type": "string", "format": "date-time"},
-    ]
+        {"type": "integer", "minimum": 0, "maximum": LATEST_SECONDS, "description": "unix seconds"},
+        {"type": "string", "format": "date-time", "pattern": "^(197[1-9]|19[89][0-9]|20[0-9][0-9])-"},
+    ],
+    "description": "Unix seconds or ISO-8601, between 1970-01-01 and 2100-12-31 UTC",
 }
 
 Id = Annotated[str, PlainValidator(_id), WithJsonSchema(_ID_SCHEMA)]
 OptionalId = Annotated[
     str | None,
     PlainValidator(_optional_id),
-    WithJsonSchema({"anyOf": [*_ID_SCHEMA["anyOf"], {"type": "string"}, {"type": "null"}]}),
+    WithJsonSchema(_OPTIONAL_ID_SCHEMA),
 ]
 Timestamp = Annotated[datetime, PlainValidator(parse_timestamp), WithJsonSchema(_TIMESTAMP_SCHEMA)]
 OptionalText = Annotated[str | None, BeforeValidator(_optional_text)]

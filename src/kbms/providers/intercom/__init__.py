@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kbms.model import ConversationSnapshot, WebhookEvent
 from kbms.providers.base import validate_json
@@ -12,7 +12,7 @@ from kbms.providers.intercom import signature
 from kbms.providers.intercom.mapper import PROVIDER, to_snapshot
 from kbms.providers.intercom.redact import redact
 from kbms.providers.intercom.schema import IntercomConversation
-from kbms.providers.intercom.webhook import parse_webhook
+from kbms.providers.intercom.webhook import delivery_schema, parse_webhook
 
 if TYPE_CHECKING:
     from kbms.storage.base import Redactor
@@ -20,12 +20,16 @@ if TYPE_CHECKING:
 
 class IntercomWebhooks:
     secret_variable = "KBMS_INTERCOM_CLIENT_SECRET"  # noqa: S105 (the variable's name, not a secret)
+    needs_workspace = False  # the envelope's app_id names it
 
     def verify(self, body: bytes, headers: Mapping[str, str], secret: str, *, now: datetime) -> bool:
         return signature.verify(body, headers, secret)
 
     def parse(self, body: bytes, *, workspace: str | None) -> WebhookEvent:
         return parse_webhook(body, workspace=workspace)
+
+    def delivery_schema(self) -> dict[str, Any]:
+        return delivery_schema()
 
 
 class IntercomProvider:

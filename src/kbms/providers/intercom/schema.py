@@ -126,6 +126,16 @@ class IntercomConversationItem(_Tolerant):
 class IntercomConversation(IntercomConversationItem):
     """A conversation pushed to kbms, as ``GET /conversations/{id}`` returns it: the opening message is required."""
 
+    # The validator below, as JSON Schema: OpenAPI then promises only what is accepted.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["source"], "properties": {"source": {"type": "object"}}},
+                {"required": ["conversation_message"], "properties": {"conversation_message": {"type": "object"}}},
+            ]
+        }
+    )
+
     # Redeclared so that it is validated after ``source`` (and can see it), even when absent.
     conversation_message: IntercomOpeningMessage | None = Field(default=None, validate_default=True)
 

@@ -9,11 +9,12 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
 from kbms.errors import FieldIssue, InvalidWebhookItem, ValidationFailed
-from kbms.model import DEFAULT_WORKSPACE, WORKSPACE, Change, ConversationDeletion, WebhookEvent
+from kbms.model import DEFAULT_WORKSPACE, WORKSPACE, WORKSPACE_PATTERN, Change, ConversationDeletion, WebhookEvent
 from kbms.providers.base import translate_issues, validate_json
 from kbms.providers.fields import Id
 from kbms.providers.intercom.mapper import PROVIDER, to_snapshot
@@ -54,3 +55,43 @@ def parse_webhook(body: bytes, *, workspace: str | None = None) -> WebhookEvent:
     except ValidationError as exc:
         raise refused(translate_issues(exc, prefix=ITEM)) from None
     return event(to_snapshot(conversation, workspace=workspace))
+
+
+def delivery_schema() -> dict[str, Any]:
+    """What ``parse_webhook`` accepts, as JSON Schema: the envelope with no item, or an item its topic can read (a
+    deletion names its conversation; an item of ``type: conversation`` is one; any other item is only recorded)."""
+    envelope = IntercomNotification.model_json_schema()
+    conversation = IntercomConversationItem.model_json_schema()
+    defs = {**envelope.pop("$defs", {}), **conversation.pop("$defs", {}), "IntercomConversationItem": conversation}
+    conversation_id = CONVERSATION_ID.json_schema()
+    deleted, not_deleted = {"const": DELETED}, {"not": {"const": DELETED}}
+
+    def carrying(topic: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
+        data = {"type": "object", "required": ["item"], "properties": {"item": item}}
+        return {"required": ["data"], "properties": {"topic": topic, "data": data}}
+
+    envelope["properties"]["app_id"] = {
+        "anyOf": [{"type": "string", "pattern": WORKSPACE_PATTERN}, {"type": "null"}],
+        "description": "The Intercom app: the workspace (else ?workspace=, else the default)",
+    }
+    envelope["anyOf"] = [
+        {"properties": {"data": {"anyOf": [{"type": "null"}, {"properties": {"item": {"type": "null"}}}]}}},
+        carrying(
+            deleted,
+            {
+                "type": "object",
+                "properties": {"conversation_id": conversation_id, "id": conversation_id},
+                "anyOf": [{"required": ["conversation_id"]}, {"required": ["id"]}],
+            },
+        ),
+        carrying(
+            not_deleted,
+            {
+                "allOf": [{"$ref": "#/$defs/IntercomConversationItem"}],
+                "required": ["type"],
+                "properties": {"type": {"const": "conversation"}},
+            },
+        ),
+        carrying(not_deleted, {"type": "object", "properties": {"type": {"not": {"const": "conversation"}}}}),
+    ]
+    return {**envelope, "$defs": defs}

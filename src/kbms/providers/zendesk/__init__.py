@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 from kbms.model import WORKSPACE, ConversationSnapshot, WebhookEvent
@@ -12,19 +13,23 @@ from kbms.providers.base import validate_json
 from kbms.providers.zendesk import signature
 from kbms.providers.zendesk.mapper import PROVIDER, to_snapshot
 from kbms.providers.zendesk.schema import ZendeskPush
-from kbms.providers.zendesk.webhook import parse_webhook
+from kbms.providers.zendesk.webhook import delivery_schema, parse_webhook
 
 ZENDESK_HOST = re.compile(r"(?P<subdomain>[a-z0-9][a-z0-9-]*)\.zendesk\.com", re.IGNORECASE)
 
 
 class ZendeskWebhooks:
     secret_variable = "KBMS_ZENDESK_WEBHOOK_SECRET"  # noqa: S105 (the variable's name, not a secret)
+    needs_workspace = True  # events carry only a numeric account_id, never the subdomain
 
     def verify(self, body: bytes, headers: Mapping[str, str], secret: str, *, now: datetime) -> bool:
         return signature.verify(body, headers, secret, now=now)
 
     def parse(self, body: bytes, *, workspace: str | None) -> WebhookEvent:
         return parse_webhook(body, workspace=workspace.lower() if workspace else None)
+
+    def delivery_schema(self) -> dict[str, Any]:
+        return delivery_schema()
 
 
 class ZendeskProvider:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PlainValidator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
-from kbms.providers.fields import Id, OptionalId, OptionalText, Timestamp
+from kbms.providers.fields import Id, OptionalId, OptionalText, Timestamp, integral
 
 
 class _Tolerant(BaseModel):
@@ -32,14 +32,19 @@ def _channel(value: Any) -> str | int | None:
         return None
     if isinstance(value, str):
         return value.replace("\x00", "").strip() or None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
+    number = integral(value)
+    if number is not None:
+        return number
     raise PydanticCustomError("channel_type", "Input should be a string or an integer")
 
 
 class ZendeskVia(_Tolerant):
     # A channel name ("web"), a via type ("web_service") or a via id (5): see mapper.VIA_TYPES and VIA_IDS.
-    channel: Annotated[str | int | None, PlainValidator(_channel)] = None
+    channel: Annotated[
+        str | int | None,
+        PlainValidator(_channel),
+        WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}]}),
+    ] = None
 
 
 class ZendeskAttachment(_Tolerant):

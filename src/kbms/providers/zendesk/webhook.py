@@ -12,13 +12,15 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from kbms.errors import FieldIssue, InvalidWebhookItem, ValidationFailed
 from kbms.model import ConversationDeletion, Message, ParticipantObservation, WebhookEvent
 from kbms.providers.base import translate_issues, validate_json
+from kbms.providers.fields import Id, Timestamp
 from kbms.providers.zendesk.mapper import PROVIDER, comment_added, event_snapshot, messaging_message
 from kbms.providers.zendesk.schema import ZendeskEvent, ZendeskEventComment, ZendeskMessagingEvent, ZendeskTicketDetail
 
@@ -26,6 +28,7 @@ PREFIX = "zen:event-type:"
 DELETED = "ticket.permanently_deleted"
 COMMENT_ADDED = "ticket.comment_added"
 MESSAGE_ADDED = "messaging_ticket.message_added"
+READ = rf"^({PREFIX})?(ticket\.|{re.escape(MESSAGE_ADDED)}$)"  # the topics parse_webhook reads (JSON Schema regex)
 NO_WORKSPACE = (
     "Zendesk events do not name their subdomain: add it to the webhook's endpoint URL, "
     "e.g. /webhooks/zendesk?workspace=acme for acme.zendesk.com"
@@ -83,3 +86,36 @@ def parse_webhook(body: bytes, *, workspace: str | None) -> WebhookEvent:
         partial=name == COMMENT_ADDED,
     )
     return event(snapshot)
+
+
+def delivery_schema() -> dict[str, Any]:
+    """What ``parse_webhook`` accepts, as JSON Schema: an event it only records, or a ticket event carrying what
+    its type needs (the ticket in ``detail``; a time; the comment, the message, or else a delivery id)."""
+    envelope = ZendeskEvent.model_json_schema()
+    defs = envelope.pop("$defs", {})
+    for model in (ZendeskTicketDetail, ZendeskEventComment, ZendeskMessagingEvent):
+        schema = model.model_json_schema()
+        defs.update(schema.pop("$defs", {}))
+        defs[model.__name__] = schema
+
+    def ref(model: type[BaseModel]) -> dict[str, Any]:
+        return {"$ref": f"#/$defs/{model.__name__}"}
+
+    def named(name: str) -> dict[str, Any]:
+        return {"enum": [PREFIX + name, name]}
+
+    def ticket_event(topic: dict[str, Any], required: list[str], **properties: Any) -> dict[str, Any]:
+        common = {"type": topic, "detail": ref(ZendeskTicketDetail), "time": TypeAdapter(Timestamp).json_schema()}
+        return {"required": ["type", "detail", *required], "properties": {**common, **properties}}
+
+    recorded = {"anyOf": [{"type": "null"}, {"type": "string", "not": {"pattern": READ}}]}
+    comment = {"type": "object", "required": ["comment"], "properties": {"comment": ref(ZendeskEventComment)}}
+    other = {"type": "string", "pattern": rf"^({PREFIX})?ticket\.", "not": named(COMMENT_ADDED)}
+    envelope["anyOf"] = [
+        {"properties": {"type": recorded}},
+        {"required": ["type", "detail"], "properties": {"type": named(DELETED), "detail": ref(ZendeskTicketDetail)}},
+        ticket_event(named(COMMENT_ADDED), ["time", "event"], event=comment),
+        ticket_event(named(MESSAGE_ADDED), ["time", "event"], event=ref(ZendeskMessagingEvent)),
+        ticket_event(other, ["time", "id"], id=TypeAdapter(Id).json_schema()),
+    ]
+    return {**envelope, "$defs": defs}
