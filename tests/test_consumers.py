@@ -430,3 +430,10 @@ def test_kbms_export_in_every_format(client: TestClient, database_url: str, tmp_
     )
     assert filtered.exit_code == 0
     assert [json.loads(line)["external_id"] for line in (tmp_path / "vip.ndjson").read_text().splitlines()] == ["plain"]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(text=st.text(max_size=40) | st.text(alphabet="aeiouAÉÈÊËéèêëçÇßﬁⅣΣσςİı\u0301\u0308\u0327 ", max_size=40))
+def test_folding_a_whole_text_is_folding_each_character(text: str) -> None:
+    # The index folds whole texts (fast); snippets fold character by character (to map positions back).
+    assert search.fold(text) == search.folded_with_positions(text)[0]

@@ -31,8 +31,17 @@ MARK_START, MARK_END = "<mark>", "</mark>"
 
 
 def fold(text: str) -> str:
-    """Accents dropped and case folded, character by character (see ``folded_with_positions``)."""
-    return "".join(_fold_char(ch) for ch in text)
+    """Accents dropped and case folded: the same as folding character by character (``folded_with_positions``).
+
+    Done on the whole string, because it runs over every message of every conversation written: character by
+    character it cost about 0.5 ms per conversation of the benchmark corpus (profiled). Equal because NFKD
+    decomposes each character alone and only reorders combining marks, which are all dropped; and case folding
+    maps each character alone (for ASCII, ``lower`` is ``casefold``).
+    """
+    if text.isascii():
+        return text.lower()
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
 
 
 def _fold_char(ch: str) -> str:
