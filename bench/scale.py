@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import sqlite3  # only to count what a database holds: the figures are measured through the API
 import statistics
 import subprocess
 import sys
@@ -206,8 +207,6 @@ def stored(url: str) -> int:
     path = Path(url.removeprefix("sqlite:///"))
     if not path.exists():
         return 0
-    import sqlite3  # only to look: the figures are measured through the API
-
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
         try:
             return int(db.execute("SELECT count(*) FROM conversations").fetchone()[0])

@@ -155,7 +155,9 @@ class HeldStore:
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def get_conversation_json(self, conversation_id: str) -> bytes | None:
+    async def get_conversation_json(
+        self, conversation_id: str, *, within: frozenset[str] | None = None
+    ) -> bytes | None:
         self.entered.set()
         await self.release.wait()
         return None

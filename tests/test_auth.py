@@ -18,15 +18,19 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
 from kbms.api import create_app
 from kbms.api.auth import required_scope
 from kbms.auth import Keyring, KeyringError, digest, key_config, new_key
+from kbms.cli import app as cli
 from kbms.settings import Settings
+from tests import canary
 from tests.helpers import dumps, intercom_payload, zendesk_pushes
 
 ADMIN, READER, INGESTER, READER_B, INGESTER_B, REVOKED = (new_key() for _ in range(6))
-UNKNOWN = new_key()  # well-formed, never configured
+# Well-formed, never configured, and a canary (tests/canary.py): the whole suite fails if a log line shows it.
+UNKNOWN = "kbms_" + (canary.TAG + "-unknown-key-" * 4)[:43]
 KEYS = [
     {"name": "admin", "sha256": digest(ADMIN), "scopes": ["admin"]},
     {"name": "reader", "sha256": digest(READER), "scopes": ["read"]},
@@ -36,7 +40,7 @@ KEYS = [
     {"name": "gone", "sha256": digest(REVOKED), "scopes": ["admin"], "revoked": True},
 ]
 CALLERS = ("none", "malformed", "unknown", "revoked", "wrong scope", "other workspace", "valid")
-MALFORMED = ("Basic YWxpY2U6c2VjcmV0", "Bearer", "Bearer not-a-kbms-key", f"Bearer {ADMIN} extra", f"bearer{ADMIN}")
+MALFORMED = ("Basic YWxpY2U6c2VjcmV0", "Bearer", f"Bearer {canary.TOKEN}", f"Bearer {ADMIN} extra", f"bearer{ADMIN}")
 
 
 @dataclass(frozen=True)
@@ -300,3 +304,16 @@ def test_serve_refuses_an_open_non_loopback_bind_without_keys(sqlite_url: str) -
         command, capture_output=True, text=True, timeout=60, env={**environment, "KBMS_API_KEYS": "[{}]"}
     )
     assert (bad_keys.returncode, "not a valid list of API keys" in bad_keys.stderr) == (2, True)
+
+
+def test_keys_create_prints_a_key_and_an_entry_that_admits_it() -> None:
+    made = CliRunner().invoke(cli, ["keys", "create", "--name", "fe", "--scope", "read", "--workspace", "acme"])
+    assert made.exit_code == 0, made.output
+    token = next(line for line in made.stdout.splitlines() if line.startswith("kbms_"))
+    entry = next(line for line in made.stdout.splitlines() if line.startswith("{"))
+    assert token not in entry
+    found = Keyring.configured(f"[{entry}]", None).lookup(token)
+    assert found is not None
+    assert (found.name, found.scopes, found.workspaces) == ("fe", frozenset({"read"}), frozenset({"acme"}))
+    refused = CliRunner().invoke(cli, ["keys", "create", "--name", "fe", "--scope", "root"])
+    assert refused.exit_code == 2

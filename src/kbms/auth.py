@@ -60,9 +60,6 @@ class ApiKey:
     def allows(self, scope: Scope) -> bool:
         return scope in self.scopes or "admin" in self.scopes
 
-    def sees(self, workspace: str) -> bool:
-        return self.workspaces is None or workspace in self.workspaces
-
 
 class Keyring:
     """The configured keys, by hash. Empty: authentication is off."""
@@ -80,41 +77,18 @@ class Keyring:
             self._by_hash[key.sha256] = ApiKey(key.name, frozenset(key.scopes), workspaces, key.revoked)
 
     @classmethod
-    def from_json(cls, text: str, *, source: str) -> Keyring:
-        try:
-            return cls(KEY_LIST.validate_json(text))
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in error['loc']) or 'list'}: {error['msg']}"
-                for error in exc.errors(include_url=False, include_input=False)
-            )
-            raise KeyringError(f"{source} is not a valid list of API keys: {problems}") from None
-
-    @classmethod
     def configured(cls, inline: str, file: Path | None) -> Keyring:
         """From ``KBMS_API_KEYS`` (JSON) and ``KBMS_API_KEYS_FILE`` (a JSON file); both may be set."""
         keys: list[KeyConfig] = []
         if inline.strip():
-            keys += cls.from_json(inline, source="KBMS_API_KEYS")._configs()
+            keys += _parse(inline, source="KBMS_API_KEYS")
         if file is not None:
             try:
                 text = file.read_text(encoding="utf-8")
             except OSError as exc:
                 raise KeyringError(f"KBMS_API_KEYS_FILE {str(file)!r} cannot be read: {exc.strerror}") from None
-            keys += cls.from_json(text, source=f"KBMS_API_KEYS_FILE {str(file)!r}")._configs()
+            keys += _parse(text, source=f"KBMS_API_KEYS_FILE {str(file)!r}")
         return cls(keys)
-
-    def _configs(self) -> list[KeyConfig]:
-        return [
-            KeyConfig(
-                name=key.name,
-                sha256=digest,
-                scopes=sorted(key.scopes),
-                workspaces=sorted(key.workspaces) if key.workspaces is not None else None,
-                revoked=key.revoked,
-            )
-            for digest, key in self._by_hash.items()
-        ]
 
     def __bool__(self) -> bool:
         return bool(self._by_hash)
@@ -125,6 +99,17 @@ class Keyring:
     def lookup(self, token: str) -> ApiKey | None:
         """The key this token is, revoked or not; None for a token that is no configured key."""
         return self._by_hash.get(digest(token))
+
+
+def _parse(text: str, *, source: str) -> list[KeyConfig]:
+    try:
+        return KEY_LIST.validate_json(text)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'list'}: {error['msg']}"
+            for error in exc.errors(include_url=False, include_input=False)
+        )
+        raise KeyringError(f"{source} is not a valid list of API keys: {problems}") from None
 
 
 def digest(token: str) -> str:

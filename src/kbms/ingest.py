@@ -127,9 +127,17 @@ async def ingest_push(
     return IngestOutcome(applied.conversation_id, provider.name, applied.external_id, applied.result)
 
 
-def _check_allowed(workspace: str | None, allowed: frozenset[str] | None) -> None:
+def _refusal(workspace: str | None, allowed: frozenset[str] | None) -> Forbidden | None:
+    """The refusal of a write to ``workspace`` by a caller limited to ``allowed``; None when it may write."""
     if allowed is not None and workspace is not None and workspace not in allowed:
-        raise Forbidden(f"This API key cannot write to workspace {workspace!r}")
+        return Forbidden(f"This API key cannot write to workspace {workspace!r}")
+    return None
+
+
+def _check_allowed(workspace: str | None, allowed: frozenset[str] | None) -> None:
+    refusal = _refusal(workspace, allowed)
+    if refusal is not None:
+        raise refusal
 
 
 LineOutcome = IngestOutcome | InputError
@@ -173,8 +181,9 @@ async def ingest_batch(
     for index, key in enumerate(keys):
         entry = known.get(key)
         if entry is not None and entry.conversation_id is not None and entry.external_id is not None:
-            if allowed is not None and entry.workspace not in allowed:
-                results[index] = Forbidden(f"This API key cannot write to workspace {entry.workspace!r}")
+            refusal = _refusal(entry.workspace, allowed)
+            if refusal is not None:
+                results[index] = refusal
                 continue
             results[index] = IngestOutcome(entry.conversation_id, provider.name, entry.external_id, "unchanged")
         else:
@@ -198,8 +207,9 @@ async def ingest_batch(
     pending: list[Pending] = []
     positions: list[int] = []  # the payload index of each pending item
     for index, outcome in zip(fresh, parsed, strict=True):
-        if isinstance(outcome, ConversationSnapshot) and allowed is not None and outcome.workspace not in allowed:
-            results[index] = Forbidden(f"This API key cannot write to workspace {outcome.workspace!r}")
+        refusal = _refusal(outcome.workspace, allowed) if isinstance(outcome, ConversationSnapshot) else None
+        if refusal is not None:
+            results[index] = refusal
             continue
         if isinstance(outcome, InputError):
             results[index] = outcome

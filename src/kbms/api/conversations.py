@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal, get_args
 
@@ -29,13 +28,13 @@ from kbms.api.cursor import (
     encode_search_cursor,
 )
 from kbms.api.errors import ERROR_RESPONSES
-from kbms.api.lean import LeanRoute, parameter, query, store_of
+from kbms.api.lean import WORKSPACE, LeanRoute, parameter, query, store_of, workspace_parameter
 from kbms.api.openapi import link
 from kbms.api.responses import json_response
 from kbms.api.schemas import ChangePage, ConversationDetail, ConversationPage, ErrorBody, ListItem, Match
 from kbms.errors import FieldIssue, Forbidden, NotFound, ValidationFailed
 from kbms.merge import micros
-from kbms.model import WORKSPACE_PATTERN, State
+from kbms.model import State
 from kbms.providers import REGISTRY
 from kbms.storage.base import Filters
 
@@ -47,7 +46,6 @@ LIMIT = TypeAdapter(Annotated[int, Field(ge=1, le=MAX_LIMIT)])
 FEED_LIMIT = TypeAdapter(Annotated[int, Field(ge=1, le=MAX_FEED_LIMIT)])
 CURSOR = TypeAdapter(Annotated[str, Field(max_length=256)])
 PROVIDER: TypeAdapter[str] = TypeAdapter(Literal[tuple(REGISTRY)])  # type: ignore[arg-type]
-WORKSPACE = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=WORKSPACE_PATTERN)])
 STATE: TypeAdapter[State] = TypeAdapter(State)
 TAG = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=255)])
 Q = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=512)])
@@ -63,12 +61,7 @@ def detail_link(conversation_id: str) -> dict[str, Any]:
 FILTERS = ("provider", "workspace", "state", "tag", "updated_after", "updated_before")
 FILTER_PARAMETERS = [
     parameter("provider", "query", {"type": "string", "enum": list(REGISTRY)}, "Only this provider's"),
-    parameter(
-        "workspace",
-        "query",
-        {"type": "string", "minLength": 1, "maxLength": 128, "pattern": WORKSPACE_PATTERN},
-        "Only this workspace's (a provider account)",
-    ),
+    workspace_parameter("Only this workspace's (a provider account)"),
     parameter("state", "query", {"type": "string", "enum": list(get_args(State))}, "Only conversations in this state"),
     parameter("tag", "query", {"type": "string", "minLength": 1, "maxLength": 255}, "Only conversations with this tag"),
     parameter(
@@ -190,10 +183,10 @@ async def list_conversations(request: Request) -> Response:
     },
 )
 async def get_conversation(request: Request) -> Response:
-    detail = await store_of(request).get_conversation_json(request.path_params["conversation_id"])
-    within = visible_workspaces(request)
-    if detail is None or (within is not None and json.loads(detail)["workspace"] not in within):
-        # Another workspace's conversation is as unknown to this key as a missing one: no existence oracle.
+    # Another workspace's conversation is as unknown to a limited key as a missing one: no existence oracle.
+    conversation_id = request.path_params["conversation_id"]
+    detail = await store_of(request).get_conversation_json(conversation_id, within=visible_workspaces(request))
+    if detail is None:
         raise NotFound("Conversation not found")
     return json_response(detail)
 

@@ -161,10 +161,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected)
 
 
-AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "No API key, or not a valid one (with a `WWW-Authenticate` challenge)"},
-    403: {"model": ErrorBody, "description": "The API key lacks the scope or the workspace this request needs"},
-}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     500: {"model": ErrorBody, "description": "Unexpected error (no trace is returned)"},
     503: {"model": ErrorBody, "description": "Database unavailable or service at capacity; retry after Retry-After"},

@@ -5,30 +5,21 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import StringConstraints, TypeAdapter
 
 from kbms.api.auth import visible_workspaces
 from kbms.api.body import NDJSON_TYPES, read_json_body, read_ndjson_body
 from kbms.api.conversations import detail_link
 from kbms.api.errors import ERROR_RESPONSES, error_body, status_of
-from kbms.api.lean import LeanRoute, limits_of, parameter, query, settings_of, store_of
+from kbms.api.lean import WORKSPACE, LeanRoute, limits_of, query, settings_of, store_of, workspace_parameter
 from kbms.api.metrics import metrics_of
 from kbms.api.responses import json_response
 from kbms.api.schemas import BatchLine, BatchResponse, ErrorBody, IngestResponse
 from kbms.errors import FieldIssue, InputError, PayloadTooLarge, ValidationFailed
 from kbms.ingest import MAX_BATCH_LINES, LineOutcome, ingest_batch, ingest_push, ndjson_lines
-from kbms.model import WORKSPACE_PATTERN
 from kbms.providers import Provider
-
-WORKSPACE = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=WORKSPACE_PATTERN)])
-
-
-def workspace_parameter(description: str) -> dict[str, Any]:
-    schema = {"type": "string", "minLength": 1, "maxLength": 128, "pattern": WORKSPACE_PATTERN}
-    return parameter("workspace", "query", schema, description)
 
 
 def _endpoint(provider: Provider) -> Callable[[Request], Awaitable[Response]]:

@@ -10,14 +10,15 @@ the pydantic validators below, so errors keep FastAPI's issue names (``greater_t
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, cast
+from typing import Annotated, Any, TypeVar, cast
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
-from pydantic import TypeAdapter, ValidationError
+from pydantic import StringConstraints, TypeAdapter, ValidationError
 
 from kbms.errors import FieldIssue, ValidationFailed
 from kbms.limits import PayloadLimits
+from kbms.model import WORKSPACE_PATTERN
 from kbms.settings import Settings
 from kbms.storage import Store
 
@@ -55,6 +56,15 @@ def query(request: Request, name: str, adapter: TypeAdapter[T], default: D) -> T
     except ValidationError as exc:
         issues = [FieldIssue(name, error["type"], error["msg"]) for error in exc.errors(include_url=False)]
         raise ValidationFailed(issues, message="Request validation failed") from None
+
+
+WORKSPACE_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 128, "pattern": WORKSPACE_PATTERN}
+WORKSPACE = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=WORKSPACE_PATTERN)])
+
+
+def workspace_parameter(description: str) -> dict[str, Any]:
+    """The ``?workspace=`` of the routes that take one (a provider account)."""
+    return parameter("workspace", "query", WORKSPACE_SCHEMA, description)
 
 
 def parameter(

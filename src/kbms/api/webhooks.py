@@ -13,8 +13,7 @@ from fastapi import APIRouter, Request, Response
 from kbms.api.body import read_json_body
 from kbms.api.conversations import detail_link
 from kbms.api.errors import ERROR_RESPONSES
-from kbms.api.integrations import WORKSPACE, workspace_parameter
-from kbms.api.lean import LeanRoute, limits_of, query, settings_of, store_of
+from kbms.api.lean import WORKSPACE, LeanRoute, limits_of, query, settings_of, store_of, workspace_parameter
 from kbms.api.metrics import metrics_of
 from kbms.api.responses import json_response
 from kbms.api.schemas import ErrorBody, WebhookResponse

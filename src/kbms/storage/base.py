@@ -247,8 +247,11 @@ class Store(Protocol):
         """A live conversation's detail, or None if unknown or deleted."""
         ...
 
-    async def get_conversation_json(self, conversation_id: str) -> bytes | None:
-        """The same detail, as the JSON bytes the API serves (the read model: one lookup)."""
+    async def get_conversation_json(
+        self, conversation_id: str, *, within: frozenset[str] | None = None
+    ) -> bytes | None:
+        """The same detail, as the JSON bytes the API serves (the read model: one lookup); None also when
+        ``within`` is given and the conversation is of another workspace."""
         ...
 
     async def list_conversations(self, *, limit: int, cursor: Cursor | None, filters: Filters = ALL) -> Page:

@@ -223,7 +223,7 @@ class Sql:
                 ledger.c.delivery_key.in_(bindparam("b_keys", expanding=True)),
             )
         )
-        self.detail = select(c.detail).where(c.id == bindparam("b_id"), c.deleted_at.is_(None))
+        self.detail = select(c.detail, c.workspace).where(c.id == bindparam("b_id"), c.deleted_at.is_(None))
         self.tag = insert(conversation_tags)
         self.untag = delete_(conversation_tags).where(conversation_tags.c.conversation_pk == bindparam("b_pk"))
         self.record = insert(changes)
@@ -685,9 +685,13 @@ def find_deliveries(sql: Sql, conn: Connection, provider: str, keys: Sequence[st
     return found
 
 
-def get_detail_json(sql: Sql, conn: Connection, conversation_id: str) -> str | None:
+def get_detail_json(
+    sql: Sql, conn: Connection, conversation_id: str, within: frozenset[str] | None = None
+) -> str | None:
     row = sql.run(conn, sql.detail, {"b_id": conversation_id}).fetchone()
-    return None if row is None else str(row[0])
+    if row is None or (within is not None and row[1] not in within):
+        return None
+    return str(row[0])
 
 
 def get_detail(sql: Sql, conn: Connection, conversation_id: str) -> Conversation | None:

@@ -212,8 +212,11 @@ class SqlStore(abc.ABC):
     async def get_conversation(self, conversation_id: str) -> Conversation | None:
         return await self._read(partial(sql.get_detail, self._sql, conversation_id=conversation_id))
 
-    async def get_conversation_json(self, conversation_id: str) -> bytes | None:
-        text = await self._read(partial(sql.get_detail_json, self._sql, conversation_id=conversation_id))
+    async def get_conversation_json(
+        self, conversation_id: str, *, within: frozenset[str] | None = None
+    ) -> bytes | None:
+        job = partial(sql.get_detail_json, self._sql, conversation_id=conversation_id, within=within)
+        text = await self._read(job)
         return None if text is None else text.encode()
 
     async def list_conversations(self, *, limit: int, cursor: Cursor | None, filters: Filters = ALL) -> Page:
