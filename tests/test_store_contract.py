@@ -12,10 +12,10 @@ from sqlalchemy import func, select
 
 from kbms.errors import FieldIssue
 from kbms.merge import micros
-from kbms.model import ConversationSnapshot
+from kbms.model import ConversationDeletion, ConversationSnapshot
 from kbms.providers import get_provider
 from kbms.storage import Store, admin_engine
-from kbms.storage.base import Applied, Cursor, Delivery
+from kbms.storage.base import ALL, Applied, Cursor, Delivery, Pending
 from kbms.storage.schema import conversations, ledger, messages
 from tests.helpers import dumps, intercom_payload, part
 
@@ -207,3 +207,27 @@ async def test_timestamps_are_utc_and_exact(store: Store) -> None:
 
 async def test_ping(store: Store) -> None:
     await store.ping()
+
+
+async def test_search_documents_of_one_batch_are_its_last_words(store: Store) -> None:
+    """A batch's search documents are written at its end (storage/sql.py, ``flush_changes``): what a conversation
+    said last in the batch is found, what it said before is not, and one deleted in the batch is gone."""
+    gone = intercom_payload("c-gone", title="zulu kept only until deleted")
+    await put(store, gone)
+    first = intercom_payload("c-batch", title="alpha", updated_at=1_700_000_100)
+    second = intercom_payload("c-batch", title="bravo", updated_at=1_700_000_200)
+    deletion = ConversationDeletion(provider="intercom", workspace="w1", external_id="c-gone")
+    items = [
+        Pending(delivery(dumps(first)), change=snapshot(first)),
+        Pending(delivery(dumps(second)), change=snapshot(second)),
+        Pending(delivery(b"deleted", key="delete:c-gone"), change=deletion),
+    ]
+    applied = await store.ingest_many(items)
+    assert [a.result for a in applied if isinstance(a, Applied)] == ["created", "updated", "updated"]
+
+    async def found(word: str) -> list[str]:
+        return [hit.summary.id for hit in await store.search([word], filters=ALL, limit=10, offset=0)]
+
+    assert await found("bravo") == [cid(applied[0])]  # type: ignore[arg-type]
+    assert await found("alpha") == []
+    assert await found("zulu") == []

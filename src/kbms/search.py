@@ -13,8 +13,10 @@ stored text, with the matched words marked: the engines' own snippet functions w
 
 from __future__ import annotations
 
+import functools
 import html
 import re
+import sys
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,8 +42,14 @@ def fold(text: str) -> str:
     """
     if text.isascii():
         return text.lower()
-    decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+    return unicodedata.normalize("NFKD", text).translate(_combining_marks()).casefold()
+
+
+@functools.cache
+def _combining_marks() -> dict[int, None]:
+    """A ``str.translate`` table that drops every combining mark: a per-character generator cost about 60 us per
+    conversation of the benchmark corpus (profiled); the table is built on first use (about 0.1 s)."""
+    return {code: None for code in range(sys.maxunicode + 1) if unicodedata.combining(chr(code))}
 
 
 def _fold_char(ch: str) -> str:

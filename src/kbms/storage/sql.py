@@ -556,25 +556,33 @@ def _stream(cursor: Any, size: int = 50) -> Iterator[tuple[int, bytes]]:
 
 
 def _write_index(sql: Sql, conn: Connection, pk: int, index: Index | None, *, fresh: bool) -> None:
-    """Replace a conversation's tags and search document (``index`` None: remove them, it is deleted)."""
+    """Replace a conversation's tags and search document (``index`` None: remove them, it is deleted).
+
+    ``fresh``: the conversation has no tags or document yet. The document itself is written at the end of the
+    transaction (see ``flush_changes``).
+    """
     if not fresh:
         sql.run(conn, sql.untag, {"b_pk": pk})
-        sql.run(conn, sql.unindex, {"b_pk": pk})
-    if index is None:
-        return
-    if index.tags:
+    if index is not None and index.tags:
         sql.run_many(conn, sql.tag, [{"conversation_pk": pk, "tag": tag} for tag in index.tags])
-    sql.run(conn, sql.index_document, {"b_pk": pk, "b_document": index.document})
+    conn.info.setdefault(PENDING_DOCUMENTS, []).append((pk, None if index is None else index.document, fresh))
 
 
-# The change feed. A write records its changes on its connection as it goes; the store writes them into
-# ``changes`` at the end of the transaction, with ``flush_changes``, and drops those of a write rolled back to its
-# savepoint (``discard_changes``). Why at the end: on PostgreSQL the rows are numbered under a lock held until the
-# commit, so the numbering is the commit order (see ``flush_changes``); taking that lock last means a transaction
-# holding it never waits for anything else, and cannot deadlock with one that holds a row it needs.
+# The change feed and the search documents. A write records them on its connection as it goes; the store writes
+# them at the end of the transaction, with ``flush_changes``, and drops those of a write rolled back to its
+# savepoint (``discard_changes``).
+# - The feed, at the end: on PostgreSQL the rows are numbered under a lock held until the commit, so the numbering
+#   is the commit order (see ``flush_changes``); taking that lock last means a transaction holding it never waits
+#   for anything else, and cannot deadlock with one that holds a row it needs.
+# - The documents, at the end and outside every savepoint: SQLite's FTS5 writes out its pending index data at each
+#   savepoint, and a statement that needs a statement journal opens one. Inline, every write of a batch flushed
+#   its own small index segment (and the ledger's settling UPDATE, checked against its foreign key, paid about
+#   65 us for it, profiled); at the end, the batch's documents go into one segment.
 PENDING_CHANGES = "kbms.pending_changes"
+PENDING_DOCUMENTS = "kbms.pending_documents"
 # The PostgreSQL advisory lock that orders the feed ("feed" in ASCII).
 FEED_LOCK = 0x66656564
+Mark = tuple[int, int]
 
 
 def record_change(conn: Connection, state: ConversationState, action: str, now: int) -> None:
@@ -590,18 +598,19 @@ def record_change(conn: Connection, state: ConversationState, action: str, now: 
     conn.info.setdefault(PENDING_CHANGES, []).append(row)
 
 
-def pending_changes(conn: Connection) -> int:
-    """How many changes this transaction has recorded so far (a mark for ``discard_changes``)."""
-    return len(conn.info.get(PENDING_CHANGES, ()))
+def pending_changes(conn: Connection) -> Mark:
+    """How much this transaction has recorded so far (a mark for ``discard_changes``)."""
+    return len(conn.info.get(PENDING_CHANGES, ())), len(conn.info.get(PENDING_DOCUMENTS, ()))
 
 
-def discard_changes(conn: Connection, mark: int = 0) -> None:
-    """Forget the changes recorded after ``mark`` (their write was rolled back)."""
-    del conn.info.setdefault(PENDING_CHANGES, [])[mark:]
+def discard_changes(conn: Connection, mark: Mark = (0, 0)) -> None:
+    """Forget what was recorded after ``mark`` (its write was rolled back)."""
+    del conn.info.setdefault(PENDING_CHANGES, [])[mark[0] :]
+    del conn.info.setdefault(PENDING_DOCUMENTS, [])[mark[1] :]
 
 
 def flush_changes(sql: Sql, conn: Connection) -> None:
-    """Write the recorded changes; the last statements of a write transaction.
+    """Write the recorded search documents and changes; the last statements of a write transaction.
 
     On PostgreSQL, sequence values are handed out in one order and transactions commit in another, so a reader
     following ``seq`` could pass a number whose transaction commits later, and miss it for good. Here every writer
@@ -610,6 +619,21 @@ def flush_changes(sql: Sql, conn: Connection) -> None:
     releases the transaction's locks), so numbers become visible in increasing order and a reader that has seen
     ``seq`` n will never later see a smaller one. SQLite has one writer at a time already.
     """
+    documents = conn.info.get(PENDING_DOCUMENTS)
+    if documents:
+        # The last document of each conversation wins; one that existed before this transaction is removed first.
+        latest: dict[int, str | None] = {}
+        stale: set[int] = set()
+        for pk, document, fresh in documents:
+            latest[pk] = document
+            if not fresh:
+                stale.add(pk)
+        if stale:
+            sql.run_many(conn, sql.unindex, [{"b_pk": pk} for pk in sorted(stale)])
+        rows = [{"b_pk": pk, "b_document": document} for pk, document in latest.items() if document is not None]
+        if rows:
+            sql.run_many(conn, sql.index_document, rows)
+        documents.clear()
     rows = conn.info.get(PENDING_CHANGES)
     if not rows:
         return
