@@ -630,9 +630,9 @@ def flush_changes(sql: Sql, conn: Connection) -> None:
                 stale.add(pk)
         if stale:
             sql.run_many(conn, sql.unindex, [{"b_pk": pk} for pk in sorted(stale)])
-        rows = [{"b_pk": pk, "b_document": document} for pk, document in latest.items() if document is not None]
-        if rows:
-            sql.run_many(conn, sql.index_document, rows)
+        written = [{"b_pk": pk, "b_document": text} for pk, text in latest.items() if text is not None]
+        if written:
+            sql.run_many(conn, sql.index_document, written)
         documents.clear()
     rows = conn.info.get(PENDING_CHANGES)
     if not rows:
