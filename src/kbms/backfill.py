@@ -23,6 +23,7 @@ from pathlib import Path
 from kbms.errors import InputError, StorageUnavailable, ValidationFailed
 from kbms.ingest import ingest_batch
 from kbms.limits import PayloadLimits
+from kbms.process import tune_garbage_collection
 from kbms.providers import Provider, get_provider
 from kbms.settings import Settings
 from kbms.storage import Store, open_store
@@ -172,6 +173,7 @@ async def _in_process(
     source = get_provider(provider)
     limits = PayloadLimits.of(settings)
     store = open_store(settings)
+    tune_garbage_collection()
     # Two chunks in flight: one is validated on this thread while the other one's commit waits for the disk.
     slots = asyncio.Semaphore(2)
     failures: list[BaseException] = []  # a bug: stop, and say so (the chunks committed before stay)
@@ -256,6 +258,7 @@ def _worker_start(
     loop = asyncio.new_event_loop()
     store = open_store(Settings(database_url=database_url))
     _worker = (loop, store, get_provider(provider), workspace, default_workspace, limits)
+    tune_garbage_collection()
     atexit.register(lambda: loop.run_until_complete(store.close()))
 
 
