@@ -437,3 +437,10 @@ def test_kbms_export_in_every_format(client: TestClient, database_url: str, tmp_
 def test_folding_a_whole_text_is_folding_each_character(text: str) -> None:
     # The index folds whole texts (fast); snippets fold character by character (to map positions back).
     assert search.fold(text) == search.folded_with_positions(text)[0]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(text=st.text(max_size=60) | st.text(alphabet="ab1_-. \t\nÉé\u0301ßﬁⅣ٣", max_size=60))
+def test_words_are_the_word_runs_of_the_folded_text(text: str) -> None:
+    # words() splits ASCII text without the regex (fast); it must find exactly the regex's runs.
+    assert search.words(text) == search.WORD.findall(search.fold(text))
