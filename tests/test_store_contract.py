@@ -231,3 +231,19 @@ async def test_search_documents_of_one_batch_are_its_last_words(store: Store) ->
     assert await found("bravo") == [cid(applied[0])]  # type: ignore[arg-type]
     assert await found("alpha") == []
     assert await found("zulu") == []
+
+
+async def test_a_document_the_engine_refuses_fails_its_own_write_only(store: Store, database_url: str) -> None:
+    """PostgreSQL refuses a tsvector over 1 MB: that conversation is refused alone and its neighbours in the batch
+    are stored (its document is written inside its own savepoint). SQLite has no such limit and stores all three."""
+
+    def words(prefix: str) -> str:
+        return "<p>" + " ".join(f"{prefix}{i:06d}" for i in range(100_000)) + "</p>"
+
+    big = intercom_payload("c-big", parts=[part("p1", words("x")), part("p2", words("y"))])
+    payloads = [intercom_payload("c-a"), big, intercom_payload("c-c")]
+    applied = await store.ingest_many([Pending(delivery(dumps(p)), change=snapshot(p)) for p in payloads])
+    refused = database_url.startswith("postgresql")
+    kinds = [type(result).__name__ for result in applied]
+    assert kinds == ["Applied", "ValidationFailed" if refused else "Applied", "Applied"]
+    assert count(database_url, conversations) == (2 if refused else 3)

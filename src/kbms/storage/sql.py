@@ -558,14 +558,21 @@ def _stream(cursor: Any, size: int = 50) -> Iterator[tuple[int, bytes]]:
 def _write_index(sql: Sql, conn: Connection, pk: int, index: Index | None, *, fresh: bool) -> None:
     """Replace a conversation's tags and search document (``index`` None: remove them, it is deleted).
 
-    ``fresh``: the conversation has no tags or document yet. The document itself is written at the end of the
-    transaction (see ``flush_changes``).
+    ``fresh``: the conversation has no tags or document yet. On SQLite the document itself is written at the end of
+    the transaction (see ``flush_changes``). On PostgreSQL it is written here, inside the write's savepoint:
+    PostgreSQL refuses a tsvector over 1 MB, and that refusal must fail this write alone, not its whole batch.
     """
     if not fresh:
         sql.run(conn, sql.untag, {"b_pk": pk})
     if index is not None and index.tags:
         sql.run_many(conn, sql.tag, [{"conversation_pk": pk, "tag": tag} for tag in index.tags])
-    conn.info.setdefault(PENDING_DOCUMENTS, []).append((pk, None if index is None else index.document, fresh))
+    if conn.dialect.name == "sqlite":
+        conn.info.setdefault(PENDING_DOCUMENTS, []).append((pk, None if index is None else index.document, fresh))
+        return
+    if not fresh:
+        sql.run(conn, sql.unindex, {"b_pk": pk})
+    if index is not None:
+        sql.run(conn, sql.index_document, {"b_pk": pk, "b_document": index.document})
 
 
 # The change feed and the search documents. A write records them on its connection as it goes; the store writes
@@ -574,7 +581,7 @@ def _write_index(sql: Sql, conn: Connection, pk: int, index: Index | None, *, fr
 # - The feed, at the end: on PostgreSQL the rows are numbered under a lock held until the commit, so the numbering
 #   is the commit order (see ``flush_changes``); taking that lock last means a transaction holding it never waits
 #   for anything else, and cannot deadlock with one that holds a row it needs.
-# - The documents, at the end and outside every savepoint: SQLite's FTS5 writes out its pending index data at each
+# - SQLite's search documents, at the end and outside every savepoint: FTS5 writes out its pending index data at each
 #   savepoint, and a statement that needs a statement journal opens one. Inline, every write of a batch flushed
 #   its own small index segment (and the ledger's settling UPDATE, checked against its foreign key, paid about
 #   65 us for it, profiled); at the end, the batch's documents go into one segment.
