@@ -256,6 +256,8 @@ def test_wrong_method_is_405_with_allow(client: TestClient) -> None:
         ("cursor=!!", "cursor"),
         ("cursor=djE6eDp5", "cursor"),
         ("cursor=djE6OTk5OTk5OTk5OTk5OTk5OTk5OTk6MQ", "cursor"),
+        ("limit=1&limit=2", "limit"),  # which one was meant cannot be known
+        ("updated_after=1&updated_after=1", "updated_after"),
     ],
 )
 def test_bad_list_parameters_are_422(client: TestClient, query: str, field: str) -> None:

@@ -47,10 +47,16 @@ def limits_of(request: Request) -> PayloadLimits:
 
 
 def query(request: Request, name: str, adapter: TypeAdapter[T], default: D) -> T | D:
-    """A query parameter, validated; a bad one is a 422 naming it, like FastAPI's own."""
-    raw = request.query_params.get(name)
-    if raw is None:
+    """A query parameter, validated; a bad one is a 422 naming it, like FastAPI's own. One given more than once is a
+    422 too: which of its values was meant cannot be known (schemathesis sends ``?updated_after=1&updated_after=2``
+    as a schema-violating array, and it was answered with the last one)."""
+    values = request.query_params.getlist(name)
+    if not values:
         return default
+    if len(values) > 1:
+        issue = FieldIssue(name, "repeated_parameter", f"Give {name} once, not {len(values)} times")
+        raise ValidationFailed([issue], message="Request validation failed")
+    raw = values[0]
     try:
         return adapter.validate_python(raw)
     except ValidationError as exc:
