@@ -35,6 +35,8 @@ import contextlib
 import fcntl
 import logging
 import os
+import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
@@ -90,8 +92,8 @@ def make_engine(url: URL, *, immediate: bool | None, pool_size: int = 1) -> Engi
     def _configure(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
         # Take transaction control away from the sqlite3 module, so BEGIN is ours (SQLAlchemy's pysqlite recipe).
         dbapi_connection.isolation_level = None
+        _enable_wal(dbapi_connection)
         for pragma in (
-            "PRAGMA journal_mode=WAL",
             "PRAGMA synchronous=FULL",
             "PRAGMA foreign_keys=ON",
             # Savepoint journals in memory: every write of a batch runs in a savepoint, and with them in a temp
@@ -108,6 +110,25 @@ def make_engine(url: URL, *, immediate: bool | None, pool_size: int = 1) -> Engi
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _enable_wal(dbapi_connection: Any) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another connection holds the lock it needs.
+
+    On a new file, switching to WAL takes an exclusive lock, and SQLite answers "database is locked" at once,
+    without its busy handler, when another connection is switching too (its deadlock avoidance): 24 of 800
+    connections, four at a time on fresh files; once in 15 runs of the concurrent-migrators test. Once the file is
+    in WAL mode the pragma takes no lock.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
 
 
 class _WriterLock:
