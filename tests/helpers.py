@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kbms.model import Change
+from kbms.storage.base import Applied, Delivery, KnownDelivery, Redactor
 from tests import canary
 
 ROOT = Path(__file__).resolve().parent
@@ -183,3 +185,23 @@ ZENDESK_TICKET_EVENTS = (
     "25_webhook_ticket_status_changed_thirdparty_dust.json",
     "26_webhook_ticket_agent_assignment_changed_thirdparty_dust.json",
 )
+
+
+class ExplodingStore:
+    """A store whose writes and pings fail the way a bug or an unreachable database would (``failure``); a
+    delivery is never known, so every push reaches the write. Enough of a store for the app's error paths."""
+
+    def __init__(self, failure: Exception) -> None:
+        self.failure = failure
+
+    async def find_delivery(self, provider: str, delivery_key: str) -> KnownDelivery | None:
+        return None
+
+    async def ingest(self, delivery: Delivery, change: Change | None, *, redact: Redactor | None = None) -> Applied:
+        raise self.failure
+
+    async def ping(self) -> None:
+        raise self.failure
+
+    def pool_usage(self) -> list[Any]:
+        return []

@@ -21,12 +21,10 @@ from fastapi.testclient import TestClient
 
 from kbms.api import create_app
 from kbms.errors import StorageUnavailable
-from kbms.model import Change
 from kbms.providers.intercom.signature import sign
 from kbms.settings import Settings
-from kbms.storage.base import Applied, Delivery, KnownDelivery, Redactor
 from tests import canary
-from tests.helpers import dumps, intercom_payload, part, zendesk_pushes
+from tests.helpers import ExplodingStore, dumps, intercom_payload, part, zendesk_pushes
 
 ROOT = Path(__file__).resolve().parent.parent
 INTERCOM_SECRET = canary.secret("intercom-canary")
@@ -188,22 +186,6 @@ def test_paths_query_strings_and_headers(client: TestClient, log_lines: Lines) -
     assert searched.status_code == 200
     assert len(searched.json()["items"]) == 1  # the canary is in the data: it is just never logged
     assert_no_canary(log_lines, *(response.text for response in answers if response.status_code >= 400))
-
-
-class ExplodingStore:
-    """Fails with a message that quotes the payload, as a driver error quotes the row it refused."""
-
-    def __init__(self, failure: Exception) -> None:
-        self.failure = failure
-
-    async def find_delivery(self, provider: str, delivery_key: str) -> KnownDelivery | None:
-        return None
-
-    async def ingest(self, delivery: Delivery, change: Change | None, *, redact: Redactor | None = None) -> Applied:
-        raise self.failure
-
-    def pool_usage(self) -> list[Any]:
-        return []
 
 
 def test_a_500_is_logged_as_types_and_stack_with_the_request_id(sqlite_url: str, log_lines: Lines) -> None:
