@@ -12,12 +12,10 @@ from sqlalchemy import func, select
 
 from kbms.api import create_app
 from kbms.errors import StorageUnavailable
-from kbms.model import Change
 from kbms.settings import Settings
 from kbms.storage import admin_engine
-from kbms.storage.base import Applied, Delivery, KnownDelivery, Redactor
 from kbms.storage.schema import conversations, ledger
-from tests.helpers import JSON_HEADERS, dumps, intercom_payload, original_examples, part
+from tests.helpers import JSON_HEADERS, ExplodingStore, dumps, intercom_payload, original_examples, part
 
 INGEST = "/integrations/intercom/conversations"
 REQUEST = original_examples()["Example Request"]
@@ -120,6 +118,14 @@ def test_validation_rules(client: TestClient, database_url: str, path: str, valu
         {"field": d["field"], "issue": d["issue"]} for d in response.json()["details"]
     ]
     assert stored(database_url) == (0, 0)
+
+
+def test_lower_case_rfc_3339_timestamps_are_read(client: TestClient) -> None:
+    # RFC 3339 allows "t" and "z"; payload timestamps and the list's bounds read them the same way.
+    response = client.post(INGEST, json=mutate("created_at", "2019-09-05t14:20:09z"))
+    assert response.status_code == 201, response.text
+    detail = client.get(f"/internal/conversations/{response.json()['id']}").json()
+    assert detail["created_at"] == "2019-09-05T14:20:09Z"
 
 
 def test_a_number_without_a_fraction_is_an_integer(client: TestClient) -> None:
@@ -270,22 +276,6 @@ def test_bad_workspace_is_422(client: TestClient) -> None:
     response = client.post(f"{INGEST}?workspace=a%20b", json=REQUEST)
     assert error(response) == (422, "validation_error")
     assert response.json()["details"][0]["field"] == "workspace"
-
-
-class ExplodingStore:
-    """A store that fails the way a bug, or an unreachable database, would."""
-
-    def __init__(self, failure: Exception) -> None:
-        self.failure = failure
-
-    async def find_delivery(self, provider: str, delivery_key: str) -> KnownDelivery | None:
-        return None
-
-    async def ingest(self, delivery: Delivery, change: Change | None, *, redact: Redactor | None = None) -> Applied:
-        raise self.failure
-
-    async def ping(self) -> None:
-        raise self.failure
 
 
 def test_unexpected_errors_are_500_without_a_trace(database_url: str) -> None:

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 from pydantic import PlainValidator, TypeAdapter
 from pydantic_core import PydanticCustomError
 
+from kbms.providers.fields import utc_from_iso
+
 MAX_UNIX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, the last second a datetime holds
 # An integer, possibly written "5.0": JSON Schema's integers include numbers without a fraction, and so does the
 # documented schema of these parameters.
@@ -32,19 +34,10 @@ def filter_time(value: Any) -> datetime:
             raise PydanticCustomError("timestamp_range", f"Unix seconds should be at most {MAX_UNIX_SECONDS}")
         return datetime.fromtimestamp(int(digits), tz=UTC)
     try:
-        # RFC 3339 allows a lower-case "t" and "z", which Python 3.11 does not read.
-        parsed = datetime.fromisoformat(text.upper())
-    except ValueError:
-        raise PydanticCustomError(
-            "timestamp_parsing", "Input should be unix seconds or an ISO-8601 string (2024-05-01T12:00:00Z)"
-        ) from None
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=UTC)
-    try:
-        return parsed.astimezone(UTC)
+        return utc_from_iso(text, "Input should be unix seconds or an ISO-8601 string (2024-05-01T12:00:00Z)")
     except OverflowError:
         # An offset can move the first or last day a datetime holds past it: such a bound is beyond every update.
-        return datetime.min.replace(tzinfo=UTC) if parsed.year == 1 else datetime.max.replace(tzinfo=UTC)
+        return datetime.min.replace(tzinfo=UTC) if text.startswith("0001") else datetime.max.replace(tzinfo=UTC)
 
 
 TIME: TypeAdapter[datetime] = TypeAdapter(Annotated[datetime, PlainValidator(filter_time)])

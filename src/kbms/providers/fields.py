@@ -94,18 +94,21 @@ def parse_timestamp(value: Any) -> datetime:
 
 def _parse_iso(text: str) -> datetime:
     try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        raise PydanticCustomError(
-            "timestamp_parsing", "Input should be an ISO-8601 timestamp or unix seconds"
-        ) from None
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=UTC)
-    try:
-        # Offsets can push the first and last representable days out of range ("9999-12-31T23:59:59-23:59").
-        return parsed.astimezone(UTC)
+        return utc_from_iso(text, "Input should be an ISO-8601 timestamp or unix seconds")
     except OverflowError:
         raise _out_of_range() from None
+
+
+def utc_from_iso(text: str, message: str) -> datetime:
+    """An ISO-8601 (RFC 3339) text as a UTC datetime; without an offset it is UTC. An unreadable one raises
+    ``timestamp_parsing`` with ``message``; ``OverflowError`` when its offset moves it past what a datetime holds
+    ("9999-12-31T23:59:59-23:59"), which each caller treats in its own way."""
+    try:
+        # RFC 3339 allows a lower-case "t" and "z", which Python 3.11 does not read.
+        parsed = datetime.fromisoformat(text.upper())
+    except ValueError:
+        raise PydanticCustomError("timestamp_parsing", message) from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def _in_range(value: datetime) -> datetime:
