@@ -70,10 +70,7 @@ def _combining_marks() -> dict[int, None]:
 
 
 def _fold_char(ch: str) -> str:
-    if ch.isascii():
-        return ch.lower()
-    decomposed = unicodedata.normalize("NFKD", ch)
-    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+    return ch.lower() if ch.isascii() else _fold_short(ch)
 
 
 # For ASCII text, WORD's runs are runs of letters and digits: every other byte becomes a space, and str.split finds

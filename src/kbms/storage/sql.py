@@ -234,6 +234,9 @@ class Sql:
             .limit(bindparam("b_limit"))
         )
         self.feed_within = self.feed.where(changes.c.workspace.in_(bindparam("b_within", expanding=True)))
+        # Where search documents are written (see ``_write_index``): at the end of the transaction on SQLite,
+        # inside each write's savepoint on PostgreSQL.
+        self.defer_documents = dialect.name == "sqlite"
         if dialect.name == "sqlite":
             self.index_document = text("INSERT INTO search_index (rowid, document) VALUES (:b_pk, :b_document)")
             self.unindex = text("DELETE FROM search_index WHERE rowid = :b_pk")
@@ -566,7 +569,7 @@ def _write_index(sql: Sql, conn: Connection, pk: int, index: Index | None, *, fr
         sql.run(conn, sql.untag, {"b_pk": pk})
     if index is not None and index.tags:
         sql.run_many(conn, sql.tag, [{"conversation_pk": pk, "tag": tag} for tag in index.tags])
-    if conn.dialect.name == "sqlite":
+    if sql.defer_documents:
         conn.info.setdefault(PENDING_DOCUMENTS, []).append((pk, None if index is None else index.document, fresh))
         return
     if not fresh:
