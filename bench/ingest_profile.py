@@ -30,6 +30,7 @@ from kbms.providers.intercom import IntercomProvider
 from kbms.settings import Settings
 from kbms.storage import admin_engine, sql, sqlite
 from kbms.storage.migrate import upgrade
+from request_overhead import call  # the in-process ASGI request of bench/request_overhead.py
 
 HARNESS = Path(__file__).parent / "harness"
 WARM_UP = 200
@@ -62,46 +63,13 @@ def instrument() -> None:
     timed(sql, "find_delivery", "ledger lookup")
 
 
-async def post(app: Any, body: bytes) -> int:
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": PATH,
-        "raw_path": PATH.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"host", b"bench"),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 8000),
-    }
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
-    status: list[int] = []
-
-    async def receive() -> dict[str, Any]:
-        return messages.pop() if messages else {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            status.append(message["status"])
-
-    await app(scope, receive, send)
-    return status[0]
-
-
 async def run(app: Any, bodies: list[bytes]) -> tuple[float, int]:
     """CPU seconds of the process for everything after the warm-up, and how many requests that was."""
     slots = asyncio.Semaphore(CONCURRENCY)
 
     async def one(body: bytes) -> None:
         async with slots:
-            status = await post(app, body)
+            status = await call(app, "POST", PATH, body)
             if status != 201:
                 raise SystemExit(f"expected 201 Created, got {status}")
 
