@@ -13,6 +13,7 @@ from kbms import __version__
 from kbms.api import conversations, health, integrations, metrics, webhooks
 from kbms.api.admission import Admission
 from kbms.api.auth import ApiKeyMiddleware, required_scope
+from kbms.api.docs import install_docs
 from kbms.api.errors import install_error_handlers
 from kbms.api.openapi import install_openapi
 from kbms.api.telemetry import RequestTelemetry
@@ -69,7 +70,15 @@ def create_app(
             if store is None:
                 await app.state.store.close()
 
-    app = FastAPI(title="kbms", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # The documentation pages are kbms's own (kbms.api.docs): FastAPI's load their assets from a public CDN.
+    app = FastAPI(
+        title="kbms",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.limits = PayloadLimits.of(settings)
     app.state.clock = clock or (lambda: datetime.now(UTC))
@@ -91,6 +100,7 @@ def create_app(
     app.include_router(integrations.router(REGISTRY.values()))
     app.include_router(webhooks.router(REGISTRY.values()))
     app.include_router(conversations.router)
+    install_docs(app)
     install_openapi(app, (provider.push_schema for provider in REGISTRY.values()), protected=required_scope)
     return app
 
