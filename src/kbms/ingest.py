@@ -144,10 +144,14 @@ LineOutcome = IngestOutcome | InputError
 MAX_BATCH_LINES = 1000
 
 
-def ndjson_lines(data: bytes) -> list[tuple[int, bytes]]:
-    """(line number, line) of every non-blank line, without its line break (``\n`` or ``\r\n``)."""
-    return [
-        (number, line.removesuffix(b"\r")) for number, line in enumerate(data.split(b"\n"), start=1) if line.strip()
+def ndjson_lines(data: bytes) -> tuple[int, list[tuple[int, bytes]]]:
+    """How many lines ``data`` has, blank ones included, and (line number, line) of every non-blank one, without its
+    line break (``\n`` or ``\r\n``). A final line break ends the last line; it does not start an empty one."""
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return len(lines), [
+        (number, line.removesuffix(b"\r")) for number, line in enumerate(lines, start=1) if line.strip()
     ]
 
 
