@@ -30,6 +30,7 @@ from kbms.errors import (
     InvalidSignature,
     InvalidWebhookItem,
     LimitExceeded,
+    NonFiniteNumber,
     UnknownProvider,
     ValidationFailed,
 )
@@ -322,6 +323,8 @@ async def receive_webhook(
         event = await _parse(parse, len(body))
     except LimitExceeded:
         raise  # a size limit, like the body's: nothing of it is kept
+    except NonFiniteNumber:
+        raise  # not kept, unlike other signed garbage: see NonFiniteNumber
     except InvalidWebhookItem as exc:
         await store.reject(delivery(exc.delivery_id, topic=exc.topic, workspace=exc.workspace), exc.issues)
         exc.kept = True

@@ -160,7 +160,7 @@ def router(providers: Iterable[Provider]) -> APIRouter:
                     "description": "Already stored: merged (updated) or unchanged",
                     "links": {"Conversation": detail_link("$response.body#/id")},
                 },
-                400: {"model": ErrorBody, "description": "Malformed JSON (or not UTF-8)"},
+                400: {"model": ErrorBody, "description": "Malformed JSON (or not UTF-8, or holding NaN or Infinity)"},
                 413: {"model": ErrorBody, "description": "Body larger than KBMS_MAX_BODY_BYTES"},
                 415: {"model": ErrorBody, "description": "Content-Type is not JSON"},
                 422: {"model": ErrorBody, "description": "Payload validation failed"},
