@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from kbms.api import create_app
 from kbms.errors import StorageUnavailable
-from kbms.ingest import MAX_BATCH_LINES
+from kbms.ingest import MAX_BATCH_LINES, ndjson_lines
 from kbms.settings import Settings
 from kbms.storage import admin_engine
 from kbms.storage.schema import conversations, ledger
@@ -42,7 +45,7 @@ def test_every_line_is_answered_and_a_bad_line_is_rejected_alone(client: TestCli
         intercom_payload("a"),
         b"{not json",
         intercom_payload(""),  # an empty id breaks the schema
-        b"   ",  # blank lines are skipped, but counted
+        b"   ",  # blank lines are skipped, but numbered and counted
         intercom_payload("b", parts=[part("p1")]),
         intercom_payload("a"),  # the same body again
         intercom_payload("b", updated_at=1_800_000_000, parts=[part("p2")]),
@@ -51,7 +54,7 @@ def test_every_line_is_answered_and_a_bad_line_is_rejected_alone(client: TestCli
     assert response.status_code == 200
     answer = response.json()
     assert {k: answer[k] for k in ("lines", "created", "updated", "unchanged", "rejected")} == {
-        "lines": 6,
+        "lines": 7,
         "created": 2,
         "updated": 1,
         "unchanged": 1,
@@ -139,6 +142,49 @@ def test_other_media_types_are_415(client: TestClient, media_type: str) -> None:
     assert "application/x-ndjson" in response.json()["message"]
 
 
+@pytest.mark.parametrize(
+    ("body", "lines", "numbers"),
+    [
+        (b"A\n\nA\n", 3, [1, 3]),
+        (b"A\n \n\t\nA\n\n\n", 6, [1, 4]),  # blank lines in the middle and at the end
+        (b"A\r\n\r\nA\r\n\r\n", 4, [1, 3]),  # CRLF
+        (b"\nA", 2, [2]),  # no final line break: the last line still counts
+        (b"A\n   ", 2, [1]),  # a last line of spaces is a line
+    ],
+)
+def test_lines_counts_every_line_of_the_body_and_results_are_numbered_in_it(
+    client: TestClient, body: bytes, lines: int, numbers: list[int]
+) -> None:
+    payloads = iter([dumps(intercom_payload("a")), dumps(intercom_payload("b"))])
+    body = b"".join(next(payloads) if piece == b"A" else piece for piece in re.split(b"(A)", body))
+    answer = client.post(BATCH, content=body, headers=NDJSON).json()
+    assert answer["lines"] == lines
+    assert [r["line"] for r in answer["results"]] == numbers
+    assert max(r["line"] for r in answer["results"]) <= answer["lines"]
+
+
+@given(
+    st.lists(st.sampled_from([b"{}", b"x", b"", b" ", b"\t", b"\r"]), min_size=1, max_size=12),
+    st.sampled_from([b"\n", b"\r\n"]),
+    st.booleans(),
+)
+def test_ndjson_lines_agrees_with_the_lines_it_was_made_of(lines: list[bytes], end: bytes, final: bool) -> None:
+    data = end.join(lines) + (end if final else b"")
+    count, numbered = ndjson_lines(data)
+    # A last line that is empty is indistinguishable from a final line break: it is not a line.
+    made_of = lines[:-1] if lines[-1] == b"" and not final else lines
+    assert count == len(made_of)
+    assert numbered == [(number, line) for number, line in enumerate(made_of, start=1) if line.strip()]
+
+
+def test_blank_lines_do_not_count_toward_the_limit(client: TestClient, database_url: str) -> None:
+    # Lines that are not JSON: refused without a write, so the limit is tested without ingesting 1,000 payloads.
+    answer = client.post(BATCH, content=b"x\n\n" * MAX_BATCH_LINES, headers=NDJSON).json()
+    assert (answer["lines"], answer["rejected"], len(answer["results"])) == (2 * MAX_BATCH_LINES, 1000, 1000)
+    assert answer["results"][-1]["line"] == 2 * MAX_BATCH_LINES - 1
+    assert stored(database_url, ledger) == 0
+
+
 def test_an_empty_batch_is_422(client: TestClient) -> None:
     response = client.post(BATCH, content=b"\n \n", headers=NDJSON)
     assert response.status_code == 422
@@ -151,7 +197,8 @@ def test_too_many_lines_is_413_and_nothing_is_stored(client: TestClient, databas
     body = ndjson(*(intercom_payload(f"c{i}") for i in range(MAX_BATCH_LINES + 1)))
     response = client.post(BATCH, content=body, headers=NDJSON)
     assert response.status_code == 413
-    assert response.json()["message"] == f"A batch holds at most 1000 lines; this one has {MAX_BATCH_LINES + 1}"
+    message = f"A batch holds at most 1000 non-blank lines; this one has {MAX_BATCH_LINES + 1}"
+    assert response.json()["message"] == message
     assert stored(database_url, ledger) == 0
 
 

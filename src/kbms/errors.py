@@ -6,6 +6,7 @@ one table each. Nothing here knows about HTTP.
     KbmsError
     ├── InputError                    the caller sent something we refuse (a 4xx at the HTTP edge)
     │   ├── InvalidJson               the body is not JSON, or not UTF-8
+    │   │   └── NonFiniteNumber       the body holds NaN or Infinity, which JSON does not have (never kept)
     │   ├── ValidationFailed          a payload or a parameter breaks its schema (one issue per field)
     │   │   ├── InvalidWebhookItem    a webhook's envelope is fine, but the item it carries is not
     │   │   └── LimitExceeded         a payload holds more (parts, characters) than the configured caps
@@ -65,6 +66,16 @@ class InvalidJson(InputError):
 
     def __init__(self, message: str = "Malformed JSON body") -> None:
         super().__init__(message)
+
+
+class NonFiniteNumber(InvalidJson):
+    """Raised when a body holds ``NaN``, ``Infinity`` or ``-Infinity``: JavaScript's numbers, not JSON's (RFC 8259),
+    which lenient parsers read and strict ones (PostgreSQL's ``jsonb``, jq) refuse. Never kept in the ledger, not
+    even for a signed webhook (whose other malformed bodies are kept as rejected): unlike those, it reads as JSON to
+    lenient readers of the ledger, which would then hand it on to strict ones."""
+
+    def __init__(self) -> None:
+        super().__init__("Malformed JSON body: NaN and Infinity are not JSON numbers")
 
 
 class ValidationFailed(InputError):

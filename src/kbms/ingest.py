@@ -30,6 +30,7 @@ from kbms.errors import (
     InvalidSignature,
     InvalidWebhookItem,
     LimitExceeded,
+    NonFiniteNumber,
     UnknownProvider,
     ValidationFailed,
 )
@@ -144,10 +145,14 @@ LineOutcome = IngestOutcome | InputError
 MAX_BATCH_LINES = 1000
 
 
-def ndjson_lines(data: bytes) -> list[tuple[int, bytes]]:
-    """(line number, line) of every non-blank line, without its line break (``\n`` or ``\r\n``)."""
-    return [
-        (number, line.removesuffix(b"\r")) for number, line in enumerate(data.split(b"\n"), start=1) if line.strip()
+def ndjson_lines(data: bytes) -> tuple[int, list[tuple[int, bytes]]]:
+    """How many lines ``data`` has, blank ones included, and (line number, line) of every non-blank one, without its
+    line break (``\n`` or ``\r\n``). A final line break ends the last line; it does not start an empty one."""
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return len(lines), [
+        (number, line.removesuffix(b"\r")) for number, line in enumerate(lines, start=1) if line.strip()
     ]
 
 
@@ -318,6 +323,8 @@ async def receive_webhook(
         event = await _parse(parse, len(body))
     except LimitExceeded:
         raise  # a size limit, like the body's: nothing of it is kept
+    except NonFiniteNumber:
+        raise  # not kept, unlike other signed garbage: see NonFiniteNumber
     except InvalidWebhookItem as exc:
         await store.reject(delivery(exc.delivery_id, topic=exc.topic, workspace=exc.workspace), exc.issues)
         exc.kept = True

@@ -34,7 +34,7 @@ Every error has the body `{error_code, message, details}`:
 
 | status | error_code | when |
 |---|---|---|
-| 400 | invalid_json | the body is not JSON, or not UTF-8 |
+| 400 | invalid_json | the body is not JSON, or not UTF-8, or holds NaN or Infinity (not JSON numbers) |
 | 401 | invalid_signature | a webhook without a valid signature (nothing of it is kept) |
 | 401 | unauthorized | no API key, or a malformed, unknown or revoked one (with `WWW-Authenticate: Bearer`) |
 | 403 | forbidden | the API key lacks the scope, or the workspace, the request needs |

@@ -52,11 +52,13 @@ def _batch_endpoint(provider: Provider) -> Callable[[Request], Awaitable[Respons
         settings = settings_of(request)
         workspace = query(request, "workspace", WORKSPACE, None)
         body = await read_ndjson_body(request, limit=settings.max_batch_bytes)
-        lines = ndjson_lines(body)
+        line_count, lines = ndjson_lines(body)
         if not lines:
             raise ValidationFailed([FieldIssue("body", "empty_batch", "The batch has no lines")])
+        # The limit bounds the work of one transaction, so it counts the lines that carry a payload: blank lines
+        # cost nothing (and the body's size is bounded by KBMS_MAX_BATCH_BYTES).
         if len(lines) > MAX_BATCH_LINES:
-            message = f"A batch holds at most {MAX_BATCH_LINES} lines; this one has {len(lines)}"
+            message = f"A batch holds at most {MAX_BATCH_LINES} non-blank lines; this one has {len(lines)}"
             raise PayloadTooLarge(settings.max_batch_bytes, message)
         line_limit = settings.max_body_bytes
         fitting = [payload for _number, payload in lines if len(payload) <= line_limit]
@@ -79,7 +81,7 @@ def _batch_endpoint(provider: Provider) -> Callable[[Request], Awaitable[Respons
         metrics.kept(provider.name, "batch", sum(isinstance(o, InputError) and o.kept for o in ingested))
         response = BatchResponse(
             provider=provider.name,
-            lines=len(results),
+            lines=line_count,
             created=counts["created"],
             updated=counts["updated"],
             unchanged=counts["unchanged"],
@@ -121,8 +123,9 @@ def request_body(provider: Provider) -> dict[str, Any]:
 def batch_request_body(provider: Provider) -> dict[str, Any]:
     schema_name = provider.push_schema.__name__
     description = (
-        f"NDJSON: one {schema_name} per line (UTF-8, lines end with \\n or \\r\\n, blank lines are skipped), "
-        f"at most {MAX_BATCH_LINES} lines and KBMS_MAX_BATCH_BYTES bytes; each line at most KBMS_MAX_BODY_BYTES."
+        f"NDJSON: one {schema_name} per line (UTF-8, lines end with \\n or \\r\\n; blank lines are numbered and "
+        f"skipped), at most {MAX_BATCH_LINES} non-blank lines and KBMS_MAX_BATCH_BYTES bytes; each line at most "
+        "KBMS_MAX_BODY_BYTES."
     )
     # A line counts if it has a byte other than ASCII whitespace (what bytes.strip removes); a batch needs one.
     schema = {"type": "string", "pattern": "[^ \\t-\\r]", "description": description}
@@ -157,7 +160,7 @@ def router(providers: Iterable[Provider]) -> APIRouter:
                     "description": "Already stored: merged (updated) or unchanged",
                     "links": {"Conversation": detail_link("$response.body#/id")},
                 },
-                400: {"model": ErrorBody, "description": "Malformed JSON (or not UTF-8)"},
+                400: {"model": ErrorBody, "description": "Malformed JSON (or not UTF-8, or holding NaN or Infinity)"},
                 413: {"model": ErrorBody, "description": "Body larger than KBMS_MAX_BODY_BYTES"},
                 415: {"model": ErrorBody, "description": "Content-Type is not JSON"},
                 422: {"model": ErrorBody, "description": "Payload validation failed"},

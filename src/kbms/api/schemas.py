@@ -63,7 +63,10 @@ class BatchLine(_Body):
 
 class BatchResponse(_Body):
     provider: str
-    lines: int = Field(description="Non-blank lines received")
+    lines: int = Field(
+        description="Lines in the request body, blank ones included: every result's line is at most this (a final "
+        "line break ends the last line, it does not start an empty one)"
+    )
     created: int
     updated: int
     unchanged: int

@@ -81,7 +81,11 @@ def router(providers: Iterable[Provider]) -> APIRouter:
             response_model=WebhookResponse,
             responses={
                 200: {"links": {"Conversation": detail_link("$response.body#/conversation_id")}},
-                400: {"model": ErrorBody, "description": "Malformed JSON (kept in the ledger as rejected)"},
+                400: {
+                    "model": ErrorBody,
+                    "description": "Malformed JSON (kept in the ledger as rejected); JSON holding NaN or Infinity "
+                    "(not kept)",
+                },
                 401: {"model": ErrorBody, "description": "Missing or invalid signature: nothing is kept"},
                 413: {"model": ErrorBody, "description": "Body larger than KBMS_MAX_BODY_BYTES"},
                 415: {"model": ErrorBody, "description": "Content-Type is not JSON"},

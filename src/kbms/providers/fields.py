@@ -1,6 +1,8 @@
 """Field types shared by provider schemas: tolerant of how providers spell things, strict about what they mean.
 
 - ids arrive as strings or integers; they are kept as trimmed strings and may not be empty;
+- numbers (an attachment's size) are integers: booleans, fractions and strings are refused (pydantic's lax ``int``
+  reads ``true`` as 1 and ``"1_000"`` as 1000);
 - timestamps arrive as unix seconds or ISO-8601 strings; booleans and fractional numbers are refused (a fraction is
   usually a millisecond mistake), and so is anything outside 1970-2100 (milliseconds sent as seconds land there).
 
@@ -50,6 +52,13 @@ def _id(value: Any) -> str:
     if len(text) > MAX_ID:
         raise PydanticCustomError("string_too_long", "Id should have at most 255 characters")
     return text
+
+
+def _integer(value: Any) -> int:
+    number = integral(value)
+    if number is None:
+        raise PydanticCustomError("int_type", "Input should be an integer")
+    return number
 
 
 def _optional_id(value: Any) -> str | None:
@@ -144,5 +153,6 @@ OptionalId = Annotated[
     PlainValidator(_optional_id),
     WithJsonSchema(_OPTIONAL_ID_SCHEMA),
 ]
+Integer = Annotated[int, PlainValidator(_integer), WithJsonSchema({"type": "integer"})]
 Timestamp = Annotated[datetime, PlainValidator(parse_timestamp), WithJsonSchema(_TIMESTAMP_SCHEMA)]
 OptionalText = Annotated[str | None, BeforeValidator(_optional_text)]

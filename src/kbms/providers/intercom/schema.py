@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from kbms.providers.fields import Id, OptionalId, OptionalText, Timestamp
+from kbms.providers.fields import Id, Integer, OptionalId, OptionalText, Timestamp
 
 
 class _Tolerant(BaseModel):
@@ -44,7 +44,7 @@ class IntercomAttachment(_Tolerant):
     name: OptionalText = None
     url: OptionalText = None
     content_type: OptionalText = None
-    filesize: int | None = None
+    filesize: Integer | None = None
 
 
 class IntercomOpeningMessage(_Tolerant):

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
-from kbms.providers.fields import Id, OptionalId, OptionalText, Timestamp, integral
+from kbms.providers.fields import Id, Integer, OptionalId, OptionalText, Timestamp, integral
 
 
 class _Tolerant(BaseModel):
@@ -53,7 +53,7 @@ class ZendeskAttachment(_Tolerant):
     file_name: OptionalText = Field(default=None, validation_alias=AliasChoices("file_name", "filename"))
     content_url: OptionalText = None
     content_type: OptionalText = None
-    size: int | None = None
+    size: Integer | None = None
 
 
 class ZendeskUser(_Tolerant):
