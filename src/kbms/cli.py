@@ -191,12 +191,13 @@ def _counting_progress() -> Progress:
         TimeRemainingColumn(),
         console=err,
         transient=True,
+        disable=not err.is_terminal,  # a bar is for a person watching: not for a log or a pipe
     )
 
 
 def _known_provider(provider: str | None) -> None:
     if provider is not None and provider not in REGISTRY:
-        raise Failure(f"--provider {provider!r}: not a provider kbms knows (known: {', '.join(REGISTRY)})")
+        raise Failure(f"Unknown provider {provider!r} (known: {', '.join(REGISTRY)}): pass --provider with one of them")
 
 
 @command(cls=Command)
@@ -401,6 +402,7 @@ def ingest(
         TimeRemainingColumn(),
         console=err,
         transient=True,
+        disable=not err.is_terminal,  # a bar is for a person watching: not for a log or a pipe
     ) as progress:
         task = progress.add_task("ingesting", total=file.stat().st_size)
         try:
@@ -428,7 +430,7 @@ def ingest(
             )
             if readers:
                 _say(
-                    f"every line was rejected as {source.name}; they validate as {' or '.join(readers)}: "
+                    f"kbms: every line was rejected as {source.name}; they validate as {' or '.join(readers)}: "
                     f"run again with --provider {readers[0]}"
                 )
         raise typer.Exit(REJECTED)
