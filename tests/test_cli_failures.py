@@ -425,3 +425,28 @@ def test_serve_on_an_address_it_cannot_listen_on(tmp_path: Path, sqlite_url: str
     result = run("serve", "--host", host, "--insecure", "--port", "8000", "--database-url", sqlite_url, cwd=tmp_path)
     assert result.returncode == USAGE
     assert one_line(result.stderr) == f"kbms: cannot listen on {host}:8000 {expected}"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("serve", "--port", "abc"), "kbms: Invalid value for '--port': "),
+        (("nope",), "kbms: No such command 'nope' (see kbms --help)"),
+        (("export",), "kbms: Missing option '--out' (see kbms export --help)"),
+        (("--nope",), "kbms: No such option: --nope (see kbms --help)"),
+        (("ingest", "missing.ndjson"), "kbms: Invalid value for 'FILE': file 'missing.ndjson' does not exist"),
+    ],
+)
+def test_usage_errors_are_one_line(tmp_path: Path, args: tuple[str, ...], expected: str) -> None:
+    result = run(*args, cwd=tmp_path)
+    assert result.returncode == USAGE
+    assert one_line(result.stderr).startswith(expected)
+    code, _, stderr = invoke(*args)
+    assert (code, one_line(stderr)) == (USAGE, one_line(result.stderr))
+
+
+@pytest.mark.parametrize("args", [(), ("keys",)])
+def test_a_group_without_its_command_shows_its_help(args: tuple[str, ...]) -> None:
+    result = runner.invoke(app, list(args), env={"COLUMNS": "200"})
+    assert "Usage: " in result.output
+    assert "Commands" in result.output

@@ -36,7 +36,7 @@ from typer.core import TyperCommand, TyperGroup, TyperOption
 from kbms import __version__
 from kbms.auth import SCOPES, Keyring, KeyringError, key_config, new_key
 from kbms.backfill import IngestReport, UnreadableFile, ingest_file, readers_of
-from kbms.exits import REJECTED, Database, Failure, database_failure, explain
+from kbms.exits import REJECTED, USAGE, Database, Failure, database_failure, explain
 from kbms.export import FORMATS, ParquetUnavailable, parquet_schemas, write_export
 from kbms.merge import micros
 from kbms.model import WORKSPACE, WORKSPACE_PATTERN, State
@@ -61,9 +61,36 @@ def _say(message: str, *, console: Console = err) -> None:
     console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
-def _debugging(ctx: typer.Context) -> bool:
-    root = ctx.find_root()
-    return bool(root.params.get("debug")) or os.environ.get("KBMS_LOG_LEVEL", "").strip().lower() == "debug"
+def _debugging(ctx: typer.Context | None) -> bool:
+    root = ctx.find_root() if ctx is not None else None
+    asked = root is not None and bool(root.params.get("debug"))
+    return asked or os.environ.get("KBMS_LOG_LEVEL", "").strip().lower() == "debug"
+
+
+def _usage_failure(exc: BaseException) -> Failure | None:
+    """Click's usage errors (a bad or missing flag value, an unknown command) as one line; None for others."""
+    if not isinstance(exc, typer.TyperException) or getattr(exc, "exit_code", None) != USAGE:
+        return None
+    if type(exc).__name__ == "NoArgsIsHelpError":  # `kbms` alone: the help is the answer (Typer checks by name too)
+        return None
+    ctx = getattr(exc, "ctx", None)
+    names: list[str] = []
+    while ctx is not None and ctx.parent is not None:
+        names.insert(0, ctx.info_name or "")
+        ctx = ctx.parent
+    see = f" (see {' '.join(['kbms', *names])} --help)"
+    return Failure(f"{exc.format_message().rstrip('.')}{see}")
+
+
+def _fail(exc: Exception, ctx: typer.Context | None) -> typer.Exit:
+    """The exit of a failure, told in one line (see ``kbms.exits``); ``exc`` itself again for a bug."""
+    failure = _usage_failure(exc) or explain(exc, ctx.meta.get(DATABASE_KEY) if ctx is not None else None)
+    if failure is None:
+        raise exc  # a bug: its traceback is the report
+    _say(f"kbms: {failure.message}")
+    if _debugging(ctx):
+        traceback.print_exception(exc, file=sys.stderr)
+    return typer.Exit(failure.code)
 
 
 def _without_placeholder(option: Any) -> Any:
@@ -79,22 +106,25 @@ class Command(TyperCommand):
 
 
 class Group(TyperGroup):
-    """The ``kbms`` group: runs a command, and tells its failure in one line (see ``kbms.exits``)."""
+    """The ``kbms`` group: runs a command, and tells its failure in one line."""
 
     def get_help_option(self, ctx: typer.Context) -> TyperOption | None:  # type: ignore[override]
         return _without_placeholder(super().get_help_option(ctx))  # type: ignore[no-any-return]
 
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        # The group's own options are parsed here, before invoke (a subcommand's are parsed within it).
+        try:
+            return super().make_context(*args, **kwargs)
+        except typer.TyperException as exc:
+            raise _fail(exc, None) from None
+
     def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
         try:
             return super().invoke(ctx)
+        except (typer.Exit, typer.Abort):
+            raise
         except Exception as exc:
-            failure = explain(exc, ctx.meta.get(DATABASE_KEY))
-            if failure is None:
-                raise  # a bug: its traceback is the report
-            _say(f"kbms: {failure.message}")
-            if _debugging(ctx):
-                traceback.print_exception(exc, file=sys.stderr)
-            raise typer.Exit(failure.code) from None
+            raise _fail(exc, ctx) from None
 
 
 app = typer.Typer(
@@ -586,4 +616,4 @@ def _print_report(report: IngestReport) -> None:
 
 
 def main() -> None:
-    app()
+    app(prog_name="kbms")  # also under python -m kbms
