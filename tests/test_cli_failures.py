@@ -450,3 +450,28 @@ def test_a_group_without_its_command_shows_its_help(args: tuple[str, ...]) -> No
     result = runner.invoke(app, list(args), env={"COLUMNS": "200"})
     assert "Usage: " in result.output
     assert "Commands" in result.output
+
+
+def test_reprocess_of_an_empty_ledger_says_so(database_url: str) -> None:
+    code, _, stderr = invoke("reprocess", "--database-url", database_url)
+    assert code == 0
+    assert one_line(stderr) == "kbms: nothing to reprocess: no delivery is stored"
+
+
+@pytest.mark.parametrize("command", ["migrate", "export"])
+def test_a_schema_of_a_newer_kbms_is_refused_in_one_line(tmp_path: Path, sqlite_url: str, command: str) -> None:
+    database = make_url(sqlite_url).database or ""
+    with sqlite3.connect(database) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999_from_the_future'")
+    conn.close()
+    args = ("migrate",) if command == "migrate" else ("export", "--out", "out.ndjson")
+    result = run(*args, "--database-url", sqlite_url, cwd=tmp_path)
+    assert result.returncode == USAGE
+    line = one_line(result.stderr)
+    assert f"the schema of the database {sqlite_url} is at 9999_from_the_future, a revision of a newer kbms" in line
+
+
+def test_a_bad_key_scope_is_one_line() -> None:
+    code, _, stderr = invoke("keys", "create", "--name", "ci", "--scope", "everything")
+    assert code == USAGE
+    assert one_line(stderr).startswith("kbms: scopes.0: Input should be")

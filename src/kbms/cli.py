@@ -46,7 +46,7 @@ from kbms.reprocess import reprocess as run_reprocess
 from kbms.settings import Settings
 from kbms.storage import admin_engine, open_store, parse_database_url, reading_engine
 from kbms.storage.base import Filters
-from kbms.storage.migrate import current_revision, head_revision, upgrade
+from kbms.storage.migrate import current_revision, head_revision, is_known, upgrade
 
 SHOWN_REJECTS = 20
 DATABASE_KEY = "kbms.database"  # where a command leaves its Database in the click context, for the failure's message
@@ -200,10 +200,19 @@ def _require_current_schema(database: Database) -> None:
     finally:
         engine.dispose()
     needed = head_revision()
+    _refuse_a_newer_schema(database, found)
     if found != needed:
         raise Failure(
             f"the database {database.shown} is not migrated (its schema is at {found or 'empty'}, this kbms needs "
             f"{needed}): run {database.migrate_command}"
+        )
+
+
+def _refuse_a_newer_schema(database: Database, found: str | None) -> None:
+    if found is not None and not is_known(found):
+        raise Failure(
+            f"the schema of the database {database.shown} is at {found}, a revision of a newer kbms (this one goes "
+            f"up to {head_revision()}): run that kbms, or this one against another database"
         )
 
 
@@ -368,9 +377,9 @@ def create_key(
         ]
         raise Failure("; ".join(problems)) from None
     err.print("The key (give it to its user; kbms keeps only its hash, so it cannot be shown again):")
-    out.print(token, highlight=False)
+    _say(token, console=out)
     err.print("Add this entry to the JSON list in KBMS_API_KEYS (or KBMS_API_KEYS_FILE):")
-    out.print(entry, highlight=False, soft_wrap=True)
+    _say(entry, console=out)
 
 
 @command(cls=Command)
@@ -381,6 +390,7 @@ def migrate(ctx: typer.Context, database_url: DatabaseUrl = None) -> None:
     engine = admin_engine(settings.database_url)
     try:
         before = current_revision(engine)
+        _refuse_a_newer_schema(database, before)
         upgrade(engine)
         after = current_revision(engine)
     finally:
@@ -521,7 +531,10 @@ def reprocess(
             for flag, value in (("--provider", provider), ("--since", since), ("--conversation-id", conversation_id))
             if value is not None
         )
-        _say(f"kbms: nothing to reprocess: no stored delivery {'matches ' + scope if scope else 'needs it'}")
+        # Not a failure: a scheduled run that finds nothing new is doing its job.
+        _say(
+            f"kbms: nothing to reprocess: {f'no stored delivery matches {scope}' if scope else 'no delivery is stored'}"
+        )
 
 
 @command(cls=Command)
