@@ -294,7 +294,7 @@ def serve(
             **uvicorn_options(settings),
         )
         server = uvicorn.Server(config)
-        log.info("listening on %s", _address(settings.host, sock.getsockname()[1]))
+        log.info("listening on http://%s", _address(settings.host, sock.getsockname()[1]))
         server.run(sockets=[sock])  # a failing startup of the app exits here (uvicorn has logged why)
         return
     # uvicorn's supervisor binds its own socket for its workers: this one only proved the address usable (a port
