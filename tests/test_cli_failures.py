@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from kbms import __version__
 from kbms.cli import app
-from kbms.exits import DATABASE, REJECTED, USAGE
+from kbms.cli.exits import DATABASE, REJECTED, USAGE
 from tests.conftest import free_port, require_postgres
 from tests.helpers import intercom_payload, zendesk_pushes
 
