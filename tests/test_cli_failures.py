@@ -270,8 +270,7 @@ def test_ingest_while_another_process_holds_the_write_lock_is_exit_3(tmp_path: P
     assert result.returncode == DATABASE
     line = one_line(result.stderr)
     assert line.startswith(f"kbms: the database {sqlite_url} is locked by another process")
-    assert "KBMS_DB_TIMEOUT=0.5 s" in line
-    assert "run again" in line
+    assert line.endswith("then run again (KBMS_DB_TIMEOUT sets how long kbms waits for it)")
 
 
 def test_a_database_path_that_is_no_file_is_exit_3(tmp_path: Path) -> None:

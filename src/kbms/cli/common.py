@@ -53,7 +53,7 @@ def database_of(ctx: typer.Context, settings: Settings, flag: str | None, *, cre
         url = parse_database_url(settings.database_url)
     except ValueError as exc:
         raise Failure(f"{'--database-url' if flag is not None else 'KBMS_DATABASE_URL'}: {exc}") from None
-    database = Database(url, named_by_flag=flag is not None, timeout=settings.db_timeout)
+    database = Database(url, named_by_flag=flag is not None)
     ctx.meta[DATABASE_KEY] = database
     if not create and database.file is not None and not database.file.exists():
         raise Failure(f"no database at {database.file.absolute()}: run {database.migrate_command} first")

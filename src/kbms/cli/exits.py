@@ -51,7 +51,6 @@ class Database:
 
     url: URL
     named_by_flag: bool  # --database-url, rather than KBMS_DATABASE_URL or the default
-    timeout: float  # KBMS_DB_TIMEOUT
 
     @property
     def shown(self) -> str:
@@ -80,8 +79,8 @@ def database_failure(reason: str, database: Database | None, *, after: str = "")
         )
     if "locked" in reason or "busy" in reason:
         return Failure(
-            f"the database {database.shown} is locked by another process ({reason}; waited up to "
-            f"KBMS_DB_TIMEOUT={database.timeout:g} s){after}: let the other writer finish, then run again",
+            f"the database {database.shown} is locked by another process ({reason}){after}: let the other writer "
+            "finish, then run again (KBMS_DB_TIMEOUT sets how long kbms waits for it)",
             DATABASE,
         )
     return Failure(
