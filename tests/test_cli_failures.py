@@ -194,6 +194,15 @@ def test_postgresql_unreachable_is_exit_3_in_one_line(tmp_path: Path, command: s
     assert files_under(tmp_path) == {"in.ndjson"}
 
 
+def test_a_password_in_the_query_is_hidden_too() -> None:
+    port = free_port()
+    url = f"postgresql://kbms@127.0.0.1:{port}/kbms?password={PASSWORD}&application_name=x"
+    code, _, stderr = invoke("export", "--out", "out.ndjson", "--database-url", url)
+    assert code == DATABASE
+    assert f"127.0.0.1:{port}/kbms?application_name=x&password=*** (connection refused)" in one_line(stderr)
+    assert PASSWORD not in stderr
+
+
 def test_postgresql_unreachable_through_the_runner() -> None:
     code, _, stderr = invoke("migrate", env={"KBMS_DATABASE_URL": closed_port_url()})
     assert code == DATABASE

@@ -46,7 +46,7 @@ def _fail(exc: Exception, ctx: typer.Context | None) -> typer.Exit:
     failure = _usage_failure(exc) or explain(exc, ctx.meta.get(DATABASE_KEY) if ctx is not None else None)
     if failure is None:
         raise exc  # a bug: its traceback is the report
-    say(f"kbms: {failure.message}")
+    say(f"kbms: {' '.join(failure.message.splitlines())}")  # one line, whatever a file name holds
     if _debugging(ctx):
         traceback.print_exception(exc, file=sys.stderr)
     return typer.Exit(failure.code)

@@ -54,8 +54,11 @@ class Database:
 
     @property
     def shown(self) -> str:
-        """The URL without its password (``***`` in its place) and without the driver kbms chose."""
-        return self.url.set(drivername=self.url.get_backend_name()).render_as_string(hide_password=True)
+        """The URL without its password (``***`` in its place, also for libpq's ``?password=``) and without the
+        driver kbms chose."""
+        hidden = {key: "***" for key in self.url.query if "password" in key.lower()}
+        url = self.url.set(drivername=self.url.get_backend_name()).update_query_dict(hidden)
+        return url.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
 
     @property
     def file(self) -> Path | None:
