@@ -26,6 +26,7 @@ from kbms import __version__
 from kbms.cli import app
 from kbms.cli.exits import DATABASE, REJECTED, USAGE
 from tests.conftest import free_port, require_postgres
+from tests.faults import HOLD_SQLITE_WRITE_LOCK, held_by_another_process
 from tests.helpers import intercom_payload, zendesk_pushes
 
 runner = CliRunner()
@@ -248,23 +249,10 @@ def test_debug_prints_the_traceback_after_the_line(tmp_path: Path, args: tuple[s
     assert PASSWORD not in result.stderr
 
 
-@contextmanager
-def write_lock_held(database: Path) -> Iterator[None]:
-    """Another process's write transaction (a sqlite3 shell, say), open for as long as the block runs."""
-    holder = sqlite3.connect(database, isolation_level=None)
-    try:
-        holder.execute("BEGIN IMMEDIATE")
-        holder.execute("CREATE TABLE IF NOT EXISTS held (x)")
-        yield
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
-
-
 def test_export_reads_while_another_process_holds_the_write_lock(tmp_path: Path, sqlite_url: str) -> None:
     ndjson(tmp_path / "in.ndjson", [intercom_payload("a"), intercom_payload("b")])
     assert invoke("ingest", str(tmp_path / "in.ndjson"), "--database-url", sqlite_url)[0] == 0
-    with write_lock_held(Path(make_url(sqlite_url).database or "")):
+    with held_by_another_process(HOLD_SQLITE_WRITE_LOCK, Path(make_url(sqlite_url).database or "")):
         result = run("export", "--out", "out.ndjson", "--database-url", sqlite_url, cwd=tmp_path)
         assert (result.returncode, result.stderr) == (0, "")
         assert len((tmp_path / "out.ndjson").read_text().splitlines()) == 2
@@ -274,7 +262,7 @@ def test_export_reads_while_another_process_holds_the_write_lock(tmp_path: Path,
 
 def test_ingest_while_another_process_holds_the_write_lock_is_exit_3(tmp_path: Path, sqlite_url: str) -> None:
     ndjson(tmp_path / "in.ndjson", [intercom_payload("a")])
-    with write_lock_held(Path(make_url(sqlite_url).database or "")):
+    with held_by_another_process(HOLD_SQLITE_WRITE_LOCK, Path(make_url(sqlite_url).database or "")):
         result = run("ingest", "in.ndjson", "--database-url", sqlite_url, cwd=tmp_path, env={"KBMS_DB_TIMEOUT": "0.5"})
     assert result.returncode == DATABASE
     line = one_line(result.stderr)
