@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 from kbms.errors import InputError, StorageUnavailable, ValidationFailed
@@ -26,7 +27,7 @@ from kbms.limits import PayloadLimits
 from kbms.process import tune_garbage_collection
 from kbms.providers import Provider, get_provider
 from kbms.settings import Settings
-from kbms.storage import Store, open_store
+from kbms.storage import Store, failure_reason, open_store
 
 CHUNK_LINES = 500
 CHUNK_BYTES = 4 << 20
@@ -45,7 +46,7 @@ class UnreadableFile(Exception):
 class IngestReport:
     results: Counter[str] = field(default_factory=Counter)
     rejects: list[tuple[int, str]] = field(default_factory=list)
-    unavailable: str | None = None  # set when the database failed: the rest of the file was not ingested
+    unavailable: str | None = None  # why the database failed (then the rest of the file was not ingested)
 
     def add(self, other: IngestReport) -> None:
         self.results.update(other.results)
@@ -83,6 +84,23 @@ def read_records(path: Path) -> Iterator[Record]:
             if line.strip():
                 # Without its line break: the ledger keeps (and hashes) the document, as if it had been pushed.
                 yield number, line.rstrip(b"\r\n")
+
+
+def readers_of(
+    path: Path, providers: Iterable[Provider], *, workspace: str | None, default_workspace: str, sample: int
+) -> list[str]:
+    """The providers that validate every one of the first ``sample`` records of ``path``: for the hint of a file
+    whose every line was rejected because it was read as another provider's. Pure: nothing is stored."""
+    records = list(islice(read_records(path), sample))
+    readers = []
+    for provider in providers:
+        try:
+            for _number, body in records:
+                provider.parse_push(body, workspace=workspace, default_workspace=default_workspace)
+        except InputError:
+            continue
+        readers.append(provider.name)
+    return readers if records else []
 
 
 def _is_complete_json(data: bytes) -> bool:
@@ -136,7 +154,7 @@ async def ingest_chunk(
             parse_inline=True,
         )
     except StorageUnavailable as exc:
-        report.unavailable = exc.message
+        report.unavailable = failure_reason(exc)
         return report
     for (number, _), outcome in zip(chunk, outcomes, strict=True):
         if isinstance(outcome, InputError):

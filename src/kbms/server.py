@@ -32,6 +32,7 @@ keeps ``kbms serve`` safe without one. ``bench/hardening.py`` measures it agains
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -200,6 +201,26 @@ class DeadlineProtocol(HttpToolsProtocol):
         self._phase = None
         self._held = None  # never handed to the application
         self.transport.close()
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host`` and ``port`` (0: any free port), for ``uvicorn.Server.run(sockets=...)``.
+
+    Raises ``OSError`` (``socket.gaierror`` for a host that does not resolve) when the address cannot be used,
+    before anything else has started. Bound as uvicorn binds its own: ``SO_REUSEADDR``, the first address the host
+    resolves to.
+    """
+    family, kind, proto, _name, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def protocol(limits: ReadLimits) -> type[DeadlineProtocol]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sqlalchemy import URL, make_url
 from sqlalchemy.engine import Engine
 
 from kbms.settings import Settings
 from kbms.storage import postgres, sqlite
 from kbms.storage.base import Store
+from kbms.storage.store import failure_reason
 
 POSTGRES_SCHEMES = frozenset(("postgresql", "postgres"))
 
@@ -20,7 +23,8 @@ def parse_database_url(text: str) -> URL:
     try:
         url = make_url(text)
     except Exception:  # SQLAlchemy raises ArgumentError (and others) for garbage
-        raise ValueError(f"not a database URL: {text!r}") from None
+        # Not quoted back: the text may hold a password.
+        raise ValueError("not a database URL (sqlite:///path/to/kbms.db or postgresql://user@host/db)") from None
     backend = url.get_backend_name()
     if backend == "sqlite":
         sqlite.sqlite_path(url)  # refuses in-memory databases
@@ -48,11 +52,33 @@ def open_store(settings: Settings) -> Store:
 
 
 def admin_engine(database_url: str) -> Engine:
-    """An engine for migrations and schema checks."""
+    """An engine for migrations: on SQLite it takes the write lock, and creates the file (and its directory)."""
     url = parse_database_url(database_url)
     if is_postgres(url):
         return postgres.make_engine(url, pool_size=1, pool_timeout=10)
-    return sqlite.make_engine(url, immediate=True)
+    return sqlite.make_engine(url, immediate=True, create=True)
 
 
-__all__ = ["Store", "admin_engine", "open_store", "parse_database_url"]
+def reading_engine(database_url: str) -> Engine:
+    """An engine that only reads (schema checks): on SQLite it takes no write lock and creates no file, so it
+    works while another process writes, and leaves nothing behind where there was no database."""
+    url = parse_database_url(database_url)
+    if is_postgres(url):
+        return postgres.make_engine(url, pool_size=1, pool_timeout=10)
+    return sqlite.make_engine(url, immediate=False)
+
+
+def database_file(url: URL) -> Path | None:
+    """The file of an SQLite database (which may not exist yet); None for a database on a server."""
+    return None if is_postgres(url) else sqlite.sqlite_path(url)
+
+
+__all__ = [
+    "Store",
+    "admin_engine",
+    "database_file",
+    "failure_reason",
+    "open_store",
+    "parse_database_url",
+    "reading_engine",
+]

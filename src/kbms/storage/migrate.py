@@ -24,6 +24,11 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
+def is_known(revision: str) -> bool:
+    """Whether this kbms has the migration ``revision`` (a database migrated by a newer kbms has one it lacks)."""
+    return any(script.revision == revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions())
+
+
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()

@@ -41,6 +41,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import anyio.to_thread
 from sqlalchemy import URL, Connection, RootTransaction, create_engine, event
@@ -73,13 +74,20 @@ def sqlite_path(url: URL) -> Path:
     return Path(database)
 
 
-def make_engine(url: URL, *, immediate: bool | None, pool_size: int = 1) -> Engine:
+def make_engine(url: URL, *, immediate: bool | None, pool_size: int = 1, create: bool = False) -> Engine:
     """An engine whose connections are in WAL mode with durable commits.
 
     ``immediate``: True takes the write lock at BEGIN; False begins a deferred (read) transaction; None emits no
-    BEGIN at all, so each statement is its own implicit transaction (single-statement reads).
+    BEGIN at all, so each statement is its own implicit transaction (single-statement reads). ``create``: make the
+    file (and its directory) when there is none, as ``kbms migrate`` does; otherwise a missing file is an error,
+    so that a command started in the wrong directory leaves no empty database behind.
     """
-    sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
+    path = sqlite_path(url)
+    if create:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageUnavailable(f"Cannot create the directory {path.parent} ({exc.strerror})") from exc
     engine = create_engine(
         url,
         hide_parameters=True,  # SQL parameters are payload data: keep them out of exception messages and logs
@@ -102,6 +110,15 @@ def make_engine(url: URL, *, immediate: bool | None, pool_size: int = 1) -> Engi
             f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
         ):
             dbapi_connection.execute(pragma)
+
+    if not create:
+
+        @event.listens_for(engine, "do_connect")
+        def _existing_file_only(_dialect: Any, _record: ConnectionPoolEntry, cargs: list[Any], cparams: Any) -> None:
+            # SQLite's mode=rw opens the file that is there and never creates one (a check before connecting would
+            # race with a file removed meanwhile).
+            cargs[:] = [f"file:{quote(str(path))}?mode=rw"]
+            cparams["uri"] = True
 
     if immediate is not None:
 

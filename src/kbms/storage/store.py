@@ -92,6 +92,32 @@ def is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError)
 
 
+def failure_reason(exc: BaseException) -> str:
+    """Why the database failed, in a few words that are safe to show an operator (``kbms`` prints them).
+
+    The first line of an operational error's own message ("database is locked", "Connection refused", 'database
+    "x" does not exist'): these name hosts, users and files, never passwords or row data. libpq's framing around it
+    (which server, "FATAL:", the hint lines) is dropped. Other errors are named by their type only: their messages
+    may quote the data of a statement.
+    """
+    fallback = type(_driver_error(exc)).__name__
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        driver = _driver_error(error)
+        if isinstance(driver, sqlite3.OperationalError | psycopg.OperationalError) or (
+            isinstance(driver, sqlite3.DatabaseError) and driver.sqlite_errorcode & 0xFF in SQLITE_UNUSABLE_FILE
+        ):
+            line = (str(driver).strip().splitlines() or [type(driver).__name__])[0]
+            line = line.rpartition(" failed: ")[2].removeprefix("FATAL:").strip()
+            return line[:1].lower() + line[1:200]
+        if isinstance(error, StorageUnavailable) and len(seen) == 1:
+            fallback = error.message[:1].lower() + error.message[1:]  # kbms's own words, when no driver's follow
+        error = error.__cause__ or error.__context__
+    return fallback
+
+
 def is_refused(exc: BaseException) -> bool:
     """Errors caused by a value the database will not store (the input's fault, a 422)."""
     driver = _driver_error(exc)
