@@ -10,7 +10,9 @@ without it), the access line included; half as much with the access line off (``
   handled, echoed in the response's ``X-Request-ID``, and left on ``request.state.request_id`` for the 500 handler,
   which runs outside this middleware.
 - Labels: the matched route's template, never the raw path (bounded, and paths can carry personal data); methods
-  outside HTTP's usual set count as ``OTHER``.
+  outside HTTP's usual set count as ``OTHER``. A request answered before routing (an API key refused, a 503 from
+  admission) or by a route that does not record itself (``/docs``, ``/openapi.json``, a static mount) is labelled
+  with the template its path matches (``RouteTemplates``); only a path no route knows is ``unmatched``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import re
 import time
 from typing import Any
 
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kbms.api.metrics import Metrics
@@ -37,12 +40,15 @@ class RequestTelemetry:
     def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        self.templates: RouteTemplates | None = None  # built on first need, once every route is in place
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        # As the server gave it: a mount on the way in extends root_path with the part it matched.
+        root_path: str = scope.get("root_path", "")
         # An id need not be unguessable, only unique: 128 random bits, without the system call of secrets/uuid4.
         request_id = incoming_request_id(scope) or f"{random.getrandbits(128):032x}"
         scope.setdefault("state", {})["request_id"] = request_id
@@ -68,10 +74,51 @@ class RequestTelemetry:
         finally:
             seconds = time.perf_counter() - started
             method = scope["method"] if scope["method"] in METHODS else "OTHER"
-            route = route_of(scope)
+            route = self.route_of(scope, root_path)
             self.metrics.request(method, route, status, seconds)
             log_request(method, route, status, seconds * 1000, request_id)
             REQUEST_ID.reset(token)
+
+    def route_of(self, scope: Scope, root_path: str) -> str:
+        """The template of the route that answered (set by FastAPI's router), else of the route the path matches
+        (``scope["path"]`` less the server's ``root_path``, as a router reads it)."""
+        template = getattr(scope.get("route"), "path", None)
+        if isinstance(template, str):
+            return template
+        if self.templates is None:
+            app = scope.get("app")
+            if app is None:  # not inside a Starlette app: nothing to match against
+                return UNMATCHED
+            self.templates = RouteTemplates(app)
+        path: str = scope["path"]
+        return self.templates.match(path[len(root_path) :] if root_path and path.startswith(root_path) else path)
+
+
+class RouteTemplates:
+    """The path templates of an app's routes, to label requests that no route recorded itself on.
+
+    From two public sources: the OpenAPI document (every API operation; FastAPI keeps the routes of included
+    routers behind private wrappers) and the app's own routes (the documentation pages and mounts, which the
+    document leaves out). Matching ignores the method, as a 405 does. Only on the path of refusals, unknown paths
+    and the documentation: routed API requests never get here.
+    """
+
+    def __init__(self, app: Any) -> None:
+        templates: dict[str, re.Pattern[str]] = {}
+        for route in app.routes:
+            template, regex = getattr(route, "path_format", None), getattr(route, "path_regex", None)
+            if isinstance(template, str) and isinstance(regex, re.Pattern):
+                templates[template] = regex  # a mount's is "/docs/static/{path}", whatever the file
+        for template in app.openapi()["paths"]:
+            templates.setdefault(template, compile_path(template)[0])
+        # Literal paths first, as no route with a parameter may shadow one ("/a/b" before "/a/{x}").
+        self._ordered = sorted(templates.items(), key=lambda item: "{" in item[0])
+
+    def match(self, path: str) -> str:
+        for template, regex in self._ordered:
+            if regex.match(path):
+                return template
+        return UNMATCHED
 
 
 def incoming_request_id(scope: Scope) -> str | None:
@@ -79,10 +126,3 @@ def incoming_request_id(scope: Scope) -> str | None:
         if name == REQUEST_ID_HEADER:
             return value.decode("ascii") if SANE_REQUEST_ID.fullmatch(value) else None
     return None
-
-
-def route_of(scope: Scope) -> str:
-    """The template of the route that answered (set by the router), or ``unmatched``."""
-    route: Any = scope.get("route")
-    path = getattr(route, "path", None)
-    return path if isinstance(path, str) else UNMATCHED
