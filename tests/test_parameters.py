@@ -28,7 +28,7 @@ from kbms.api.conversations import CONVERSATION_ID
 from kbms.merge import conversation_id
 from kbms.settings import Settings
 from tests.conftest import ENGINES, engine_url
-from tests.helpers import INTERCOM, ZENDESK, dumps, intercom_payload, zendesk_pushes
+from tests.helpers import INTERCOM, JSON_HEADERS, ZENDESK, dumps, intercom_payload, zendesk_pushes
 
 ERROR_KEYS = {"error_code", "message", "details"}
 # What a parameter this test is not probing is set to when the operation requires it.
@@ -155,6 +155,12 @@ def shared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             create_app(Settings(database_url=url, allow_unsigned_webhooks=True)), follow_redirects=False
         ) as client,
     ):
+        # Something to find, so that searches and filters run against stored rows, not an empty index.
+        seeded = client.post(
+            "/integrations/intercom/conversations", content=dumps(intercom_payload("seeded")), headers=JSON_HEADERS
+        )
+        assert seeded.status_code == 201, seeded.text
+        assert client.get("/internal/conversations", params={"q": "hello"}).json()["items"]
         yield client
 
 
@@ -218,3 +224,16 @@ def test_the_finding_as_reported(shared: TestClient) -> None:
             "message": "Input should not contain NUL (U+0000) or unpaired surrogates: kbms stores no such text",
         }
     ]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(st.characters(codec="utf-8"), min_size=1, max_size=60))
+def test_any_search_text_reaches_the_engine_as_words_it_takes(shared: TestClient, q: str) -> None:
+    # What a user types is read into words (kbms.search.query_terms) before FTS5 or to_tsquery sees it: whatever
+    # the letters, digits and symbols of the query, the search runs (200) or the query has no word, or has NUL,
+    # or is too long (422), on both engines.
+    response = shared.get("/internal/conversations", params={"q": q})
+    assert response.status_code in (200, 422), response.text[:300]
+    if response.status_code == 422:
+        [issue] = response.json()["details"]
+        assert (issue["field"], issue["issue"]) in {("q", "no_words"), ("q", "invalid_character")}, issue
