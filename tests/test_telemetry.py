@@ -214,3 +214,19 @@ def test_refusals_and_documentation_pages_are_labelled_with_their_route(
         count = sum(1 for call in expected if call == (method, route, status))
         assert f'kbms_http_requests_total{{method="{method}",route="{route}",status="{status}"}} {count}.0' in text
     assert canary.TAG not in text
+
+
+def test_every_operation_is_labelled_with_its_own_template_whoever_answers(
+    sqlite_url: str, logged: io.StringIO
+) -> None:
+    # Built from the OpenAPI document: a router the labels do not know of fails here. Without a key, every
+    # protected operation is refused before routing; the others are answered by their route.
+    keys = [{"name": "reader", "sha256": digest(new_key()), "scopes": ["read"]}]
+    with TestClient(create_app(Settings(database_url=sqlite_url, api_keys=json.dumps(keys)))) as client:
+        document = client.get("/openapi.json").json()
+        operations = [(m.upper(), t) for t, item in document["paths"].items() for m in item]
+        assert len(operations) >= 10
+        for method, template in operations:
+            client.request(method, template.replace("{conversation_id}", str(uuid.uuid4())))
+    labelled = [(line["method"], line["route"]) for line in lines(logged, logger="kbms.access")]
+    assert labelled == [("GET", "/openapi.json"), *operations]

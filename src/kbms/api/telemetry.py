@@ -20,9 +20,8 @@ from __future__ import annotations
 import random
 import re
 import time
-from typing import Any
+from collections.abc import Callable, Iterable
 
-from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kbms.api.metrics import Metrics
@@ -37,9 +36,10 @@ CANCELLED = 499
 
 
 class RequestTelemetry:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, routes: Callable[[], Iterable[object]]) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes
         self.templates: RouteTemplates | None = None  # built on first need, once every route is in place
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -82,35 +82,28 @@ class RequestTelemetry:
     def route_of(self, scope: Scope, root_path: str) -> str:
         """The template of the route that answered (set by FastAPI's router), else of the route the path matches
         (``scope["path"]`` less the server's ``root_path``, as a router reads it)."""
-        template = getattr(scope.get("route"), "path", None)
+        template = getattr(scope.get("route"), "path_format", None)
         if isinstance(template, str):
             return template
         if self.templates is None:
-            app = scope.get("app")
-            if app is None:  # not inside a Starlette app: nothing to match against
-                return UNMATCHED
-            self.templates = RouteTemplates(app)
+            self.templates = RouteTemplates(self.routes())
         path: str = scope["path"]
         return self.templates.match(path[len(root_path) :] if root_path and path.startswith(root_path) else path)
 
 
 class RouteTemplates:
-    """The path templates of an app's routes, to label requests that no route recorded itself on.
+    """The path templates of routes (Starlette's and FastAPI's), to label requests no route recorded itself on.
 
-    From two public sources: the OpenAPI document (every API operation; FastAPI keeps the routes of included
-    routers behind private wrappers) and the app's own routes (the documentation pages and mounts, which the
-    document leaves out). Matching ignores the method, as a 405 does. Only on the path of refusals, unknown paths
-    and the documentation: routed API requests never get here.
+    Matching ignores the method, as a 405 does. Used only for refusals, unknown paths and the documentation pages:
+    routed API requests never get here.
     """
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, routes: Iterable[object]) -> None:
         templates: dict[str, re.Pattern[str]] = {}
-        for route in app.routes:
+        for route in routes:
             template, regex = getattr(route, "path_format", None), getattr(route, "path_regex", None)
             if isinstance(template, str) and isinstance(regex, re.Pattern):
-                templates[template] = regex  # a mount's is "/docs/static/{path}", whatever the file
-        for template in app.openapi()["paths"]:
-            templates.setdefault(template, compile_path(template)[0])
+                templates.setdefault(template, regex)  # a mount's is "/docs/static/{path}", whatever the file
         # Literal paths first, as no route with a parameter may shadow one ("/a/b" before "/a/{x}").
         self._ordered = sorted(templates.items(), key=lambda item: "{" in item[0])
 
