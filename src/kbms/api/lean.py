@@ -52,6 +52,7 @@ def limits_of(request: Request) -> PayloadLimits:
 # can match nothing. Starlette decodes invalid percent-encoded UTF-8 (``%ED%A0%80``) to U+FFFD, so a surrogate
 # reaches a parameter only from an ASGI server that decodes otherwise; it is refused the same way.
 UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+NO_NUL = r"^[^\u0000]*$"  # the JSON Schema pattern (ECMA-262) of text without NUL
 
 
 def query(request: Request, name: str, adapter: TypeAdapter[T], default: D) -> T | D:
@@ -98,5 +99,9 @@ def workspace_parameter(description: str) -> dict[str, Any]:
 def parameter(
     name: str, where: str, schema: dict[str, Any], description: str, *, required: bool = False
 ) -> dict[str, Any]:
-    """An OpenAPI parameter object, for the ``openapi_extra`` of a lean route."""
+    """An OpenAPI parameter object, for the ``openapi_extra`` of a lean route. A free-text query parameter is
+    documented without NUL, which ``query`` refuses (unpaired surrogates cannot be written in a JSON Schema, nor
+    sent as UTF-8)."""
+    if where == "query" and schema.get("type") == "string" and "enum" not in schema and "pattern" not in schema:
+        schema = {**schema, "pattern": NO_NUL}
     return {"name": name, "in": where, "required": required, "schema": schema, "description": description}
