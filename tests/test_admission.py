@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -169,11 +170,12 @@ async def test_the_app_refuses_past_max_in_flight_in_front_of_every_route(tmp_pa
     app = create_app(settings, store=store)  # type: ignore[arg-type]
     transport = httpx2.ASGITransport(app=app)
     async with app.router.lifespan_context(app), httpx2.AsyncClient(transport=transport, base_url="http://t") as http:
-        first = asyncio.create_task(http.get("/internal/conversations/a"))
-        await store.entered.wait()
+        # Ids of the shape kbms mints: any other is a 404 before the store is asked.
+        first = asyncio.create_task(http.get(f"/internal/conversations/{uuid.uuid4()}"))
+        await asyncio.wait_for(store.entered.wait(), 30)
         # Bounded only so that a missing admission control fails the test instead of hanging it.
         refused = asyncio.gather(
-            http.get("/internal/conversations/b"),
+            http.get(f"/internal/conversations/{uuid.uuid4()}"),
             http.post("/integrations/intercom/conversations", content=b"{}"),
             http.get("/nowhere"),
         )
@@ -183,7 +185,15 @@ async def test_the_app_refuses_past_max_in_flight_in_front_of_every_route(tmp_pa
         assert (await http.get("/health")).status_code == 200
         store.release.set()
         assert (await first).status_code == 404
-        assert (await http.get("/internal/conversations/c")).status_code == 404  # served again
+        assert (await http.get(f"/internal/conversations/{uuid.uuid4()}")).status_code == 404  # served again
+    # Refused before any route ran, and still counted under the route the path names (unknown paths: unmatched).
+    text = app.state.metrics.render().decode()
+    for route, method in (
+        ("/internal/conversations/{conversation_id}", "GET"),
+        ("/integrations/intercom/conversations", "POST"),
+        ("unmatched", "GET"),
+    ):
+        assert f'kbms_http_requests_total{{method="{method}",route="{route}",status="503"}} 1.0' in text
 
 
 async def test_a_standing_queue_makes_newcomers_wait_only_briefly() -> None:

@@ -6,7 +6,9 @@ import io
 import json
 import logging
 import re
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
@@ -14,8 +16,10 @@ import psycopg
 import pytest
 import structlog
 from fastapi.testclient import TestClient
+from starlette.staticfiles import StaticFiles
 
 from kbms.api import create_app
+from kbms.auth import digest, new_key
 from kbms.logs import configure_logging, describe_exception
 from kbms.settings import Settings
 from tests import canary
@@ -164,3 +168,65 @@ def test_a_500_answer_carries_the_request_id(sqlite_url: str, logged: io.StringI
     assert error["event"] == "unhandled error on GET /boom"
     [access] = lines(logged, logger="kbms.access")
     assert (access["status"], access["request_id"]) == (500, "support-ticket-42")
+
+
+def test_refusals_and_documentation_pages_are_labelled_with_their_route(
+    sqlite_url: str, tmp_path: Path, logged: io.StringIO
+) -> None:
+    # Refused by the API-key middleware before any route runs, answered by Starlette routes that do not record
+    # themselves (the documentation) or by a mount: each still labelled with its template, in the access line and
+    # in the metrics alike; a path no route knows stays "unmatched" (it is client input).
+    reader, ingester = new_key(), new_key()
+    keys = [
+        {"name": "reader", "sha256": digest(reader), "scopes": ["read"]},
+        {"name": "ingester", "sha256": digest(ingester), "scopes": ["ingest"]},
+    ]
+    app = create_app(Settings(database_url=sqlite_url, api_keys=json.dumps(keys)))
+    (tmp_path / "app.css").write_text("body {}")
+    app.mount("/test-static", StaticFiles(directory=tmp_path))
+    detail = "/internal/conversations/{conversation_id}"
+    calls = [
+        ("GET", f"/internal/conversations/{canary.EMAIL}", {}, (detail, 401)),
+        ("GET", f"/internal/conversations/{uuid.uuid4()}", {"Authorization": f"Bearer {ingester}"}, (detail, 403)),
+        ("GET", "/internal/conversations", {"Authorization": f"Bearer {new_key()}"}, ("/internal/conversations", 401)),
+        ("PUT", "/internal/changes", {}, ("/internal/changes", 401)),
+        ("PUT", "/internal/changes", {"Authorization": f"Bearer {reader}"}, ("/internal/changes", 405)),
+        ("POST", "/integrations/intercom/conversations", {}, ("/integrations/intercom/conversations", 401)),
+        ("GET", "/metrics", {"Authorization": f"Bearer {reader}"}, ("/metrics", 403)),
+        ("GET", "/docs", {}, ("/docs", 200)),
+        ("GET", "/docs/oauth2-redirect", {}, ("/docs/oauth2-redirect", 200)),
+        ("GET", "/openapi.json", {}, ("/openapi.json", 200)),
+        ("GET", "/test-static/app.css", {}, ("/test-static/{path}", 200)),
+        ("GET", "/test-static/missing.css", {}, ("/test-static/{path}", 404)),
+        ("GET", f"/internal/{canary.EMAIL}", {}, ("unmatched", 401)),
+        ("GET", f"/{canary.EMAIL}", {}, ("unmatched", 404)),
+    ]
+    with TestClient(app) as client:
+        for method, path, headers, (_route, status) in calls:
+            assert client.request(method, path, headers=headers).status_code == status, (method, path)
+        scraped = client.get("/metrics", headers={"Authorization": f"Bearer {new_key()}"})  # refused: 401
+        text = app.state.metrics.render().decode()
+    assert scraped.status_code == 401
+    logged_calls = [(line["method"], line["route"], line["status"]) for line in lines(logged, logger="kbms.access")]
+    expected = [(method, route, status) for method, _path, _headers, (route, status) in calls]
+    assert logged_calls == [*expected, ("GET", "/metrics", 401)]
+    for method, route, status in expected:
+        count = sum(1 for call in expected if call == (method, route, status))
+        assert f'kbms_http_requests_total{{method="{method}",route="{route}",status="{status}"}} {count}.0' in text
+    assert canary.TAG not in text
+
+
+def test_every_operation_is_labelled_with_its_own_template_whoever_answers(
+    sqlite_url: str, logged: io.StringIO
+) -> None:
+    # Built from the OpenAPI document: a router the labels do not know of fails here. Without a key, every
+    # protected operation is refused before routing; the others are answered by their route.
+    keys = [{"name": "reader", "sha256": digest(new_key()), "scopes": ["read"]}]
+    with TestClient(create_app(Settings(database_url=sqlite_url, api_keys=json.dumps(keys)))) as client:
+        document = client.get("/openapi.json").json()
+        operations = [(m.upper(), t) for t, item in document["paths"].items() for m in item]
+        assert len(operations) >= 10
+        for method, template in operations:
+            client.request(method, template.replace("{conversation_id}", str(uuid.uuid4())))
+    labelled = [(line["method"], line["route"]) for line in lines(logged, logger="kbms.access")]
+    assert labelled == [("GET", "/openapi.json"), *operations]

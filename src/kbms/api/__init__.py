@@ -93,13 +93,23 @@ def create_app(
     app.add_middleware(
         Admission, capacity=settings.max_in_flight, queued=settings.max_queued, wait=settings.queue_timeout
     )
-    app.add_middleware(RequestTelemetry, metrics=app.state.metrics)
+    routers = (
+        health.router,
+        metrics.router,
+        integrations.router(REGISTRY.values()),
+        webhooks.router(REGISTRY.values()),
+        conversations.router,
+    )
+    # What no route answered (a refused key, a 503) is labelled with the template its path matches, among the app's
+    # own routes (the documentation pages, mounts) and the routers' (read on first need, when all are in place).
+    app.add_middleware(
+        RequestTelemetry,
+        metrics=app.state.metrics,
+        routes=lambda: [*app.routes, *(route for router in routers for route in router.routes)],
+    )
     install_error_handlers(app)
-    app.include_router(health.router)
-    app.include_router(metrics.router)
-    app.include_router(integrations.router(REGISTRY.values()))
-    app.include_router(webhooks.router(REGISTRY.values()))
-    app.include_router(conversations.router)
+    for router in routers:
+        app.include_router(router)
     install_docs(app)
     install_openapi(app, (provider.push_schema for provider in REGISTRY.values()), protected=required_scope)
     return app

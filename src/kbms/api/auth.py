@@ -28,6 +28,7 @@ PROTECTED: tuple[tuple[str, KeyScope], ...] = (
 BEARER = re.compile(r"^Bearer +(\S+) *$", re.IGNORECASE)
 VALID_KEY = re.compile(KEY_PATTERN)
 STATE_KEY = "kbms.api_key"
+MALFORMED_KEY = "Malformed API key: a kbms key is kbms_ followed by 43 letters, digits, - or _ (kbms keys create)"
 
 
 def required_scope(path: str) -> KeyScope | None:
@@ -63,12 +64,19 @@ class ApiKeyMiddleware:
         if not headers:
             raise Unauthenticated("This endpoint needs an API key: Authorization: Bearer <key>", presented=False)
         # Never echo or log what was sent: it may be a real key pasted in the wrong place.
+        # Each refusal says which of these it is, so a newcomer knows whether to fix the header, the copy of the
+        # key, or the server's key list: a key that is well-formed but unknown was most likely made for another
+        # server, or its entry is missing from KBMS_API_KEYS.
         match = BEARER.match(headers[0].decode("latin-1")) if len(headers) == 1 else None
-        if match is None or VALID_KEY.match(match.group(1)) is None:
+        if match is None:
             raise Unauthenticated("Malformed Authorization header: expected Bearer <key>", presented=True)
+        if VALID_KEY.match(match.group(1)) is None:
+            raise Unauthenticated(MALFORMED_KEY, presented=True)
         key = self.keyring.lookup(match.group(1))
-        if key is None or key.revoked:
-            raise Unauthenticated("Unknown or revoked API key", presented=True)
+        if key is None:
+            raise Unauthenticated("Unknown API key: this server has no such key (KBMS_API_KEYS)", presented=True)
+        if key.revoked:
+            raise Unauthenticated("Revoked API key", presented=True)
         if not key.allows(needed):
             raise Forbidden(f"API key {key.name!r} lacks the {needed!r} scope this endpoint needs")
         return key

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal, get_args
 
@@ -28,7 +29,7 @@ from kbms.api.cursor import (
     encode_search_cursor,
 )
 from kbms.api.errors import ERROR_RESPONSES
-from kbms.api.lean import WORKSPACE, LeanRoute, parameter, query, store_of, workspace_parameter
+from kbms.api.lean import WORKSPACE, LeanRoute, parameter, path_id, query, store_of, workspace_parameter
 from kbms.api.openapi import link
 from kbms.api.responses import json_response
 from kbms.api.schemas import ChangePage, ConversationDetail, ConversationPage, ErrorBody, ListItem, Match
@@ -49,6 +50,9 @@ PROVIDER: TypeAdapter[str] = TypeAdapter(Literal[tuple(REGISTRY)])  # type: igno
 STATE: TypeAdapter[State] = TypeAdapter(State)
 TAG = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=255)])
 Q = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=512)])
+# Every conversation id is minted by kbms (``kbms.merge.conversation_id``: a UUID, as ``str`` writes it), so any
+# other text names no conversation, whatever a database would make of it.
+CONVERSATION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 router = APIRouter(prefix="/internal", tags=["internal"], route_class=LeanRoute)
 LIST_PATH, DETAIL_PATH, CHANGES_PATH = "/conversations", "/conversations/{conversation_id}", "/changes"
 
@@ -179,12 +183,14 @@ async def list_conversations(request: Request) -> Response:
     summary="One conversation with its participants, messages and events",
     responses={404: {"model": ErrorBody, "description": "Unknown or deleted conversation"}, **ERROR_RESPONSES},
     openapi_extra={
-        "parameters": [parameter("conversation_id", "path", {"type": "string"}, "kbms's id", required=True)]
+        "parameters": [
+            parameter("conversation_id", "path", {"type": "string", "format": "uuid"}, "kbms's id", required=True)
+        ]
     },
 )
 async def get_conversation(request: Request) -> Response:
     # Another workspace's conversation is as unknown to a limited key as a missing one: no existence oracle.
-    conversation_id = request.path_params["conversation_id"]
+    conversation_id = path_id(request, "conversation_id", CONVERSATION_ID, "Conversation")
     detail = await store_of(request).get_conversation_json(conversation_id, within=visible_workspaces(request))
     if detail is None:
         raise NotFound("Conversation not found")

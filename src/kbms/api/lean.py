@@ -9,6 +9,7 @@ the pydantic validators below, so errors keep FastAPI's issue names (``greater_t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar, cast
 
@@ -16,7 +17,7 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 
-from kbms.errors import FieldIssue, ValidationFailed
+from kbms.errors import FieldIssue, NotFound, ValidationFailed
 from kbms.limits import PayloadLimits
 from kbms.model import WORKSPACE_PATTERN
 from kbms.settings import Settings
@@ -46,10 +47,19 @@ def limits_of(request: Request) -> PayloadLimits:
     return cast(PayloadLimits, request.app.state.limits)
 
 
+# Text no engine can take: PostgreSQL refuses NUL in any text value, and neither driver can encode a lone surrogate
+# as UTF-8. kbms strips NUL from what it stores (``kbms.model.Text``) and never stores a surrogate, so such a value
+# can match nothing. Starlette decodes invalid percent-encoded UTF-8 (``%ED%A0%80``) to U+FFFD, so a surrogate
+# reaches a parameter only from an ASGI server that decodes otherwise; it is refused the same way.
+UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+NO_NUL = r"^[^\u0000]*$"  # the JSON Schema pattern (ECMA-262) of text without NUL
+
+
 def query(request: Request, name: str, adapter: TypeAdapter[T], default: D) -> T | D:
     """A query parameter, validated; a bad one is a 422 naming it, like FastAPI's own. One given more than once is a
     422 too: which of its values was meant cannot be known (schemathesis sends ``?updated_after=1&updated_after=2``
-    as a schema-violating array, and it was answered with the last one)."""
+    as a schema-violating array, and it was answered with the last one). So is one with text kbms never stores
+    (``UNSTORABLE``): the same 422 on every engine, where PostgreSQL's driver would refuse it with a 500."""
     values = request.query_params.getlist(name)
     if not values:
         return default
@@ -57,11 +67,24 @@ def query(request: Request, name: str, adapter: TypeAdapter[T], default: D) -> T
         issue = FieldIssue(name, "repeated_parameter", f"Give {name} once, not {len(values)} times")
         raise ValidationFailed([issue], message="Request validation failed")
     raw = values[0]
+    if UNSTORABLE.search(raw) is not None:
+        message = "Input should not contain NUL (U+0000) or unpaired surrogates: kbms stores no such text"
+        raise ValidationFailed([FieldIssue(name, "invalid_character", message)], message="Request validation failed")
     try:
         return adapter.validate_python(raw)
     except ValidationError as exc:
         issues = [FieldIssue(name, error["type"], error["msg"]) for error in exc.errors(include_url=False)]
         raise ValidationFailed(issues, message="Request validation failed") from None
+
+
+def path_id(request: Request, name: str, pattern: re.Pattern[str], what: str) -> str:
+    """A path parameter naming something kbms minted: a value that ``pattern`` does not match cannot name anything
+    stored, so it is a 404 (the answer for an unknown one), decided here rather than by a database that may refuse
+    the text (NUL on PostgreSQL)."""
+    value = cast(str, request.path_params[name])
+    if pattern.fullmatch(value) is None:
+        raise NotFound(f"{what} not found")
+    return value
 
 
 WORKSPACE_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 128, "pattern": WORKSPACE_PATTERN}
@@ -76,5 +99,9 @@ def workspace_parameter(description: str) -> dict[str, Any]:
 def parameter(
     name: str, where: str, schema: dict[str, Any], description: str, *, required: bool = False
 ) -> dict[str, Any]:
-    """An OpenAPI parameter object, for the ``openapi_extra`` of a lean route."""
+    """An OpenAPI parameter object, for the ``openapi_extra`` of a lean route. A free-text query parameter is
+    documented without NUL, which ``query`` refuses (unpaired surrogates cannot be written in a JSON Schema, nor
+    sent as UTF-8)."""
+    if where == "query" and schema.get("type") == "string" and "enum" not in schema and "pattern" not in schema:
+        schema = {**schema, "pattern": NO_NUL}
     return {"name": name, "in": where, "required": required, "schema": schema, "description": description}

@@ -10,7 +10,9 @@ without it), the access line included; half as much with the access line off (``
   handled, echoed in the response's ``X-Request-ID``, and left on ``request.state.request_id`` for the 500 handler,
   which runs outside this middleware.
 - Labels: the matched route's template, never the raw path (bounded, and paths can carry personal data); methods
-  outside HTTP's usual set count as ``OTHER``.
+  outside HTTP's usual set count as ``OTHER``. A request answered before routing (an API key refused, a 503 from
+  admission) or by a route that does not record itself (``/docs``, ``/openapi.json``, a static mount) is labelled
+  with the template its path matches (``RouteTemplates``); only a path no route knows is ``unmatched``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import random
 import re
 import time
-from typing import Any
+from collections.abc import Callable, Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -34,15 +36,19 @@ CANCELLED = 499
 
 
 class RequestTelemetry:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, routes: Callable[[], Iterable[object]]) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes
+        self.templates: RouteTemplates | None = None  # built on first need, once every route is in place
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        # As the server gave it: a mount on the way in extends root_path with the part it matched.
+        root_path: str = scope.get("root_path", "")
         # An id need not be unguessable, only unique: 128 random bits, without the system call of secrets/uuid4.
         request_id = incoming_request_id(scope) or f"{random.getrandbits(128):032x}"
         scope.setdefault("state", {})["request_id"] = request_id
@@ -68,10 +74,44 @@ class RequestTelemetry:
         finally:
             seconds = time.perf_counter() - started
             method = scope["method"] if scope["method"] in METHODS else "OTHER"
-            route = route_of(scope)
+            route = self.route_of(scope, root_path)
             self.metrics.request(method, route, status, seconds)
             log_request(method, route, status, seconds * 1000, request_id)
             REQUEST_ID.reset(token)
+
+    def route_of(self, scope: Scope, root_path: str) -> str:
+        """The template of the route that answered (set by FastAPI's router), else of the route the path matches
+        (``scope["path"]`` less the server's ``root_path``, as a router reads it)."""
+        template = getattr(scope.get("route"), "path_format", None)
+        if isinstance(template, str):
+            return template
+        if self.templates is None:
+            self.templates = RouteTemplates(self.routes())
+        path: str = scope["path"]
+        return self.templates.match(path[len(root_path) :] if root_path and path.startswith(root_path) else path)
+
+
+class RouteTemplates:
+    """The path templates of routes (Starlette's and FastAPI's), to label requests no route recorded itself on.
+
+    Matching ignores the method, as a 405 does. Used only for refusals, unknown paths and the documentation pages:
+    routed API requests never get here.
+    """
+
+    def __init__(self, routes: Iterable[object]) -> None:
+        templates: dict[str, re.Pattern[str]] = {}
+        for route in routes:
+            template, regex = getattr(route, "path_format", None), getattr(route, "path_regex", None)
+            if isinstance(template, str) and isinstance(regex, re.Pattern):
+                templates.setdefault(template, regex)  # a mount's is "/docs/static/{path}", whatever the file
+        # Literal paths first, as no route with a parameter may shadow one ("/a/b" before "/a/{x}").
+        self._ordered = sorted(templates.items(), key=lambda item: "{" in item[0])
+
+    def match(self, path: str) -> str:
+        for template, regex in self._ordered:
+            if regex.match(path):
+                return template
+        return UNMATCHED
 
 
 def incoming_request_id(scope: Scope) -> str | None:
@@ -79,10 +119,3 @@ def incoming_request_id(scope: Scope) -> str | None:
         if name == REQUEST_ID_HEADER:
             return value.decode("ascii") if SANE_REQUEST_ID.fullmatch(value) else None
     return None
-
-
-def route_of(scope: Scope) -> str:
-    """The template of the route that answered (set by the router), or ``unmatched``."""
-    route: Any = scope.get("route")
-    path = getattr(route, "path", None)
-    return path if isinstance(path, str) else UNMATCHED
