@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,14 @@ from kbms.api import create_app
 from kbms.api.errors import status_of
 from kbms.backfill import ingest_file
 from kbms.errors import InvalidJson, NonFiniteNumber, ValidationFailed
-from kbms.providers.base import validate_json
+from kbms.ingest import push_delivery_key
+from kbms.providers import REGISTRY
+from kbms.providers.base import refuse_non_finite, validate_json
 from kbms.providers.intercom.schema import IntercomConversation
+from kbms.reprocess import reprocess
 from kbms.settings import Settings
-from kbms.storage import admin_engine
+from kbms.storage import admin_engine, open_store
+from kbms.storage.base import Delivery
 from kbms.storage.schema import ledger
 from tests import canary
 from tests.conftest import ENGINES, engine_url
@@ -61,7 +66,7 @@ def test_the_three_non_finite_literals_are_refused_anywhere(literal: str, where:
         "mapped": text.replace("1700000000", literal),
     }
     with pytest.raises(NonFiniteNumber) as refused:
-        validate_json(IntercomConversation, bodies[where].encode())
+        refuse_non_finite(bodies[where].encode())
     assert refused.value.message == NOT_JSON_NUMBERS
     assert status_of(refused.value) == (400, "invalid_json")
 
@@ -79,6 +84,7 @@ def test_the_same_letters_inside_strings_are_text() -> None:
     body = json.dumps(
         intercom_payload("NaN", title="Infinity", parts=[part("Infinity", "<p>NaN, -Infinity</p>")], NaN="NaN")
     )
+    refuse_non_finite(body.encode())  # nothing to refuse
     conversation = validate_json(IntercomConversation, body.encode())
     assert (conversation.id, conversation.title, conversation.parts[0].id) == ("NaN", "Infinity", "Infinity")
 
@@ -251,3 +257,38 @@ def test_a_signed_nan_webhook_is_not_kept_but_signed_garbage_still_is(shared: tu
     garbage = b'{"type": "notification_event", "id": nope}'
     assert client.post("/webhooks/intercom", content=garbage, headers=intercom_headers(garbage)).status_code == 400
     assert garbage in stored_bodies(url)  # kept as rejected: it reads as JSON to no one
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_reprocess_keeps_what_an_older_kbms_accepted(engine: str, tmp_path: Path) -> None:
+    # Before strict JSON, a NaN in a field kbms ignores was stored and accepted. Re-reading the ledger must not refuse
+    # it now: the conversation would be deleted for want of a payload, though nothing new says it should be.
+    body = json.dumps(intercom_payload("c-older")).replace("{", '{"score": NaN, ', 1).encode()
+    provider = REGISTRY["intercom"]
+    snapshot = provider.parse_push(body, workspace="acme", default_workspace="default")
+    body_hash = hashlib.sha256(body).hexdigest()
+    delivery = Delivery(
+        provider="intercom",
+        workspace="acme",
+        kind="push",
+        topic=None,
+        delivery_key=push_delivery_key("acme", body_hash),
+        body_hash=body_hash,
+        body=body,
+        received_at=datetime.now(UTC),
+        named_workspace="acme",
+    )
+    with engine_url(engine, tmp_path) as url:
+        store = open_store(Settings(database_url=url))
+        try:
+            applied = await store.ingest(delivery, snapshot, redact=provider.redactor)
+            assert applied.result == "created"
+            assert applied.conversation_id is not None
+            report = await reprocess(store, providers=REGISTRY)
+            assert (report.conversations, report.changed, report.deliveries_reclassified) == (1, 0, 0)
+            kept = await store.get_conversation(applied.conversation_id)
+            assert kept is not None
+            assert kept.external_id == "c-older"
+        finally:
+            await store.close()

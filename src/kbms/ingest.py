@@ -3,7 +3,8 @@
 Order of work for a push, cheapest first:
 1. hash the raw bytes; a body already stored for this provider and workspace is answered from the ledger
    without being parsed again (redeliveries and retries are the common case at the edge);
-2. validate and map (pure, in the provider); a payload that fails validation is kept in the ledger as rejected,
+2. refuse what is not strict JSON (``NaN``, ``Infinity``: only here, where payloads arrive), then validate and
+   map (pure, in the provider); a payload that fails validation is kept in the ledger as rejected,
    so a later mapper can re-derive it, and the caller gets the validation error;
 3. store: one transaction records the delivery and merges the snapshot.
 
@@ -37,6 +38,7 @@ from kbms.errors import (
 from kbms.limits import DEFAULT_LIMITS, PayloadLimits, enforce
 from kbms.model import DEFAULT_WORKSPACE, ConversationSnapshot, IngestResult, WebhookEvent
 from kbms.providers import Provider
+from kbms.providers.base import refuse_non_finite
 from kbms.storage.base import Delivery, Pending, Store
 
 T = TypeVar("T")
@@ -105,6 +107,7 @@ async def ingest_push(
     )
 
     def parse() -> ConversationSnapshot:
+        refuse_non_finite(body)
         snapshot = provider.parse_push(body, workspace=workspace, default_workspace=default_workspace)
         enforce(snapshot, limits)
         return snapshot
@@ -198,6 +201,7 @@ async def ingest_batch(
         parsed: list[ConversationSnapshot | InputError] = []
         for index in fresh:
             try:
+                refuse_non_finite(bodies[index])
                 snapshot = provider.parse_push(bodies[index], workspace=workspace, default_workspace=default_workspace)
                 enforce(snapshot, limits)
                 parsed.append(snapshot)
@@ -315,6 +319,7 @@ async def receive_webhook(
         )
 
     def parse() -> WebhookEvent:
+        refuse_non_finite(body)
         event = hooks.parse(body, workspace=workspace)
         enforce(event.change, limits)
         return event

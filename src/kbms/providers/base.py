@@ -91,12 +91,7 @@ class Provider(Protocol):
 
 
 def validate_json(schema: type[Payload], body: bytes) -> Payload:
-    """Parse and validate raw bytes in one pass, translating pydantic's errors into kbms's.
-
-    Every payload kbms reads goes through here (pushes, batch and file lines, webhooks, and ``kbms reprocess``), so
-    this is where a body that is not strict JSON is refused, before any of it can be stored.
-    """
-    refuse_non_finite(body)
+    """Parse and validate raw bytes in one pass, translating pydantic's errors into kbms's."""
     try:
         return schema.model_validate_json(body)
     except ValidationError as exc:
@@ -105,6 +100,10 @@ def validate_json(schema: type[Payload], body: bytes) -> Payload:
 
 def refuse_non_finite(body: bytes) -> None:
     """Raise ``NonFiniteNumber`` if ``body`` holds ``NaN``, ``Infinity`` or ``-Infinity`` as a value, anywhere.
+
+    Called by the use cases where a payload arrives (``kbms.ingest``), before any of it is stored, and not by
+    ``validate_json``: ``kbms reprocess`` re-reads the ledger, where an older kbms kept such payloads as accepted,
+    and refusing them there would delete conversations that nothing new refutes.
 
     pydantic's JSON parser, like Python's ``json``, reads exactly these three spellings (not ``nan``, ``+Infinity``,
     ``-NaN`` or ``inf``), and reads them in fields kbms ignores too, so the schema cannot see them. Most bodies hold

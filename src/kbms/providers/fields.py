@@ -1,8 +1,8 @@
 """Field types shared by provider schemas: tolerant of how providers spell things, strict about what they mean.
 
 - ids arrive as strings or integers; they are kept as trimmed strings and may not be empty;
-- numbers (an attachment's size) are integers: booleans, fractions and strings are refused (pydantic's lax ``int``
-  reads ``true`` as 1 and ``"1_000"`` as 1000);
+- numbers (an attachment's size) are integers, or digits in a string: booleans, fractions and other text are
+  refused (pydantic's lax ``int`` reads ``true`` as 1 and ``"1_000"`` as 1000);
 - timestamps arrive as unix seconds or ISO-8601 strings; booleans and fractional numbers are refused (a fraction is
   usually a millisecond mistake), and so is anything outside 1970-2100 (milliseconds sent as seconds land there).
 
@@ -14,6 +14,7 @@ Every error raised here names a stable issue, reported at the field's own dotted
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -24,6 +25,7 @@ EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(2101, 1, 1, tzinfo=UTC)  # exclusive: "within 1970-2100"
 
 
+DIGITS = re.compile("[0-9]{1,19}")  # an integer in a string: ASCII digits alone, within 64 bits
 MAX_ID = 255  # ids are keys in unique indexes; PostgreSQL refuses index entries over ~2.7 KB
 
 
@@ -55,6 +57,10 @@ def _id(value: Any) -> str:
 
 
 def _integer(value: Any) -> int:
+    # Digits in a string are read as before (pydantic's lax int did, so payloads an older kbms kept as accepted still
+    # read the same in ``kbms reprocess``); booleans, fractions and other text are refused.
+    if isinstance(value, str) and DIGITS.fullmatch(value):
+        return int(value)
     number = integral(value)
     if number is None:
         raise PydanticCustomError("int_type", "Input should be an integer")
@@ -153,6 +159,7 @@ OptionalId = Annotated[
     PlainValidator(_optional_id),
     WithJsonSchema(_OPTIONAL_ID_SCHEMA),
 ]
-Integer = Annotated[int, PlainValidator(_integer), WithJsonSchema({"type": "integer"})]
+_INTEGER_SCHEMA = {"anyOf": [{"type": "integer"}, {"type": "string", "pattern": "^[0-9]{1,19}$"}]}
+Integer = Annotated[int, PlainValidator(_integer), WithJsonSchema(_INTEGER_SCHEMA)]
 Timestamp = Annotated[datetime, PlainValidator(parse_timestamp), WithJsonSchema(_TIMESTAMP_SCHEMA)]
 OptionalText = Annotated[str | None, BeforeValidator(_optional_text)]
