@@ -101,7 +101,8 @@ def create_app(
         conversations.router,
     )
     # What no route answered (a refused key, a 503) is labelled with the template its path matches, among the app's
-    # own routes (the documentation pages, mounts) and the routers' (read on first need, when all are in place).
+    # own routes (the documentation pages, mounts) and the routers' (read on first need, when all are in place). The
+    # routers are listed apart because this FastAPI keeps each included router as one entry of app.routes.
     app.add_middleware(
         RequestTelemetry,
         metrics=app.state.metrics,

@@ -103,7 +103,7 @@ class RouteTemplates:
         for route in routes:
             template, regex = getattr(route, "path_format", None), getattr(route, "path_regex", None)
             if isinstance(template, str) and isinstance(regex, re.Pattern):
-                templates.setdefault(template, regex)  # a mount's is "/docs/static/{path}", whatever the file
+                templates.setdefault(template, regex)  # a mount's is "<prefix>/{path}", whatever the file
         # Literal paths first, as no route with a parameter may shadow one ("/a/b" before "/a/{x}").
         self._ordered = sorted(templates.items(), key=lambda item: "{" in item[0])
 
