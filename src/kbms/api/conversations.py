@@ -34,8 +34,7 @@ from kbms.api.openapi import link
 from kbms.api.responses import json_response
 from kbms.api.schemas import ChangePage, ConversationDetail, ConversationPage, ErrorBody, ListItem, Match
 from kbms.errors import FieldIssue, Forbidden, NotFound, ValidationFailed
-from kbms.merge import micros
-from kbms.model import State
+from kbms.model import State, micros
 from kbms.providers import REGISTRY
 from kbms.storage.base import Filters
 
