@@ -11,8 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from kbms.errors import FieldIssue
-from kbms.merge import micros
-from kbms.model import ConversationDeletion, ConversationSnapshot
+from kbms.model import ConversationDeletion, ConversationSnapshot, micros
 from kbms.providers import get_provider
 from kbms.storage import Store, admin_engine
 from kbms.storage.base import ALL, Applied, Cursor, Delivery, Pending

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
@@ -20,7 +20,7 @@ from kbms.api.telemetry import RequestTelemetry
 from kbms.auth import Keyring
 from kbms.limits import PayloadLimits
 from kbms.process import tune_garbage_collection
-from kbms.providers import REGISTRY
+from kbms.providers import REGISTRY, Provider
 from kbms.settings import Settings
 from kbms.storage import Store, open_store
 
@@ -51,16 +51,24 @@ Every error has the body `{error_code, message, details}`:
 
 
 def create_app(
-    settings: Settings, *, store: Store | None = None, clock: Callable[[], datetime] | None = None
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    clock: Callable[[], datetime] | None = None,
+    providers: Mapping[str, Provider] | None = None,
 ) -> FastAPI:
     """The app. With ``store`` given the caller owns it; otherwise the app opens one at startup and closes it.
 
     ``clock``: the time webhook signatures are checked against (tests pin it); the system clock by default.
+    ``providers``: the providers the app serves, by name (their ingestion and webhook routes, metrics labels,
+    payload schemas and the provider filter); the registry (``kbms.providers.REGISTRY``) by default. A test can
+    serve a provider of its own with it.
     """
+    providers = REGISTRY if providers is None else providers
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        _warn_about_webhooks(settings)
+        _warn_about_webhooks(settings, providers)
         app.state.store = store if store is not None else open_store(settings)
         tune_garbage_collection()
         try:
@@ -82,7 +90,8 @@ def create_app(
     app.state.settings = settings
     app.state.limits = PayloadLimits.of(settings)
     app.state.clock = clock or (lambda: datetime.now(UTC))
-    app.state.metrics = metrics.Metrics(REGISTRY, multiprocess_dir=metrics.multiprocess_dir())
+    app.state.provider_filter = conversations.provider_filter(providers)
+    app.state.metrics = metrics.Metrics(providers, multiprocess_dir=metrics.multiprocess_dir())
     # The last added is the outermost: telemetry sees (and counts, with a request id) what auth refuses.
     keyring = Keyring.configured(settings.api_keys, settings.api_keys_file)
     if keyring:
@@ -96,9 +105,9 @@ def create_app(
     routers = (
         health.router,
         metrics.router,
-        integrations.router(REGISTRY.values()),
-        webhooks.router(REGISTRY.values()),
-        conversations.router,
+        integrations.router(providers.values()),
+        webhooks.router(providers.values()),
+        conversations.router(providers),
     )
     # What no route answered (a refused key, a 503) is labelled with the template its path matches, among the app's
     # own routes (the documentation pages, mounts) and the routers' (read on first need, when all are in place). The
@@ -112,15 +121,15 @@ def create_app(
     for router in routers:
         app.include_router(router)
     install_docs(app)
-    install_openapi(app, (provider.push_schema for provider in REGISTRY.values()), protected=required_scope)
+    install_openapi(app, (provider.push_schema for provider in providers.values()), protected=required_scope)
     return app
 
 
-def _warn_about_webhooks(settings: Settings) -> None:
+def _warn_about_webhooks(settings: Settings, providers: Mapping[str, Provider]) -> None:
     if settings.allow_unsigned_webhooks:
         log.warning("KBMS_ALLOW_UNSIGNED_WEBHOOKS is on: webhooks are accepted WITHOUT signatures. Local testing only.")
         return
-    for provider in REGISTRY.values():
+    for provider in providers.values():
         if provider.webhooks is not None and not settings.secret(provider.webhooks.secret_variable):
             log.warning(
                 "%s is not set: every %s webhook will be refused (401)",

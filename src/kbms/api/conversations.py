@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal, get_args
+from collections.abc import AsyncIterator, Iterable
+from typing import Annotated, Any, Literal, cast, get_args
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
@@ -34,9 +34,7 @@ from kbms.api.openapi import link
 from kbms.api.responses import json_response
 from kbms.api.schemas import ChangePage, ConversationDetail, ConversationPage, ErrorBody, ListItem, Match
 from kbms.errors import FieldIssue, Forbidden, NotFound, ValidationFailed
-from kbms.merge import micros
-from kbms.model import State
-from kbms.providers import REGISTRY
+from kbms.model import State, micros
 from kbms.storage.base import Filters
 
 DEFAULT_LIMIT = 50
@@ -46,25 +44,24 @@ MAX_FEED_LIMIT = 1000
 LIMIT = TypeAdapter(Annotated[int, Field(ge=1, le=MAX_LIMIT)])
 FEED_LIMIT = TypeAdapter(Annotated[int, Field(ge=1, le=MAX_FEED_LIMIT)])
 CURSOR = TypeAdapter(Annotated[str, Field(max_length=256)])
-PROVIDER: TypeAdapter[str] = TypeAdapter(Literal[tuple(REGISTRY)])  # type: ignore[arg-type]
 STATE: TypeAdapter[State] = TypeAdapter(State)
 TAG = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=255)])
 Q = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=512)])
 # Every conversation id is minted by kbms (``kbms.merge.conversation_id``: a UUID, as ``str`` writes it), so any
 # other text names no conversation, whatever a database would make of it.
 CONVERSATION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-router = APIRouter(prefix="/internal", tags=["internal"], route_class=LeanRoute)
+PREFIX = "/internal"
 LIST_PATH, DETAIL_PATH, CHANGES_PATH = "/conversations", "/conversations/{conversation_id}", "/changes"
 
 
 def detail_link(conversation_id: str) -> dict[str, Any]:
     """A link to the conversation whose id the runtime expression ``conversation_id`` names."""
-    return link(router.prefix + DETAIL_PATH, "get", "The conversation", conversation_id=conversation_id)
+    return link(PREFIX + DETAIL_PATH, "get", "The conversation", conversation_id=conversation_id)
 
 
 FILTERS = ("provider", "workspace", "state", "tag", "updated_after", "updated_before")
-FILTER_PARAMETERS = [
-    parameter("provider", "query", {"type": "string", "enum": list(REGISTRY)}, "Only this provider's"),
+# The provider filter's parameter is the app's (see ``router``); these are the same for every app.
+OTHER_FILTER_PARAMETERS = [
     workspace_parameter("Only this workspace's (a provider account)"),
     parameter("state", "query", {"type": "string", "enum": list(get_args(State))}, "Only conversations in this state"),
     parameter("tag", "query", {"type": "string", "minLength": 1, "maxLength": 255}, "Only conversations with this tag"),
@@ -83,6 +80,18 @@ FILTER_PARAMETERS = [
 ]
 
 
+def provider_filter(providers: Iterable[str]) -> TypeAdapter[str]:
+    """The validator of the ``provider`` filter: one of ``providers`` (an app's), built once per app."""
+    return TypeAdapter(Literal[tuple(providers)])  # type: ignore[arg-type]
+
+
+def _provider(request: Request) -> str | None:
+    # Looked up only when the filter is given: a list without it costs what it did with a module-level validator.
+    if "provider" not in request.query_params:
+        return None
+    return query(request, "provider", cast(TypeAdapter[str], request.app.state.provider_filter), None)
+
+
 def filters_of(request: Request) -> Filters:
     after = query(request, "updated_after", TIME, None)
     before = query(request, "updated_before", TIME, None)
@@ -93,7 +102,7 @@ def filters_of(request: Request) -> Filters:
             raise Forbidden(f"This API key cannot read workspace {workspace!r}")
         within = None  # the workspace filter is narrower
     return Filters(
-        provider=query(request, "provider", PROVIDER, None),
+        provider=_provider(request),
         workspace=workspace,
         within=within,
         state=query(request, "state", STATE, None),
@@ -103,44 +112,6 @@ def filters_of(request: Request) -> Filters:
     )
 
 
-@router.get(
-    LIST_PATH,
-    response_model=ConversationPage,
-    summary="List or search conversations",
-    description=(
-        "Without `q`: live conversations newest-updated first; `next_cursor` continues the list, and new "
-        "conversations arriving meanwhile neither repeat nor skip items. With `q`: full-text search over subjects "
-        "and message text (accents and case do not matter, every word must be present), most relevant first, each "
-        "item with a `match` (score and highlighted snippet); the 1,000 most recently created matches are ranked. "
-        "Filters apply to both."
-    ),
-    responses={
-        200: {
-            "links": {
-                "NextPage": link(
-                    router.prefix + LIST_PATH,
-                    "get",
-                    "The next page of the same list or search (none when next_cursor is null)",
-                    cursor="$response.body#/next_cursor",
-                    **{name: f"$request.query.{name}" for name in ("limit", "q", *FILTERS)},
-                ),
-                "FirstItem": detail_link("$response.body#/items/0/id"),
-            }
-        },
-        422: {"model": ErrorBody, "description": "Bad limit, cursor, filter or query"},
-        **ERROR_RESPONSES,
-    },
-    openapi_extra={
-        "parameters": [
-            parameter(
-                "limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 50}, "Page size"
-            ),
-            parameter("cursor", "query", {"type": "string", "maxLength": 256}, "next_cursor of the previous page"),
-            parameter("q", "query", {"type": "string", "minLength": 1, "maxLength": 512}, "Full-text search"),
-            *FILTER_PARAMETERS,
-        ]
-    },
-)
 async def list_conversations(request: Request) -> Response:
     limit = query(request, "limit", LIMIT, DEFAULT_LIMIT)
     cursor = query(request, "cursor", CURSOR, "")
@@ -177,17 +148,6 @@ async def list_conversations(request: Request) -> Response:
     return json_response(ConversationPage(items=listed, next_cursor=next_cursor))
 
 
-@router.get(
-    DETAIL_PATH,
-    response_model=ConversationDetail,
-    summary="One conversation with its participants, messages and events",
-    responses={404: {"model": ErrorBody, "description": "Unknown or deleted conversation"}, **ERROR_RESPONSES},
-    openapi_extra={
-        "parameters": [
-            parameter("conversation_id", "path", {"type": "string", "format": "uuid"}, "kbms's id", required=True)
-        ]
-    },
-)
 async def get_conversation(request: Request) -> Response:
     # Another workspace's conversation is as unknown to a limited key as a missing one: no existence oracle.
     conversation_id = path_id(request, "conversation_id", CONVERSATION_ID, "Conversation")
@@ -197,44 +157,6 @@ async def get_conversation(request: Request) -> Response:
     return json_response(detail)
 
 
-@router.get(
-    CHANGES_PATH,
-    response_model=ChangePage,
-    summary="Every committed change, in commit order",
-    description=(
-        "Each created, updated or deleted conversation once per change, in the order the changes were committed. "
-        "Start without a cursor, then pass `next_cursor` back, forever: it is always set (the same cursor when "
-        "nothing new has been committed), and no change is ever skipped or repeated, whatever the concurrent "
-        "writers. Changes are kept: a consumer can resume from any cursor it was given."
-    ),
-    responses={
-        200: {
-            "links": {
-                "NextChanges": link(
-                    router.prefix + CHANGES_PATH,
-                    "get",
-                    "The changes committed after these",
-                    cursor="$response.body#/next_cursor",
-                    limit="$request.query.limit",
-                ),
-                "FirstChanged": detail_link("$response.body#/items/0/conversation_id"),
-            }
-        },
-        422: {"model": ErrorBody, "description": "Bad limit or cursor"},
-        **ERROR_RESPONSES,
-    },
-    openapi_extra={
-        "parameters": [
-            parameter(
-                "limit",
-                "query",
-                {"type": "integer", "minimum": 1, "maximum": MAX_FEED_LIMIT, "default": DEFAULT_FEED_LIMIT},
-                "Page size",
-            ),
-            parameter("cursor", "query", {"type": "string", "maxLength": 256}, "next_cursor of the previous page"),
-        ]
-    },
-)
 async def list_changes(request: Request) -> Response:
     limit = query(request, "limit", FEED_LIMIT, DEFAULT_FEED_LIMIT)
     cursor = query(request, "cursor", CURSOR, "")
@@ -244,30 +166,6 @@ async def list_changes(request: Request) -> Response:
     return json_response(ChangePage.of(records, next_cursor=encode_feed_cursor(last)))
 
 
-@router.get(
-    "/exports/conversations.ndjson",
-    summary="Export conversations as NDJSON (streamed)",
-    description=(
-        "Every live conversation the filters match, one detail per line (the same JSON as the detail endpoint), "
-        "newest-updated first, from one consistent snapshot of the database, streamed in constant memory. "
-        "`X-Kbms-Count` says how many lines will come: fewer means the transfer broke."
-    ),
-    response_class=StreamingResponse,
-    responses={
-        200: {
-            "content": {
-                "application/x-ndjson": {
-                    "schema": {"type": "string", "description": "One ConversationDetail JSON object per line"}
-                }
-            },
-            "description": "One conversation per line",
-            "headers": {"X-Kbms-Count": {"schema": {"type": "integer"}, "description": "Lines that will follow"}},
-        },
-        422: {"model": ErrorBody, "description": "Bad filter"},
-        **ERROR_RESPONSES,
-    },
-    openapi_extra={"parameters": FILTER_PARAMETERS},
-)
 async def export_conversations(request: Request) -> Response:
     batches = store_of(request).export(filters_of(request))
     # The first batch before the response starts: a database that cannot be read is still a proper 503.
@@ -287,3 +185,129 @@ async def export_conversations(request: Request) -> Response:
 
     headers = {"X-Kbms-Count": str(first.total), "Content-Disposition": 'attachment; filename="conversations.ndjson"'}
     return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers)
+
+
+def router(providers: Iterable[str]) -> APIRouter:
+    """The ``/internal`` routes of an app whose providers are named ``providers`` (the provider filter takes
+    them); built once per app, like the ingestion and webhook routers. The app keeps ``provider_filter(providers)``
+    as ``app.state.provider_filter``."""
+    filter_parameters = [
+        parameter("provider", "query", {"type": "string", "enum": list(providers)}, "Only this provider's"),
+        *OTHER_FILTER_PARAMETERS,
+    ]
+    routes = APIRouter(prefix=PREFIX, tags=["internal"], route_class=LeanRoute)
+    routes.get(
+        LIST_PATH,
+        response_model=ConversationPage,
+        summary="List or search conversations",
+        description=(
+            "Without `q`: live conversations newest-updated first; `next_cursor` continues the list, and new "
+            "conversations arriving meanwhile neither repeat nor skip items. With `q`: full-text search over subjects "
+            "and message text (accents and case do not matter, every word must be present), most relevant first, each "
+            "item with a `match` (score and highlighted snippet); the 1,000 most recently created matches are ranked. "
+            "Filters apply to both."
+        ),
+        responses={
+            200: {
+                "links": {
+                    "NextPage": link(
+                        PREFIX + LIST_PATH,
+                        "get",
+                        "The next page of the same list or search (none when next_cursor is null)",
+                        cursor="$response.body#/next_cursor",
+                        **{name: f"$request.query.{name}" for name in ("limit", "q", *FILTERS)},
+                    ),
+                    "FirstItem": detail_link("$response.body#/items/0/id"),
+                }
+            },
+            422: {"model": ErrorBody, "description": "Bad limit, cursor, filter or query"},
+            **ERROR_RESPONSES,
+        },
+        openapi_extra={
+            "parameters": [
+                parameter(
+                    "limit",
+                    "query",
+                    {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 50},
+                    "Page size",
+                ),
+                parameter("cursor", "query", {"type": "string", "maxLength": 256}, "next_cursor of the previous page"),
+                parameter("q", "query", {"type": "string", "minLength": 1, "maxLength": 512}, "Full-text search"),
+                *filter_parameters,
+            ]
+        },
+    )(list_conversations)
+    routes.get(
+        DETAIL_PATH,
+        response_model=ConversationDetail,
+        summary="One conversation with its participants, messages and events",
+        responses={404: {"model": ErrorBody, "description": "Unknown or deleted conversation"}, **ERROR_RESPONSES},
+        openapi_extra={
+            "parameters": [
+                parameter("conversation_id", "path", {"type": "string", "format": "uuid"}, "kbms's id", required=True)
+            ]
+        },
+    )(get_conversation)
+    routes.get(
+        CHANGES_PATH,
+        response_model=ChangePage,
+        summary="Every committed change, in commit order",
+        description=(
+            "Each created, updated or deleted conversation once per change, in the order the changes were committed. "
+            "Start without a cursor, then pass `next_cursor` back, forever: it is always set (the same cursor when "
+            "nothing new has been committed), and no change is ever skipped or repeated, whatever the concurrent "
+            "writers. Changes are kept: a consumer can resume from any cursor it was given."
+        ),
+        responses={
+            200: {
+                "links": {
+                    "NextChanges": link(
+                        PREFIX + CHANGES_PATH,
+                        "get",
+                        "The changes committed after these",
+                        cursor="$response.body#/next_cursor",
+                        limit="$request.query.limit",
+                    ),
+                    "FirstChanged": detail_link("$response.body#/items/0/conversation_id"),
+                }
+            },
+            422: {"model": ErrorBody, "description": "Bad limit or cursor"},
+            **ERROR_RESPONSES,
+        },
+        openapi_extra={
+            "parameters": [
+                parameter(
+                    "limit",
+                    "query",
+                    {"type": "integer", "minimum": 1, "maximum": MAX_FEED_LIMIT, "default": DEFAULT_FEED_LIMIT},
+                    "Page size",
+                ),
+                parameter("cursor", "query", {"type": "string", "maxLength": 256}, "next_cursor of the previous page"),
+            ]
+        },
+    )(list_changes)
+    routes.get(
+        "/exports/conversations.ndjson",
+        summary="Export conversations as NDJSON (streamed)",
+        description=(
+            "Every live conversation the filters match, one detail per line (the same JSON as the detail endpoint), "
+            "newest-updated first, from one consistent snapshot of the database, streamed in constant memory. "
+            "`X-Kbms-Count` says how many lines will come: fewer means the transfer broke."
+        ),
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "content": {
+                    "application/x-ndjson": {
+                        "schema": {"type": "string", "description": "One ConversationDetail JSON object per line"}
+                    }
+                },
+                "description": "One conversation per line",
+                "headers": {"X-Kbms-Count": {"schema": {"type": "integer"}, "description": "Lines that will follow"}},
+            },
+            422: {"model": ErrorBody, "description": "Bad filter"},
+            **ERROR_RESPONSES,
+        },
+        openapi_extra={"parameters": filter_parameters},
+    )(export_conversations)
+    return routes

@@ -8,8 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kbms.ingest import IngestOutcome, WebhookOutcome
-from kbms.merge import from_micros
-from kbms.model import Conversation, ConversationSummary, IngestResult
+from kbms.model import Conversation, ConversationSummary, IngestResult, from_micros
 from kbms.storage.base import ChangeRecord
 
 # The detail is served from the read model, which is the model's own JSON: one definition, so the two cannot drift.

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kbms.cli.exits import Database, Failure
-from kbms.merge import micros
+from kbms.model import micros
 from kbms.providers import REGISTRY
 from kbms.settings import Settings
 from kbms.storage import parse_database_url, reading_engine

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import from_json
 
 from kbms.errors import FieldIssue, InvalidJson, NonFiniteNumber, ValidationFailed
-from kbms.model import ConversationSnapshot, WebhookEvent
-
-if TYPE_CHECKING:
-    from kbms.storage.base import Redactor
+from kbms.model import ConversationSnapshot, Redactor, WebhookEvent
 
 MAX_ISSUES = 50
 MAX_DEPTH = 200  # pydantic-core's JSON parser refuses deeper nesting
@@ -85,7 +82,7 @@ class Provider(Protocol):
 
     @property
     def redactor(self) -> Redactor | None:
-        """Rewrites the provider's raw payloads when a message is redacted (see ``storage.base.Redactor``); None
+        """Rewrites the provider's raw payloads when a message is redacted (see ``kbms.model.Redactor``); None
         when the provider's redactions are not mapped."""
         ...
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
 
 from kbms.errors import FieldIssue, ValidationFailed
-from kbms.model import Change, Conversation, ConversationSummary, IngestResult, Message
+from kbms.model import Change, Conversation, ConversationSummary, IngestResult, Redactor
 
 DeliveryKind = Literal["push", "webhook"]
 Outcome = Literal["created", "updated", "unchanged", "ignored", "rejected"]
@@ -28,11 +28,6 @@ class Delivery:
     received_at: datetime
     verified: bool = True
     named_workspace: str | None = None  # the workspace the request named (?workspace=), if any
-
-
-# The provider's rewrite of one of its raw payloads: (body, conversation external id, redacted messages by id)
-# -> the body with those messages' text replaced, or None if the body is not that conversation's or has no such part.
-Redactor = Callable[[bytes, str, Mapping[str, Message]], "bytes | None"]
 
 
 @dataclass(frozen=True, slots=True)

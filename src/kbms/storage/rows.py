@@ -10,12 +10,10 @@ from kbms.merge import (
     ConversationState,
     ParticipantState,
     Register,
-    from_micros,
-    micros,
     render,
     summarize,
 )
-from kbms.model import Attachment, Conversation, Event, Message
+from kbms.model import Attachment, Conversation, Event, Message, from_micros, micros
 
 
 def dumps(value: Any) -> str:

@@ -45,15 +45,23 @@ from kbms.merge import (
     ConversationState,
     conversation_id,
     delete,
-    from_micros,
     merge,
-    micros,
     new_state,
     render,
     replay,
     tombstone,
 )
-from kbms.model import Change, Conversation, ConversationDeletion, ConversationSnapshot, ConversationSummary, Message
+from kbms.model import (
+    Change,
+    Conversation,
+    ConversationDeletion,
+    ConversationSnapshot,
+    ConversationSummary,
+    Message,
+    Redactor,
+    from_micros,
+    micros,
+)
 from kbms.storage.base import (
     Applied,
     ChangeRecord,
@@ -68,7 +76,6 @@ from kbms.storage.base import (
     Page,
     Reader,
     Rebuilt,
-    Redactor,
 )
 from kbms.storage.rows import (
     conversation_values,

@@ -15,8 +15,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from kbms.errors import FieldIssue, StorageUnavailable, ValidationFailed
-from kbms.merge import micros
-from kbms.model import Change, Conversation, ConversationSnapshot
+from kbms.model import Change, Conversation, ConversationSnapshot, Redactor, micros
 from kbms.storage import sql
 from kbms.storage.base import (
     ALL,
@@ -35,7 +34,6 @@ from kbms.storage.base import (
     Pending,
     Reader,
     Rebuilt,
-    Redactor,
 )
 
 T = TypeVar("T")

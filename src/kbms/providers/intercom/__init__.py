@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from kbms.model import ConversationSnapshot, WebhookEvent
+from kbms.model import ConversationSnapshot, Redactor, WebhookEvent
 from kbms.providers.base import validate_json
 from kbms.providers.intercom import signature
 from kbms.providers.intercom.mapper import PROVIDER, to_snapshot
 from kbms.providers.intercom.redact import redact
 from kbms.providers.intercom.schema import IntercomConversation
 from kbms.providers.intercom.webhook import delivery_schema, parse_webhook
-
-if TYPE_CHECKING:
-    from kbms.storage.base import Redactor
 
 
 class IntercomWebhooks:
