@@ -20,6 +20,7 @@ re-applying a payload that was already applied changes nothing. Concretely:
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -276,6 +277,9 @@ def merge(state: ConversationState, snapshot: ConversationSnapshot) -> MergeResu
 
 # kbms's own UUID namespace: conversation ids are derived from the provider's key, never random.
 ID_NAMESPACE = uuid.UUID("7f1c9f52-4a1e-5d3b-9a58-6b2f0e0c4d11")
+# Every conversation id is minted here (a UUID, as ``str`` writes it), so any other text names no conversation,
+# whatever a database would make of it.
+CONVERSATION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def conversation_id(provider: str, workspace: str, external_id: str) -> str:

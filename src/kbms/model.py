@@ -12,6 +12,7 @@ before it is merged with what is already stored (see ``kbms.merge``).
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -31,6 +32,10 @@ def _utc(value: datetime) -> datetime:
 
 
 Text = Annotated[str, AfterValidator(_strip_nul)]
+# Text no engine can take: PostgreSQL refuses NUL in any text value, and neither driver can encode a lone surrogate
+# as UTF-8 (what Python makes of bytes that are not UTF-8 in a command line or environment). kbms strips NUL from
+# what it stores (``Text``) and never stores a surrogate, so a filter holding either can match nothing.
+UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
 
 # A workspace names a provider account (an Intercom app_id, a Zendesk subdomain): short and URL-safe.

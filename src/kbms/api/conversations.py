@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal, get_args
 
@@ -34,7 +33,7 @@ from kbms.api.openapi import link
 from kbms.api.responses import json_response
 from kbms.api.schemas import ChangePage, ConversationDetail, ConversationPage, ErrorBody, ListItem, Match
 from kbms.errors import FieldIssue, Forbidden, NotFound, ValidationFailed
-from kbms.merge import micros
+from kbms.merge import CONVERSATION_ID, micros
 from kbms.model import State
 from kbms.providers import REGISTRY
 from kbms.storage.base import Filters
@@ -50,9 +49,6 @@ PROVIDER: TypeAdapter[str] = TypeAdapter(Literal[tuple(REGISTRY)])  # type: igno
 STATE: TypeAdapter[State] = TypeAdapter(State)
 TAG = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=255)])
 Q = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=512)])
-# Every conversation id is minted by kbms (``kbms.merge.conversation_id``: a UUID, as ``str`` writes it), so any
-# other text names no conversation, whatever a database would make of it.
-CONVERSATION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 router = APIRouter(prefix="/internal", tags=["internal"], route_class=LeanRoute)
 LIST_PATH, DETAIL_PATH, CHANGES_PATH = "/conversations", "/conversations/{conversation_id}", "/changes"
 
