@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,8 +28,9 @@ from typer.testing import CliRunner
 from kbms import __version__
 from kbms.cli import app
 from kbms.cli.exits import DATABASE, REJECTED, USAGE
-from tests.conftest import free_port, require_postgres
-from tests.faults import HOLD_SQLITE_WRITE_LOCK, held_by_another_process
+from kbms.storage import admin_engine
+from tests.conftest import free_port, postgres_schema, require_postgres
+from tests.faults import HOLD_FLOCK, HOLD_SQLITE_WRITE_LOCK, held_by_another_process
 from tests.helpers import intercom_payload, zendesk_pushes
 
 runner = CliRunner()
@@ -111,7 +115,7 @@ def test_help_shows_readable_placeholders(path: list[str]) -> None:
     code, output, _ = invoke(*path, "--help")
     assert code == 0
     assert "--help" in output
-    for placeholder in ("<bool>", "<str>", "<int>", "<datetime>", "<path>", " TEXT ", " INTEGER "):
+    for placeholder in ("<bool>", "<str>", "<int>", "<datetime>", "<path>", "<file>", "{", " TEXT ", " INTEGER "):
         assert placeholder not in output, f"kbms {' '.join(path)} --help shows {placeholder}:\n{output}"
 
 
@@ -135,10 +139,8 @@ def test_no_database_file_in_a_process(tmp_path: Path, command: str) -> None:
     result = run(*COMMANDS[command], "--database-url", url, cwd=tmp_path)
     assert result.returncode == USAGE
     line = one_line(result.stderr)
-    assert (
-        line
-        == f"kbms: no database at {tmp_path / 'elsewhere' / 'kbms.db'}: run kbms migrate --database-url {url} first"
-    )
+    where = tmp_path / "elsewhere" / "kbms.db"
+    assert line == f"kbms: no database at {where}: run kbms migrate with the same --database-url first"
     assert files_under(tmp_path) == {"in.ndjson"}
 
 
@@ -162,7 +164,7 @@ def test_a_database_not_migrated_names_it_and_the_command_to_run(
     line = one_line(result.stderr)
     shown = make_url(empty_database_url).render_as_string(hide_password=True)
     assert f"the database {shown} is not migrated (its schema is at empty" in line
-    assert line.endswith(f": run kbms migrate --database-url {shown}")
+    assert line.endswith(": run kbms migrate with the same --database-url")
     assert files_under(tmp_path) == before
 
 
@@ -230,7 +232,11 @@ def test_postgresql_refusing_the_database_or_the_user(
     args = ("migrate",) if command == "migrate" else ("export", "--out", "out.ndjson")
     result = run(*args, "--database-url", url, cwd=tmp_path)
     assert result.returncode == DATABASE
-    assert f"({reason})" in one_line(result.stderr)
+    shown = make_url(url).render_as_string(hide_password=True)
+    assert one_line(result.stderr) == (
+        f"kbms: the server refused the database {shown} ({reason}): fix the user, password or database name in "
+        "KBMS_DATABASE_URL / --database-url"
+    )
     assert files_under(tmp_path) == set()
     code, _, stderr = invoke(*args, "--database-url", url)
     assert (code, one_line(stderr)) == (DATABASE, one_line(result.stderr))
@@ -260,14 +266,53 @@ def test_export_reads_while_another_process_holds_the_write_lock(tmp_path: Path,
         assert (code, "Exported 2 conversations" in stdout) == (0, True)
 
 
-def test_ingest_while_another_process_holds_the_write_lock_is_exit_3(tmp_path: Path, sqlite_url: str) -> None:
+@pytest.mark.parametrize(
+    ("program", "locked"),
+    [
+        pytest.param(HOLD_SQLITE_WRITE_LOCK, "", id="sqlite-write-transaction"),
+        # A stopped kbms holding its lock file: the command waited for it forever.
+        pytest.param(HOLD_FLOCK, ".writer-lock", id="kbms-writer-lock"),
+    ],
+)
+def test_ingest_while_another_process_holds_the_write_lock_is_exit_3(
+    tmp_path: Path, sqlite_url: str, program: str, locked: str
+) -> None:
+    """KBMS_DB_TIMEOUT bounds the command's wait: the half second given here, not SQLite's own 10 s."""
     ndjson(tmp_path / "in.ndjson", [intercom_payload("a")])
-    with held_by_another_process(HOLD_SQLITE_WRITE_LOCK, Path(make_url(sqlite_url).database or "")):
+    with held_by_another_process(program, Path((make_url(sqlite_url).database or "") + locked)):
         result = run("ingest", "in.ndjson", "--database-url", sqlite_url, cwd=tmp_path, env={"KBMS_DB_TIMEOUT": "0.5"})
     assert result.returncode == DATABASE
     line = one_line(result.stderr)
     assert line.startswith(f"kbms: the database {sqlite_url} is locked by another process")
-    assert line.endswith("then run again (KBMS_DB_TIMEOUT sets how long kbms waits for it)")
+    assert line.endswith(
+        "then run again (KBMS_DB_TIMEOUT sets how long kbms waits for it); the lines counted above are committed, "
+        "and running it again leaves them unchanged"
+    )
+
+
+def test_migrate_waits_for_the_lock_as_long_as_kbms_db_timeout_says(tmp_path: Path, sqlite_url: str) -> None:
+    """The holder lets go after 5 s: within SQLite's own 10 s, beyond the 0.2 s KBMS_DB_TIMEOUT gives here."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_SQLITE_WRITE_LOCK, make_url(sqlite_url).database or ""],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdin is not None
+    assert holder.stdout is not None
+    release = threading.Timer(5, holder.stdin.close)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        release.start()
+        code, _, stderr = invoke("migrate", "--database-url", sqlite_url, env={"KBMS_DB_TIMEOUT": "0.2"})
+    finally:
+        release.cancel()
+        if not holder.stdin.closed:
+            holder.stdin.close()
+        holder.wait(timeout=30)
+        holder.stdout.close()
+    assert code == DATABASE
+    assert one_line(stderr).startswith(f"kbms: the database {sqlite_url} is locked by another process")
 
 
 def test_a_database_path_that_is_no_file_is_exit_3(tmp_path: Path) -> None:
@@ -292,6 +337,18 @@ def test_migrate_where_no_directory_can_be_made_is_exit_3(tmp_path: Path) -> Non
         ("KBMS_MAX_BODY_BYTES", "lots", "kbms: KBMS_MAX_BODY_BYTES: Input should be a valid integer"),
         ("KBMS_DATABASE_URL", f"postgresql://u:{PASSWORD}@host:port/db", "kbms: KBMS_DATABASE_URL: not a database URL"),
         ("KBMS_DATABASE_URL", "mysql://u@host/db", "kbms: KBMS_DATABASE_URL: unsupported database 'mysql'"),
+        (
+            "KBMS_DATABASE_URL",
+            f"postgresql://u:{PASSWORD}@127.0.0.1/db?ssl=true",
+            'kbms: KBMS_DATABASE_URL: invalid connection option "ssl"',
+        ),
+        (
+            "KBMS_DATABASE_URL",
+            f"postgresql://u@127.0.0.1/db?password={PASSWORD}&sslmode=require&foo=bar",
+            'kbms: KBMS_DATABASE_URL: invalid connection option "foo"',
+        ),
+        ("KBMS_DATABASE_URL", "sqlite:///kbms.db?timeout=abc", "kbms: KBMS_DATABASE_URL: the SQLite option ?timeout="),
+        ("KBMS_DATABASE_URL", "sqlite:///kbms.db?foo=bar", "kbms: KBMS_DATABASE_URL: the SQLite option ?foo="),
     ],
 )
 def test_bad_configuration_is_exit_2_in_one_line(tmp_path: Path, variable: str, value: str, expected: str) -> None:
@@ -331,9 +388,12 @@ def test_reprocess_of_an_unknown_conversation_is_exit_2(tmp_path: Path, database
     code, _, stderr = invoke("reprocess", "--conversation-id", unknown, "--database-url", database_url)
     assert code == USAGE
     assert one_line(stderr).startswith(f"kbms: no conversation '{unknown}' in ")
-    result = run("reprocess", "--conversation-id", "nope", "--database-url", database_url, cwd=tmp_path)
-    assert result.returncode == USAGE
-    assert one_line(result.stderr).startswith("kbms: no conversation 'nope' in ")
+    for other in ("nope", "\udcff", "ABCDEF00-0000-0000-0000-000000000000"):  # not an id kbms mints: not looked up
+        result = run("reprocess", "--conversation-id", other, "--database-url", database_url, cwd=tmp_path)
+        assert result.returncode == USAGE
+        line = one_line(result.stderr)
+        assert line.startswith("kbms: --conversation-id "), line
+        assert "not a conversation id" in line or "is not UTF-8 text" in line, line
 
 
 def test_reprocess_with_nothing_in_scope_says_so_and_succeeds(tmp_path: Path, database_url: str) -> None:
@@ -431,6 +491,11 @@ def test_serve_on_an_address_it_cannot_listen_on(tmp_path: Path, sqlite_url: str
         (("export",), "kbms: Missing option '--out' (see kbms export --help)"),
         (("--nope",), "kbms: No such option: --nope (see kbms --help)"),
         (("ingest", "missing.ndjson"), "kbms: Invalid value for 'FILE': file 'missing.ndjson' does not exist"),
+        (
+            ("export", "--out", "x", "--database-url"),
+            "kbms: Option '--database-url' requires an argument (see kbms export --help)",
+        ),
+        (("keys", "create", "--name"), "kbms: Option '--name' requires an argument (see kbms keys create --help)"),
     ],
 )
 def test_usage_errors_are_one_line(tmp_path: Path, args: tuple[str, ...], expected: str) -> None:
@@ -444,6 +509,7 @@ def test_usage_errors_are_one_line(tmp_path: Path, args: tuple[str, ...], expect
 @pytest.mark.parametrize("args", [(), ("keys",)])
 def test_a_group_without_its_command_shows_its_help(args: tuple[str, ...]) -> None:
     result = runner.invoke(app, list(args), env={"COLUMNS": "200"})
+    assert result.exit_code == USAGE  # no command given: a usage error, answered with the help
     assert "Usage: " in result.output
     assert "Commands" in result.output
 
@@ -471,3 +537,146 @@ def test_a_bad_key_scope_is_one_line() -> None:
     code, _, stderr = invoke("keys", "create", "--name", "ci", "--scope", "everything")
     assert code == USAGE
     assert one_line(stderr).startswith("kbms: scopes.0: Input should be")
+
+
+@pytest.mark.parametrize(
+    ("url", "option"),
+    [
+        (f"postgresql://u:{PASSWORD}@127.0.0.1/db?ssl=true", 'invalid connection option "ssl"'),
+        ("sqlite:///kbms.db?check_same_thread=maybe", "the SQLite option ?check_same_thread="),
+    ],
+)
+@pytest.mark.parametrize("command", ["migrate", "export"])
+def test_a_database_url_option_kbms_cannot_use_is_exit_2(tmp_path: Path, url: str, option: str, command: str) -> None:
+    args = ("migrate",) if command == "migrate" else ("export", "--out", "out.ndjson")
+    result = run(*args, "--database-url", url, cwd=tmp_path)
+    assert result.returncode == USAGE
+    assert one_line(result.stderr).startswith(f"kbms: --database-url: {option}")
+    assert PASSWORD not in result.stdout + result.stderr
+    assert files_under(tmp_path) == set()
+    code, _, stderr = invoke(*args, "--database-url", url)
+    assert (code, one_line(stderr)) == (USAGE, one_line(result.stderr))
+
+
+NOT_UTF8 = "\udcff"  # what Python makes of the byte 0xff in a command line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("export", "--out", "out.ndjson", "--tag", NOT_UTF8),
+        ("export", "--out", "out.ndjson", "--workspace", "caf\udce9"),
+        ("export", "--out", "out.ndjson", "--state", NOT_UTF8),
+        ("export", "--out", "out.ndjson", "--provider", NOT_UTF8),
+        ("ingest", "in.ndjson", "--workspace", "caf\udce9"),
+        ("reprocess", "--conversation-id", NOT_UTF8),
+        ("reprocess", "--provider", NOT_UTF8),
+    ],
+    ids=lambda args: " ".join(a for a in args if a.startswith("--") and a != "--out") + f" ({args[0]})",
+)
+def test_text_that_is_not_utf8_in_an_option_is_exit_2(tmp_path: Path, database_url: str, args: tuple[str, ...]) -> None:
+    ndjson(tmp_path / "in.ndjson", [intercom_payload("a")])
+    args = tuple(str(tmp_path / arg) if arg == "in.ndjson" else arg for arg in args)
+    flag = args[-2]
+    result = run(*args, "--database-url", database_url, cwd=tmp_path)
+    assert result.returncode == USAGE
+    line = one_line(result.stderr)
+    assert line.startswith(f"kbms: {flag} "), line
+    assert "not UTF-8 text" in line or "Unknown provider" in line or "--state" in line, line
+    code, _, stderr = invoke(*args, "--database-url", database_url)
+    assert code == USAGE
+    assert one_line(stderr).startswith(f"kbms: {flag} ")
+
+
+def test_a_database_path_that_is_not_utf8_is_shown_escaped(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'd1' / NOT_UTF8}.db"
+    result = run("migrate", cwd=tmp_path, env={"KBMS_DATABASE_URL": url})
+    assert (result.returncode, result.stderr) == (0, "")
+    assert "\\xff.db migrated from empty to" in result.stdout
+    (tmp_path / "d2").mkdir()
+    (tmp_path / "d2" / f"{NOT_UTF8}.db").touch()  # a file, but no schema in it
+    env = {"KBMS_DATABASE_URL": f"sqlite:///{tmp_path / 'd2' / NOT_UTF8}.db"}
+    result = run("export", "--out", "out.ndjson", cwd=tmp_path, env=env)
+    assert result.returncode == USAGE
+    line = one_line(result.stderr)
+    assert "xff.db is not migrated" in line
+    assert line.endswith(": run kbms migrate")
+
+
+@pytest.mark.parametrize(
+    "url", [f"postgresql://u:{PASSWORD}@127.0.0.1/db", f"postgresql://u@127.0.0.1/db?password={PASSWORD}"]
+)
+def test_a_misplaced_database_url_is_not_printed_with_its_password(tmp_path: Path, url: str) -> None:
+    """The URL given without --database-url comes back in the usage message: without its password."""
+    result = run("migrate", url, cwd=tmp_path)
+    assert result.returncode == USAGE
+    line = one_line(result.stderr)
+    assert line.startswith("kbms: Got unexpected extra argument")
+    assert "postgresql://u" in line
+    assert "***" in line
+    assert PASSWORD not in result.stdout + result.stderr
+    code, _, stderr = invoke("migrate", url)
+    assert (code, one_line(stderr)) == (USAGE, line)
+
+
+def test_serve_binds_as_uvicorn_does(tmp_path: Path) -> None:
+    """A name resolving to IPv6 first: uvicorn binds it as IPv4 (IPv6 only for a host with ':'), and so must the
+    socket kbms binds before it (a private /etc/hosts, in a mount namespace of the test's own)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("::1 kbms-test-host\n127.0.0.1 kbms-test-host\n")
+    program = (
+        "import socket, uvicorn\n"
+        "from kbms.server import listening_socket\n"
+        "resolved = socket.getaddrinfo('kbms-test-host', 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)\n"
+        "ours = listening_socket('kbms-test-host', 0)\n"
+        "theirs = uvicorn.Config(app=None, host='kbms-test-host', port=0, log_config=None).bind_socket()\n"
+        "print(resolved[0][0].name, ours.family.name, ours.getsockname()[0], theirs.family.name)\n"
+    )
+    script = f'mount --bind {hosts} /etc/hosts && exec {sys.executable} -c "$0"'
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare here")
+    result = subprocess.run(
+        [unshare, "--mount", "sh", "-c", script, program], capture_output=True, text=True, timeout=60, check=False
+    )
+    if result.returncode != 0 and "mount" in result.stderr and "Traceback" not in result.stderr:
+        pytest.skip(f"cannot mount a private /etc/hosts here (needs root): {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    first, ours, address, theirs = result.stdout.split()
+    assert first == "AF_INET6"  # the case at hand: the resolver's first answer is IPv6
+    assert (ours, address) == (theirs, "127.0.0.1") == ("AF_INET", "127.0.0.1")
+
+
+@pytest.mark.postgres
+def test_postgresql_refusing_a_privilege_names_it(tmp_path: Path) -> None:
+    """A user who may not create tables in the schema: the server answered, so nothing is to be started."""
+    role = f"kbms_t_{uuid.uuid4().hex[:12]}"
+    admin = admin_engine(require_postgres())
+    try:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
+        with postgres_schema(migrated=False) as url:
+            as_role = make_url(url).set(username=role, password=PASSWORD).render_as_string(hide_password=False)
+            no_schema = run("migrate", "--database-url", as_role, cwd=tmp_path)
+            schema = str(make_url(url).query["options"]).removeprefix("-csearch_path=")
+            with admin.begin() as conn:
+                conn.exec_driver_sql(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+            result = run("migrate", "--database-url", as_role, cwd=tmp_path)
+            with admin.begin() as conn:
+                conn.exec_driver_sql(f'REVOKE USAGE ON SCHEMA "{schema}" FROM "{role}"')
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'DROP ROLE IF EXISTS "{role}"')
+        admin.dispose()
+    assert result.returncode == DATABASE
+    line = one_line(result.stderr)
+    assert line.startswith(f"kbms: the user of the database postgresql://{role}:***@")
+    assert line.endswith(
+        "lacks a privilege (InsufficientPrivilege): grant it (kbms migrate creates tables in the schema), or name "
+        "another user in KBMS_DATABASE_URL / --database-url"
+    )
+    assert PASSWORD not in result.stdout + result.stderr
+    assert no_schema.returncode == DATABASE  # without USAGE on it, search_path selects no schema at all
+    assert "has no schema for kbms (InvalidSchemaName): create the schema that search_path names" in one_line(
+        no_schema.stderr
+    )

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 
 from kbms.api import create_app
 from kbms.settings import Settings
+from kbms.storage.store import failure_reason, is_unavailable
 from tests.conftest import migrate
 from tests.faults import (
     HOLD_FLOCK,
@@ -243,3 +244,13 @@ def test_a_database_file_removed_or_unusable_is_503_until_it_is_restored(
         assert ledger.post(client, "after the restore") == 201
         assert client.get("/ready").status_code == 200
     assert ledger.acknowledged == {"kept", "after the restore"} == stored(database)
+
+
+def test_an_error_the_sqlite3_module_raises_itself_is_told_by_its_type() -> None:
+    """A ``ProgrammingError`` of the module (a closed connection) has no SQLite result code to classify it by."""
+    connection = sqlite3.connect(":memory:")
+    connection.close()
+    with pytest.raises(sqlite3.ProgrammingError) as raised:
+        connection.execute("SELECT 1")
+    assert not is_unavailable(raised.value)  # kbms's own mistake, not the database's state
+    assert failure_reason(raised.value) == "ProgrammingError"

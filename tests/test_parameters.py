@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kbms.api import create_app
-from kbms.api.conversations import CONVERSATION_ID
 from kbms.merge import conversation_id
+from kbms.model import CONVERSATION_ID
 from kbms.settings import Settings
 from tests.conftest import ENGINES, engine_url
 from tests.helpers import INTERCOM, JSON_HEADERS, ZENDESK, dumps, intercom_payload, zendesk_pushes

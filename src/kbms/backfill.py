@@ -190,7 +190,7 @@ async def _in_process(
     report = IngestReport()
     source = get_provider(provider)
     limits = PayloadLimits.of(settings)
-    store = open_store(settings)
+    store = open_store(settings, command=True)
     tune_garbage_collection()
     # Two chunks in flight: one is validated on this thread while the other one's commit waits for the disk.
     slots = asyncio.Semaphore(2)
@@ -243,7 +243,14 @@ def _in_workers(
         max_workers=processes,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_worker_start,
-        initargs=(settings.database_url, provider, workspace, settings.default_workspace, PayloadLimits.of(settings)),
+        initargs=(
+            settings.database_url,
+            settings.db_timeout,
+            provider,
+            workspace,
+            settings.default_workspace,
+            PayloadLimits.of(settings),
+        ),
     ) as pool:
         running: dict[Future[IngestReport], int] = {}
 
@@ -270,11 +277,16 @@ _worker: tuple[asyncio.AbstractEventLoop, Store, Provider, str | None, str, Payl
 
 
 def _worker_start(
-    database_url: str, provider: str, workspace: str | None, default_workspace: str, limits: PayloadLimits
+    database_url: str,
+    db_timeout: float,
+    provider: str,
+    workspace: str | None,
+    default_workspace: str,
+    limits: PayloadLimits,
 ) -> None:
     global _worker
     loop = asyncio.new_event_loop()
-    store = open_store(Settings(database_url=database_url))
+    store = open_store(Settings(database_url=database_url, db_timeout=db_timeout), command=True)
     _worker = (loop, store, get_provider(provider), workspace, default_workspace, limits)
     tune_garbage_collection()
     atexit.register(lambda: loop.run_until_complete(store.close()))

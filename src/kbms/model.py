@@ -16,6 +16,7 @@ provider hands the write path to rewrite its raw payloads).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
@@ -36,6 +37,13 @@ def _utc(value: datetime) -> datetime:
 
 
 Text = Annotated[str, AfterValidator(_strip_nul)]
+# Text no engine can take: PostgreSQL refuses NUL in any text value, and neither driver can encode a lone surrogate
+# as UTF-8 (what Python makes of bytes that are not UTF-8 in a command line or environment). kbms strips NUL from
+# what it stores (``Text``) and never stores a surrogate, so a filter holding either can match nothing.
+UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+# Every conversation id is minted by ``kbms.merge.conversation_id`` (a UUID, as ``str`` writes it), so any other text
+# names no conversation, whatever a database would make of it: the API and the CLI refuse it without asking one.
+CONVERSATION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
 
 # A workspace names a provider account (an Intercom app_id, a Zendesk subdomain): short and URL-safe.

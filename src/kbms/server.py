@@ -207,16 +207,14 @@ def listening_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host`` and ``port`` (0: any free port), for ``uvicorn.Server.run(sockets=...)``.
 
     Raises ``OSError`` (``socket.gaierror`` for a host that does not resolve) when the address cannot be used,
-    before anything else has started. Bound as uvicorn binds its own: ``SO_REUSEADDR``, the first address the host
-    resolves to.
+    before anything else has started. Bound exactly as uvicorn binds its own (``Config.bind_socket``), so that this
+    socket and the one of uvicorn's supervisor (``--workers`` N) listen on the same address: ``SO_REUSEADDR``, IPv6
+    if the host has a ``:``, else IPv4 (a name resolving to IPv6 first is still bound on its IPv4 address).
     """
-    family, kind, proto, _name, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
+        sock.bind((host, port))
     except BaseException:
         sock.close()
         raise

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator, Iterable
 from typing import Annotated, Any, Literal, cast, get_args
 
@@ -34,7 +33,7 @@ from kbms.api.openapi import link
 from kbms.api.responses import json_response
 from kbms.api.schemas import ChangePage, ConversationDetail, ConversationPage, ErrorBody, ListItem, Match
 from kbms.errors import FieldIssue, Forbidden, NotFound, ValidationFailed
-from kbms.model import State, micros
+from kbms.model import CONVERSATION_ID, State, micros
 from kbms.storage.base import Filters
 
 DEFAULT_LIMIT = 50
@@ -47,9 +46,6 @@ CURSOR = TypeAdapter(Annotated[str, Field(max_length=256)])
 STATE: TypeAdapter[State] = TypeAdapter(State)
 TAG = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=255)])
 Q = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=512)])
-# Every conversation id is minted by kbms (``kbms.merge.conversation_id``: a UUID, as ``str`` writes it), so any
-# other text names no conversation, whatever a database would make of it.
-CONVERSATION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 PREFIX = "/internal"
 LIST_PATH, DETAIL_PATH, CHANGES_PATH = "/conversations", "/conversations/{conversation_id}", "/changes"
 

@@ -19,7 +19,7 @@ from pydantic import StringConstraints, TypeAdapter, ValidationError
 
 from kbms.errors import FieldIssue, NotFound, ValidationFailed
 from kbms.limits import PayloadLimits
-from kbms.model import WORKSPACE_PATTERN
+from kbms.model import UNSTORABLE, WORKSPACE_PATTERN
 from kbms.settings import Settings
 from kbms.storage import Store
 
@@ -47,11 +47,8 @@ def limits_of(request: Request) -> PayloadLimits:
     return cast(PayloadLimits, request.app.state.limits)
 
 
-# Text no engine can take: PostgreSQL refuses NUL in any text value, and neither driver can encode a lone surrogate
-# as UTF-8. kbms strips NUL from what it stores (``kbms.model.Text``) and never stores a surrogate, so such a value
-# can match nothing. Starlette decodes invalid percent-encoded UTF-8 (``%ED%A0%80``) to U+FFFD, so a surrogate
-# reaches a parameter only from an ASGI server that decodes otherwise; it is refused the same way.
-UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+# Starlette decodes invalid percent-encoded UTF-8 (``%ED%A0%80``) to U+FFFD, so a surrogate reaches a parameter
+# only from an ASGI server that decodes otherwise; it is refused the same way (``UNSTORABLE``).
 NO_NUL = r"^[^\u0000]*$"  # the JSON Schema pattern (ECMA-262) of text without NUL
 
 

@@ -12,12 +12,12 @@ import traceback
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperCommand, TyperGroup, TyperOption
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from kbms import __version__
 from kbms.cli import admin, export, ingest, reprocess, serve
 from kbms.cli.common import DATABASE_KEY, out, say
-from kbms.cli.exits import USAGE, Failure, explain
+from kbms.cli.exits import USAGE, Failure, explain, without_secrets
 
 
 def _debugging(ctx: typer.Context | None) -> bool:
@@ -46,7 +46,8 @@ def _fail(exc: Exception, ctx: typer.Context | None) -> typer.Exit:
     failure = _usage_failure(exc) or explain(exc, ctx.meta.get(DATABASE_KEY) if ctx is not None else None)
     if failure is None:
         raise exc  # a bug: its traceback is the report
-    say(f"kbms: {' '.join(failure.message.splitlines())}")  # one line, whatever a file name holds
+    # One line, whatever a file name holds; no password, wherever the text came from (a misplaced URL, a driver).
+    say(f"kbms: {without_secrets(' '.join(failure.message.splitlines()))}")
     if _debugging(ctx):
         traceback.print_exception(exc, file=sys.stderr)
     return typer.Exit(failure.code)
@@ -59,9 +60,36 @@ def _without_placeholder(option: Any) -> Any:
     return option
 
 
+class _Argument(TyperArgument):
+    """An argument shown as its metavar alone (``FILE``), as options are: Typer adds the type (``FILE <file>``)
+    and braces in the usage line (``{FILE}``)."""
+
+    def display_type_rich(self, ctx: typer.Context) -> str | None:  # type: ignore[override]
+        return None
+
+    def _usage_display_name(self) -> str:
+        return self.display_name_raw
+
+
 class Command(TyperCommand):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if type(param) is TyperArgument:  # Typer makes them itself, with no way to name another class
+                param.__class__ = _Argument
+
     def get_help_option(self, ctx: typer.Context) -> TyperOption | None:  # type: ignore[override]
         return _without_placeholder(super().get_help_option(ctx))  # type: ignore[no-any-return]
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except typer.TyperException as exc:
+            # The parser's own errors (an option without its value) carry no context: give them this command's,
+            # so that the message points to this command's --help, not kbms's.
+            if getattr(exc, "exit_code", None) == USAGE and getattr(exc, "ctx", ...) is None:
+                exc.ctx = self.context_class(self, info_name=info_name, parent=parent)  # type: ignore[attr-defined]
+            raise
 
 
 class Group(TyperGroup):

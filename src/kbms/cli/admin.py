@@ -18,7 +18,7 @@ def migrate(ctx: typer.Context, database_url: DatabaseUrl = None) -> None:
     """Create or upgrade the database schema (safe to run again)."""
     settings = settings_of(database_url=database_url)
     database = database_of(ctx, settings, database_url, create=True)
-    engine = admin_engine(settings.database_url)
+    engine = admin_engine(settings.database_url, lock_wait=settings.db_timeout)
     try:
         before = current_revision(engine)
         refuse_a_newer_schema(database, before)

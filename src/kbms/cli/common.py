@@ -10,8 +10,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from kbms.cli.exits import Database, Failure
-from kbms.model import micros
+from kbms.cli.exits import Database, Failure, printable
+from kbms.model import UNSTORABLE, micros
 from kbms.providers import REGISTRY
 from kbms.settings import Settings
 from kbms.storage import parse_database_url, reading_engine
@@ -62,7 +62,7 @@ def database_of(ctx: typer.Context, settings: Settings, flag: str | None, *, cre
 
 def require_current_schema(database: Database) -> None:
     """Refuse a database whose schema is not this kbms's. Reads only: no write lock, no file created."""
-    engine = reading_engine(database.url.render_as_string(hide_password=False))
+    engine = reading_engine(database.url)  # as parsed: rendered again, a path that is not UTF-8 would not encode
     try:
         found = current_revision(engine)
     finally:
@@ -81,6 +81,16 @@ def refuse_a_newer_schema(database: Database, found: str | None) -> None:
         raise Failure(
             f"the schema of the database {database.shown} is at {found}, a revision of a newer kbms (this one goes "
             f"up to {head_revision()}): run that kbms, or this one against another database"
+        )
+
+
+def text_option(flag: str, value: str | None) -> None:
+    """Refuse text kbms never stores (``kbms.model.UNSTORABLE``: bytes that are not UTF-8, NUL), as the API does:
+    no stored value could match it, and a driver could not even send it."""
+    if value is not None and UNSTORABLE.search(value) is not None:
+        raise Failure(
+            f"{flag} '{printable(value)}' is not UTF-8 text (or holds NUL), which kbms never stores: "
+            f"pass {flag} in UTF-8"
         )
 
 
@@ -103,5 +113,6 @@ def counting_progress() -> Progress:
 
 
 def known_provider(provider: str | None) -> None:
+    text_option("--provider", provider)
     if provider is not None and provider not in REGISTRY:
         raise Failure(f"Unknown provider {provider!r} (known: {', '.join(REGISTRY)}): pass --provider with one of them")

@@ -19,6 +19,7 @@ from kbms.cli.common import (
     require_current_schema,
     say,
     settings_of,
+    text_option,
 )
 from kbms.cli.exits import Failure
 from kbms.export import FORMATS, ParquetUnavailable, parquet_schemas, write_export
@@ -56,6 +57,8 @@ def export(
     if fmt not in FORMATS:
         raise Failure(f"--format {fmt!r}: one of {', '.join(FORMATS)}")
     known_provider(provider)
+    for flag, value in (("--workspace", workspace), ("--state", state), ("--tag", tag)):
+        text_option(flag, value)
     if state is not None and state not in get_args(State):
         raise Failure(f"--state {state!r}: one of {', '.join(get_args(State))}")
     if fmt == "parquet":
@@ -76,7 +79,7 @@ def export(
     )
 
     async def run() -> int:
-        store = open_store(settings)
+        store = open_store(settings, command=True)
         try:
             with counting_progress() as bar:
                 task = bar.add_task("exporting", total=None)

@@ -20,6 +20,7 @@ from kbms.cli.common import (
     require_current_schema,
     say,
     settings_of,
+    text_option,
 )
 from kbms.cli.exits import REJECTED, Failure, database_failure
 from kbms.model import WORKSPACE, WORKSPACE_PATTERN
@@ -53,6 +54,7 @@ def ingest(
 ) -> None:
     """Ingest conversations from a file, exactly as if each had been pushed to the API, in batches."""
     settings = settings_of(database_url=database_url)
+    text_option("--workspace", workspace)
     if workspace is not None and not re.fullmatch(WORKSPACE, workspace):
         raise Failure(f"--workspace {workspace!r} must match {WORKSPACE_PATTERN}")
     known_provider(provider)
@@ -86,7 +88,7 @@ def ingest(
         raise Failure(f"{file} holds no conversations")
     _print_report(report)
     if report.unavailable is not None:
-        after = "; what is counted above is committed, run it again once it is back"
+        after = "; the lines counted above are committed, and running it again leaves them unchanged"
         raise database_failure(report.unavailable, database, after=after)
     if report.rejects:
         if report.results["rejected"] == sum(report.results.values()):

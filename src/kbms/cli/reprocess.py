@@ -19,8 +19,10 @@ from kbms.cli.common import (
     require_current_schema,
     say,
     settings_of,
+    text_option,
 )
 from kbms.cli.exits import Failure
+from kbms.model import CONVERSATION_ID
 from kbms.reprocess import ReprocessReport
 from kbms.reprocess import reprocess as run_reprocess
 from kbms.storage import open_store
@@ -41,12 +43,19 @@ def reprocess(
     """Re-derive stored conversations from the raw ledger with today's mappers (after a mapper fix)."""
     settings = settings_of(database_url=database_url)
     known_provider(provider)
+    text_option("--conversation-id", conversation_id)
+    if conversation_id is not None and not CONVERSATION_ID.fullmatch(conversation_id):
+        # kbms mints every id: other text names no conversation, and need not reach the database to learn so.
+        raise Failure(
+            f"--conversation-id {conversation_id!r} is not a conversation id: pass kbms's id of a stored "
+            "conversation (a UUID: the id field of GET /internal/conversations)"
+        )
     database = database_of(ctx, settings, database_url)
     require_current_schema(database)
     start = micros_of(since)
 
     async def run() -> ReprocessReport:
-        store = open_store(settings)
+        store = open_store(settings, command=True)
         try:
             if conversation_id is not None and not await store.conversations_in_scope(
                 provider=None, since=None, conversation_id=conversation_id

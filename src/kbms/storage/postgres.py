@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 import psycopg
+from psycopg.conninfo import make_conninfo
 from sqlalchemy import URL, Connection, create_engine
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
@@ -58,6 +59,17 @@ EXPORT_IDLE_MS = 600_000
 def postgres_url(url: URL) -> URL:
     """Any PostgreSQL URL, driven by psycopg 3."""
     return url.set(drivername=DRIVER)
+
+
+def check_options(url: URL) -> None:
+    """``ValueError`` naming an option of the URL's query that libpq does not know (``?ssl=true``). Checked by
+    psycopg without connecting; only the names: a bad value is libpq's to tell when it connects."""
+    options = {key: value if isinstance(value, str) else value[-1] for key, value in url.query.items()}
+    try:
+        make_conninfo("", **options)
+    except psycopg.ProgrammingError as exc:  # 'invalid connection option "ssl"': a name, never a value
+        first = (str(exc).strip().splitlines() or ["invalid connection option"])[0]
+        raise ValueError(f"{first}: use libpq's parameters, e.g. ?sslmode=require") from None
 
 
 def make_engine(url: URL, *, pool_size: int, pool_timeout: float) -> Engine:

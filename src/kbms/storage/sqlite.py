@@ -37,6 +37,7 @@ import logging
 import os
 import sqlite3
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
@@ -47,6 +48,7 @@ import anyio.to_thread
 from sqlalchemy import URL, Connection, RootTransaction, create_engine, event
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SAWarning
 from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 
 from kbms.errors import StorageUnavailable
@@ -74,13 +76,37 @@ def sqlite_path(url: URL) -> Path:
     return Path(database)
 
 
-def make_engine(url: URL, *, immediate: bool | None, pool_size: int = 1, create: bool = False) -> Engine:
+def check_options(url: URL) -> None:
+    """``ValueError`` naming an option of the URL's query that the sqlite3 driver would refuse (``?timeout=abc``)
+    or ignore (``?foo=bar``), checked without opening the file."""
+    dialect = url.get_dialect()()
+    for key, value in url.query.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", SAWarning)  # what the driver ignores, SQLAlchemy only warns about
+                dialect.create_connect_args(url.set(query={key: value}))
+        except (ValueError, SAWarning):
+            raise ValueError(
+                f"the SQLite option ?{key}= is unknown or its value is not valid here (kbms sets the connection's "
+                "options itself; KBMS_DB_TIMEOUT sets how long it waits for a lock)"
+            ) from None
+
+
+def make_engine(
+    url: URL,
+    *,
+    immediate: bool | None,
+    pool_size: int = 1,
+    create: bool = False,
+    busy_timeout: float = BUSY_TIMEOUT_MS / 1000,
+) -> Engine:
     """An engine whose connections are in WAL mode with durable commits.
 
     ``immediate``: True takes the write lock at BEGIN; False begins a deferred (read) transaction; None emits no
     BEGIN at all, so each statement is its own implicit transaction (single-statement reads). ``create``: make the
     file (and its directory) when there is none, as ``kbms migrate`` does; otherwise a missing file is an error,
-    so that a command started in the wrong directory leaves no empty database behind.
+    so that a command started in the wrong directory leaves no empty database behind. ``busy_timeout``: seconds a
+    statement waits for a lock another connection holds before "database is locked".
     """
     path = sqlite_path(url)
     if create:
@@ -91,7 +117,7 @@ def make_engine(url: URL, *, immediate: bool | None, pool_size: int = 1, create:
     engine = create_engine(
         url,
         hide_parameters=True,  # SQL parameters are payload data: keep them out of exception messages and logs
-        connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000},
+        connect_args={"check_same_thread": False, "timeout": busy_timeout},
         pool_size=pool_size,
         max_overflow=pool_size,
     )
@@ -100,14 +126,14 @@ def make_engine(url: URL, *, immediate: bool | None, pool_size: int = 1, create:
     def _configure(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
         # Take transaction control away from the sqlite3 module, so BEGIN is ours (SQLAlchemy's pysqlite recipe).
         dbapi_connection.isolation_level = None
-        _enable_wal(dbapi_connection)
+        _enable_wal(dbapi_connection, busy_timeout)
         for pragma in (
             "PRAGMA synchronous=FULL",
             "PRAGMA foreign_keys=ON",
             # Savepoint journals in memory: every write of a batch runs in a savepoint, and with them in a temp
             # file a batch made 60 writes to it per conversation (strace; sys time was 30 % of a backfill's CPU).
             "PRAGMA temp_store=MEMORY",
-            f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
+            f"PRAGMA busy_timeout={round(busy_timeout * 1000)}",
         ):
             dbapi_connection.execute(pragma)
 
@@ -117,7 +143,8 @@ def make_engine(url: URL, *, immediate: bool | None, pool_size: int = 1, create:
         def _existing_file_only(_dialect: Any, _record: ConnectionPoolEntry, cargs: list[Any], cparams: Any) -> None:
             # SQLite's mode=rw opens the file that is there and never creates one (a check before connecting would
             # race with a file removed meanwhile).
-            cargs[:] = [f"file:{quote(str(path))}?mode=rw"]
+            # The path's bytes, quoted: a name that is not UTF-8 is still the file's name.
+            cargs[:] = [f"file:{quote(os.fsencode(path))}?mode=rw"]
             cparams["uri"] = True
 
     if immediate is not None:
@@ -129,7 +156,7 @@ def make_engine(url: URL, *, immediate: bool | None, pool_size: int = 1, create:
     return engine
 
 
-def _enable_wal(dbapi_connection: Any) -> None:
+def _enable_wal(dbapi_connection: Any, busy_timeout: float) -> None:
     """``PRAGMA journal_mode=WAL``, retried while another connection holds the lock it needs.
 
     On a new file, switching to WAL takes an exclusive lock, and SQLite answers "database is locked" at once,
@@ -137,7 +164,7 @@ def _enable_wal(dbapi_connection: Any) -> None:
     connections, four at a time on fresh files; once in 15 runs of the concurrent-migrators test. Once the file is
     in WAL mode the pragma takes no lock.
     """
-    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    deadline = time.monotonic() + busy_timeout
     while True:
         try:
             dbapi_connection.execute("PRAGMA journal_mode=WAL")
@@ -149,19 +176,37 @@ def _enable_wal(dbapi_connection: Any) -> None:
 
 
 class _WriterLock:
-    """A lock file shared by every kbms process writing to one database."""
+    """A lock file shared by every kbms process writing to one database. ``wait``: None waits as long as another
+    process holds it; seconds give up after that long, with "Database busy"."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, wait: float | None = None) -> None:
         self._path = path
+        self._wait = wait
         self._fd: int | None = None
 
     def acquire(self) -> None:
         try:
             if self._fd is None:
                 self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            if self._wait is None:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            else:
+                self._acquire_within(self._fd, self._wait)
         except OSError as exc:  # e.g. a directory that cannot be written: the database is not writable either
             raise StorageUnavailable(f"Cannot take the write lock ({exc.strerror})") from exc
+
+    @staticmethod
+    def _acquire_within(fd: int, wait: float) -> None:
+        # flock has no timeout: poll. Only commands bound their wait (see SqliteStore), where 5 ms hardly matter.
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StorageUnavailable("Database busy: another process holds the write lock") from None
+                time.sleep(0.005)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -184,19 +229,26 @@ class SqliteStore(SqlStore):
         *,
         max_batch: int = MAX_BATCH,
         lock_timeout: float = LOCK_TIMEOUT,
+        lock_wait: float | None = None,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
-        self._writer_engine = make_engine(url, immediate=True)
+        """``lock_wait``: None (the server) lets the thread that takes the write lock wait on after callers hear
+        503 (the kbms lock file as long as it is held, SQLite's lock ``BUSY_TIMEOUT_MS``), so that the writes
+        arriving meanwhile join the batch once the lock comes (see ``_begin_in_time``). A command has no one
+        arriving later: with seconds here, the thread gives up after that long, so that the command ends then,
+        instead of waiting for the thread when it closes the store."""
+        busy_timeout = BUSY_TIMEOUT_MS / 1000 if lock_wait is None else lock_wait
+        self._writer_engine = make_engine(url, immediate=True, busy_timeout=busy_timeout)
         super().__init__(Sql(insert=sqlite_insert, dialect=self._writer_engine.dialect), clock=clock)
         self._max_batch = max_batch
         self._lock_timeout = lock_timeout
         self._path = sqlite_path(url)
-        self._reader_engine = make_engine(url, immediate=False, pool_size=READ_POOL_SIZE)
-        self._inline_engine = make_engine(url, immediate=None)
+        self._reader_engine = make_engine(url, immediate=False, pool_size=READ_POOL_SIZE, busy_timeout=busy_timeout)
+        self._inline_engine = make_engine(url, immediate=None, busy_timeout=busy_timeout)
         self._inline: Connection | None = None
         self._writer: Connection | None = None
         self._identity: FileIdentity = None  # of the file the writer opened
-        self._lock = _WriterLock(self._path.with_name(self._path.name + ".writer-lock"))
+        self._lock = _WriterLock(self._path.with_name(self._path.name + ".writer-lock"), wait=lock_wait)
         self._pending: list[Waiting] = []
         self._committer: asyncio.Task[None] | None = None
         self._closed = False

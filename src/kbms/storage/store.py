@@ -67,6 +67,12 @@ def _driver_error(exc: BaseException) -> BaseException:
     return exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
 
 
+def _sqlite_code(error: sqlite3.DatabaseError) -> int:
+    """SQLite's primary result code; 0 for the errors the sqlite3 module raises itself (a ``ProgrammingError``
+    such as "Cannot operate on a closed database" carries none)."""
+    return int(getattr(error, "sqlite_errorcode", 0) or 0) & 0xFF
+
+
 def _sqlstate(exc: BaseException) -> str:
     return str(getattr(_driver_error(exc), "sqlstate", None) or "")
 
@@ -82,7 +88,7 @@ def is_unavailable(exc: BaseException) -> bool:
     driver = _driver_error(exc)
     if isinstance(driver, sqlite3.OperationalError):
         return True  # locked, busy, read-only, disk full or I/O error: all of them pass
-    if isinstance(driver, sqlite3.DatabaseError) and driver.sqlite_errorcode & 0xFF in SQLITE_UNUSABLE_FILE:
+    if isinstance(driver, sqlite3.DatabaseError) and _sqlite_code(driver) in SQLITE_UNUSABLE_FILE:
         return True
     if isinstance(driver, psycopg.Error):
         state = _sqlstate(exc)
@@ -105,7 +111,7 @@ def failure_reason(exc: BaseException) -> str:
         seen.add(id(error))
         driver = _driver_error(error)
         if isinstance(driver, sqlite3.OperationalError | psycopg.OperationalError) or (
-            isinstance(driver, sqlite3.DatabaseError) and driver.sqlite_errorcode & 0xFF in SQLITE_UNUSABLE_FILE
+            isinstance(driver, sqlite3.DatabaseError) and _sqlite_code(driver) in SQLITE_UNUSABLE_FILE
         ):
             line = (str(driver).strip().splitlines() or [type(driver).__name__])[0]
             line = line.rpartition(" failed: ")[2].removeprefix("FATAL:").strip()
