@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import kbms.storage.migrations
+from kbms.search import words
 from kbms.storage import admin_engine
 from kbms.storage.migrate import current_revision, head_revision, is_current, upgrade
 from kbms.storage.schema import declared, metadata
@@ -98,3 +106,38 @@ async def test_conversations_stored_before_0002_get_tags_search_and_a_change(emp
         assert [(c.external_id, c.action, c.changed_at) for c in feed] == [("old", "created", 123)]
     finally:
         await store.close()
+
+
+def _migration(name: str) -> ModuleType:
+    path = Path(kbms.storage.migrations.__file__).parent / "versions" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"frozen_{name}", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(), st.text(alphabet="aeiouAEIOUàéîõüÀÉÎÕÜçßæﬁ  ,.-_!'\"0123456789"))
+def test_0002_indexes_as_kbms_search_does(subject: str, content: str) -> None:
+    # Migration 0002 carries its own copy of the search document (it imports nothing of kbms, so that it never
+    # changes). Should kbms.search change how it folds or splits words, this fails: conversations indexed by 0002 would
+    # no longer be found as new ones are, and a new migration must re-index them.
+    frozen = _migration("0002_consumer_endpoints")
+    detail = {"subject": subject, "messages": [{"content": content}, {"content": subject + content}]}
+    expected = " ".join(" ".join(words(part)) for part in (subject, content, subject + content) if part)
+    assert frozen._document(detail) == expected
+
+
+def test_migrations_import_nothing_of_kbms() -> None:
+    versions = Path(kbms.storage.migrations.__file__).parent / "versions"
+    for path in sorted(versions.glob("0*.py")):
+        tree = ast.parse(path.read_text())
+        imported: list[str] = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                imported.append(node.module or "")
+        assert not [name for name in imported if name.split(".")[0] == "kbms"], path.name

@@ -7,15 +7,20 @@ Create Date: 2026-11-26
 The search objects are each engine's own (see kbms.storage.schema.SEARCH_OBJECTS): an FTS5 table on SQLite, a
 tsvector with a GIN index on PostgreSQL. Conversations stored before this revision get their tags, their search
 document and a "created" change, so the feed and search cover them too.
+
+Frozen: it imports nothing of kbms. The search document is made here as kbms.search made it on that date (the words
+of the subject and of each message's text, folded), from the stored detail JSON, so a later change to the model or
+to the search code cannot change what this revision does.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import unicodedata
+
 import sqlalchemy as sa
 from alembic import op
-
-from kbms.model import Conversation
-from kbms.search import document
 
 revision = "0002"
 down_revision = "0001"
@@ -93,6 +98,24 @@ def upgrade() -> None:
     _index_existing(bind)
 
 
+WORD = re.compile(r"[^\W_]+")
+
+
+def _words(text: str) -> list[str]:
+    """Runs of letters and digits, accents dropped (NFKD without combining marks) and case folded."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    folded = "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
+    return WORD.findall(folded)
+
+
+def _document(detail: dict[str, object]) -> str:
+    """The indexed text of a stored conversation detail: its subject's and messages' words, separated by spaces."""
+    messages = detail.get("messages") or []
+    assert isinstance(messages, list)
+    parts = [detail.get("subject") or "", *(message.get("content") or "" for message in messages)]
+    return " ".join(" ".join(_words(part)) for part in parts if isinstance(part, str) and part)
+
+
 def _index_existing(bind: sa.Connection) -> None:
     # A thousand at a time: a database of millions of conversations must not have to fit in memory.
     select = sa.text(
@@ -113,10 +136,10 @@ def _index_existing(bind: sa.Connection) -> None:
     after = 0
     while rows := [dict(row) for row in bind.execute(select, {"after": after}).mappings()]:
         for row in rows:
-            conversation = Conversation.model_validate_json(row["detail"])
-            for tag in dict.fromkeys(conversation.tags):
+            detail = json.loads(row["detail"])
+            for tag in dict.fromkeys(detail.get("tags") or []):
                 bind.execute(insert_tag, {"pk": row["pk"], "tag": tag})
-            bind.execute(insert_document, {"pk": row["pk"], "document": document(conversation)})
+            bind.execute(insert_document, {"pk": row["pk"], "document": _document(detail)})
             bind.execute(insert_change, {key: value for key, value in row.items() if key not in ("pk", "detail")})
         after = rows[-1]["pk"]
 
