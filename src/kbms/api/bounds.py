@@ -11,7 +11,7 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import PlainValidator, TypeAdapter
+from pydantic import PlainValidator, TypeAdapter, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from kbms.providers.fields import utc_from_iso
@@ -40,10 +40,10 @@ def filter_time(value: Any) -> datetime:
         return datetime.min.replace(tzinfo=UTC) if text.startswith("0001") else datetime.max.replace(tzinfo=UTC)
 
 
-TIME: TypeAdapter[datetime] = TypeAdapter(Annotated[datetime, PlainValidator(filter_time)])
 TIME_SCHEMA = {
     "anyOf": [
         {"type": "integer", "minimum": 0, "maximum": MAX_UNIX_SECONDS, "description": "unix seconds"},
         {"type": "string", "format": "date-time"},
     ]
 }
+TIME: TypeAdapter[datetime] = TypeAdapter(Annotated[datetime, PlainValidator(filter_time), WithJsonSchema(TIME_SCHEMA)])

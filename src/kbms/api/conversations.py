@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
-from typing import Annotated, Any, Literal, cast, get_args
+from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
@@ -18,7 +18,7 @@ from pydantic import Field, StringConstraints, TypeAdapter
 
 from kbms import search
 from kbms.api.auth import visible_workspaces
-from kbms.api.bounds import TIME, TIME_SCHEMA
+from kbms.api.bounds import TIME
 from kbms.api.cursor import (
     decode_cursor,
     decode_feed_cursor,
@@ -28,7 +28,7 @@ from kbms.api.cursor import (
     encode_search_cursor,
 )
 from kbms.api.errors import ERROR_RESPONSES
-from kbms.api.lean import WORKSPACE, LeanRoute, parameter, path_id, query, store_of, workspace_parameter
+from kbms.api.lean import WORKSPACE_QUERY, LeanRoute, Query, parameter, path_id, query, store_of
 from kbms.api.openapi import link
 from kbms.api.responses import json_response
 from kbms.api.schemas import ChangePage, ConversationDetail, ConversationPage, ErrorBody, ListItem, Match
@@ -46,6 +46,19 @@ CURSOR = TypeAdapter(Annotated[str, Field(max_length=256)])
 STATE: TypeAdapter[State] = TypeAdapter(State)
 TAG = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=255)])
 Q = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=512)])
+# Each parameter is read and documented from its validator (``Query``).
+LIMIT_PARAMETER = Query("limit", LIMIT, DEFAULT_LIMIT, "Page size")
+FEED_LIMIT_PARAMETER = Query("limit", FEED_LIMIT, DEFAULT_FEED_LIMIT, "Page size")
+CURSOR_PARAMETER = Query("cursor", CURSOR, None, "next_cursor of the previous page")
+Q_PARAMETER = Query("q", Q, None, "Full-text search")
+STATE_PARAMETER = Query("state", STATE, None, "Only conversations in this state")
+TAG_PARAMETER = Query("tag", TAG, None, "Only conversations with this tag")
+AFTER_PARAMETER = Query(
+    "updated_after", TIME, None, "Only conversations updated after this time (ISO-8601, or unix seconds; exclusive)"
+)
+BEFORE_PARAMETER = Query(
+    "updated_before", TIME, None, "Only conversations updated before this time (ISO-8601, or unix seconds; exclusive)"
+)
 PREFIX = "/internal"
 LIST_PATH, DETAIL_PATH, CHANGES_PATH = "/conversations", "/conversations/{conversation_id}", "/changes"
 
@@ -58,21 +71,11 @@ def detail_link(conversation_id: str) -> dict[str, Any]:
 FILTERS = ("provider", "workspace", "state", "tag", "updated_after", "updated_before")
 # The provider filter's parameter is the app's (see ``router``); these are the same for every app.
 OTHER_FILTER_PARAMETERS = [
-    workspace_parameter("Only this workspace's (a provider account)"),
-    parameter("state", "query", {"type": "string", "enum": list(get_args(State))}, "Only conversations in this state"),
-    parameter("tag", "query", {"type": "string", "minLength": 1, "maxLength": 255}, "Only conversations with this tag"),
-    parameter(
-        "updated_after",
-        "query",
-        TIME_SCHEMA,
-        "Only conversations updated after this time (ISO-8601, or unix seconds; exclusive)",
-    ),
-    parameter(
-        "updated_before",
-        "query",
-        TIME_SCHEMA,
-        "Only conversations updated before this time (ISO-8601, or unix seconds; exclusive)",
-    ),
+    WORKSPACE_QUERY.openapi("Only this workspace's (a provider account)"),
+    STATE_PARAMETER.openapi(),
+    TAG_PARAMETER.openapi(),
+    AFTER_PARAMETER.openapi(),
+    BEFORE_PARAMETER.openapi(),
 ]
 
 
@@ -89,9 +92,9 @@ def _provider(request: Request) -> str | None:
 
 
 def filters_of(request: Request) -> Filters:
-    after = query(request, "updated_after", TIME, None)
-    before = query(request, "updated_before", TIME, None)
-    workspace = query(request, "workspace", WORKSPACE, None)
+    after = AFTER_PARAMETER.read(request)
+    before = BEFORE_PARAMETER.read(request)
+    workspace = WORKSPACE_QUERY.read(request)
     within = visible_workspaces(request)
     if within is not None and workspace is not None:
         if workspace not in within:
@@ -101,18 +104,18 @@ def filters_of(request: Request) -> Filters:
         provider=_provider(request),
         workspace=workspace,
         within=within,
-        state=query(request, "state", STATE, None),
-        tag=query(request, "tag", TAG, None),
+        state=STATE_PARAMETER.read(request),
+        tag=TAG_PARAMETER.read(request),
         updated_after=micros(after) if after is not None else None,
         updated_before=micros(before) if before is not None else None,
     )
 
 
 async def list_conversations(request: Request) -> Response:
-    limit = query(request, "limit", LIMIT, DEFAULT_LIMIT)
-    cursor = query(request, "cursor", CURSOR, "")
+    limit = LIMIT_PARAMETER.read(request)
+    cursor = CURSOR_PARAMETER.read(request)
     filters = filters_of(request)
-    q = query(request, "q", Q, None)
+    q = Q_PARAMETER.read(request)
     store = store_of(request)
     if q is not None:
         terms = search.query_terms(q)
@@ -154,8 +157,8 @@ async def get_conversation(request: Request) -> Response:
 
 
 async def list_changes(request: Request) -> Response:
-    limit = query(request, "limit", FEED_LIMIT, DEFAULT_FEED_LIMIT)
-    cursor = query(request, "cursor", CURSOR, "")
+    limit = FEED_LIMIT_PARAMETER.read(request)
+    cursor = CURSOR_PARAMETER.read(request)
     after = decode_feed_cursor(cursor) if cursor else 0
     records = await store_of(request).changes(after=after, limit=limit, within=visible_workspaces(request))
     last = records[-1].seq if records else after
@@ -188,7 +191,7 @@ def router(providers: Iterable[str]) -> APIRouter:
     them); built once per app, like the ingestion and webhook routers. The app keeps ``provider_filter(providers)``
     as ``app.state.provider_filter``."""
     filter_parameters = [
-        parameter("provider", "query", {"type": "string", "enum": list(providers)}, "Only this provider's"),
+        Query("provider", provider_filter(providers), None, "Only this provider's").openapi(),
         *OTHER_FILTER_PARAMETERS,
     ]
     routes = APIRouter(prefix=PREFIX, tags=["internal"], route_class=LeanRoute)
@@ -221,14 +224,9 @@ def router(providers: Iterable[str]) -> APIRouter:
         },
         openapi_extra={
             "parameters": [
-                parameter(
-                    "limit",
-                    "query",
-                    {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 50},
-                    "Page size",
-                ),
-                parameter("cursor", "query", {"type": "string", "maxLength": 256}, "next_cursor of the previous page"),
-                parameter("q", "query", {"type": "string", "minLength": 1, "maxLength": 512}, "Full-text search"),
+                LIMIT_PARAMETER.openapi(),
+                CURSOR_PARAMETER.openapi(),
+                Q_PARAMETER.openapi(),
                 *filter_parameters,
             ]
         },
@@ -272,13 +270,8 @@ def router(providers: Iterable[str]) -> APIRouter:
         },
         openapi_extra={
             "parameters": [
-                parameter(
-                    "limit",
-                    "query",
-                    {"type": "integer", "minimum": 1, "maximum": MAX_FEED_LIMIT, "default": DEFAULT_FEED_LIMIT},
-                    "Page size",
-                ),
-                parameter("cursor", "query", {"type": "string", "maxLength": 256}, "next_cursor of the previous page"),
+                FEED_LIMIT_PARAMETER.openapi(),
+                CURSOR_PARAMETER.openapi(),
             ]
         },
     )(list_changes)

@@ -13,7 +13,7 @@ from kbms.api.auth import visible_workspaces
 from kbms.api.body import NDJSON_TYPES, read_json_body, read_ndjson_body
 from kbms.api.conversations import detail_link
 from kbms.api.errors import ERROR_RESPONSES, error_body, status_of
-from kbms.api.lean import WORKSPACE, LeanRoute, limits_of, query, settings_of, store_of, workspace_parameter
+from kbms.api.lean import WORKSPACE_QUERY, LeanRoute, limits_of, settings_of, store_of, workspace_parameter
 from kbms.api.metrics import metrics_of
 from kbms.api.responses import json_response
 from kbms.api.schemas import BatchLine, BatchResponse, ErrorBody, IngestResponse
@@ -27,7 +27,7 @@ def _endpoint(provider: Provider) -> Callable[[Request], Awaitable[Response]]:
         settings = settings_of(request)
         metrics = metrics_of(request)
         try:
-            workspace = query(request, "workspace", WORKSPACE, None)
+            workspace = WORKSPACE_QUERY.read(request)
             body = await read_json_body(request, limit=settings.max_body_bytes)
             outcome = await ingest_push(
                 store_of(request),
@@ -50,7 +50,7 @@ def _endpoint(provider: Provider) -> Callable[[Request], Awaitable[Response]]:
 def _batch_endpoint(provider: Provider) -> Callable[[Request], Awaitable[Response]]:
     async def ingest_many(request: Request) -> Response:
         settings = settings_of(request)
-        workspace = query(request, "workspace", WORKSPACE, None)
+        workspace = WORKSPACE_QUERY.read(request)
         body = await read_ndjson_body(request, limit=settings.max_batch_bytes)
         line_count, lines = ndjson_lines(body)
         if not lines:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar, cast
+from dataclasses import dataclass
+from typing import Annotated, Any, Generic, TypeVar, cast
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
@@ -84,13 +85,34 @@ def path_id(request: Request, name: str, pattern: re.Pattern[str], what: str) ->
     return value
 
 
-WORKSPACE_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 128, "pattern": WORKSPACE_PATTERN}
+@dataclass(frozen=True, slots=True)
+class Query(Generic[T, D]):
+    """A query parameter of a lean route: read and documented from one validator, so that the two cannot drift
+    apart (the documented schema is the validator's JSON Schema, the documented default the one read)."""
+
+    name: str
+    adapter: TypeAdapter[T]
+    default: D
+    description: str
+
+    def read(self, request: Request) -> T | D:
+        return query(request, self.name, self.adapter, self.default)
+
+    def openapi(self, description: str | None = None) -> dict[str, Any]:
+        """The OpenAPI parameter object; ``description`` replaces the parameter's own where a route means more."""
+        schema = self.adapter.json_schema()
+        if self.default is not None:
+            schema["default"] = self.default
+        return parameter(self.name, "query", schema, description or self.description)
+
+
 WORKSPACE = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=WORKSPACE_PATTERN)])
+WORKSPACE_QUERY = Query("workspace", WORKSPACE, None, "A workspace (a provider account)")
 
 
 def workspace_parameter(description: str) -> dict[str, Any]:
     """The ``?workspace=`` of the routes that take one (a provider account)."""
-    return parameter("workspace", "query", WORKSPACE_SCHEMA, description)
+    return WORKSPACE_QUERY.openapi(description)
 
 
 def parameter(
@@ -99,6 +121,6 @@ def parameter(
     """An OpenAPI parameter object, for the ``openapi_extra`` of a lean route. A free-text query parameter is
     documented without NUL, which ``query`` refuses (unpaired surrogates cannot be written in a JSON Schema, nor
     sent as UTF-8)."""
-    if where == "query" and schema.get("type") == "string" and "enum" not in schema and "pattern" not in schema:
+    if where == "query" and schema.get("type") == "string" and not {"enum", "const", "pattern"} & schema.keys():
         schema = {**schema, "pattern": NO_NUL}
     return {"name": name, "in": where, "required": required, "schema": schema, "description": description}

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request, Response
 from kbms.api.body import read_json_body
 from kbms.api.conversations import detail_link
 from kbms.api.errors import ERROR_RESPONSES
-from kbms.api.lean import WORKSPACE, LeanRoute, limits_of, query, settings_of, store_of, workspace_parameter
+from kbms.api.lean import WORKSPACE_QUERY, LeanRoute, limits_of, settings_of, store_of, workspace_parameter
 from kbms.api.metrics import metrics_of
 from kbms.api.responses import json_response
 from kbms.api.schemas import ErrorBody, WebhookResponse
@@ -27,7 +27,7 @@ def _endpoint(provider: Provider, secret_variable: str) -> Callable[[Request], A
         settings = settings_of(request)
         metrics = metrics_of(request)
         try:
-            workspace = query(request, "workspace", WORKSPACE, None)
+            workspace = WORKSPACE_QUERY.read(request)
             body = await read_json_body(request, limit=settings.max_body_bytes)
             outcome = await receive_webhook(
                 store_of(request),
