@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from kbms.api import create_app
 from kbms.errors import ValidationFailed
-from kbms.ingest import ingest_batch
+from kbms.ingest import Refused, ingest_batch
 from kbms.providers import get_provider
 from kbms.providers.intercom.signature import sign
 from kbms.settings import Settings
@@ -153,10 +153,12 @@ async def test_a_value_the_database_refuses_is_rolled_back_alone_in_a_batch(
     try:
         bodies = [json.dumps(intercom_payload(name)).encode() for name in ("a", "bad", "c")]
         outcomes = await ingest_batch(store, get_provider("intercom"), bodies, workspace=None)
-        assert [type(o).__name__ for o in outcomes] == ["IngestOutcome", "ValidationFailed", "IngestOutcome"]
+        assert [type(o).__name__ for o in outcomes] == ["IngestOutcome", "Refused", "IngestOutcome"]
         refused = outcomes[1]
-        assert isinstance(refused, ValidationFailed)
-        assert refused.issues[0].issue == "unstorable_value"
+        assert isinstance(refused, Refused)
+        assert not refused.kept  # refused by the database: nothing of it is in the ledger
+        assert isinstance(refused.error, ValidationFailed)
+        assert refused.error.issues[0].issue == "unstorable_value"
         page = await store.list_conversations(limit=10, cursor=None)
         assert sorted(item.external_id for item in page.items) == ["a", "c"]
     finally:

@@ -22,7 +22,7 @@ from itertools import islice
 from pathlib import Path
 
 from kbms.errors import InputError, StorageUnavailable, ValidationFailed
-from kbms.ingest import ingest_batch
+from kbms.ingest import Refused, ingest_batch
 from kbms.limits import PayloadLimits
 from kbms.process import tune_garbage_collection
 from kbms.providers import Provider, get_provider
@@ -157,9 +157,9 @@ async def ingest_chunk(
         report.unavailable = failure_reason(exc)
         return report
     for (number, _), outcome in zip(chunk, outcomes, strict=True):
-        if isinstance(outcome, InputError):
+        if isinstance(outcome, Refused):
             report.results["rejected"] += 1
-            report.rejects.append((number, reason(outcome)))
+            report.rejects.append((number, reason(outcome.error)))
         else:
             report.results[outcome.result] += 1
     return report

@@ -56,10 +56,6 @@ class KbmsError(Exception):
 class InputError(KbmsError):
     """The input is refused; retrying the same input will fail the same way."""
 
-    # Set by the ingestion use cases once the refused payload is committed to the ledger as rejected (so that
-    # ``kbms reprocess`` can re-derive it); the metrics count these apart from refusals that keep nothing.
-    kept: bool = False
-
 
 class InvalidJson(InputError):
     """Raised when a body is not well-formed JSON (including invalid UTF-8 and lone surrogates)."""

@@ -14,7 +14,6 @@ its delivery id (the notification id, or the body's hash when the provider sends
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from kbms.limits import DEFAULT_LIMITS, PayloadLimits, enforce
 from kbms.model import DEFAULT_WORKSPACE, ConversationSnapshot, IngestResult, WebhookEvent
 from kbms.providers import Provider
 from kbms.providers.base import refuse_non_finite
-from kbms.storage.base import Delivery, Pending, Store
+from kbms.storage.base import Applied, Delivery, Pending, Store
 
 T = TypeVar("T")
 
@@ -68,6 +67,68 @@ def push_delivery_key(workspace: str | None, body_hash: str) -> str:
     return f"push:{workspace or ''}:{body_hash}"
 
 
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A payload kbms refused: the error its caller answers with, and whether the payload was kept in the ledger as
+    rejected (what ``kbms reprocess`` may re-derive after a mapper fix; a payload over a size limit, or not JSON, is
+    not kept). Metrics count the two apart."""
+
+    error: InputError
+    kept: bool = False
+
+
+def accept(
+    provider: Provider, body: bytes, *, workspace: str | None, default_workspace: str, limits: PayloadLimits
+) -> ConversationSnapshot | InputError:
+    """The one acceptance step of a pushed payload (a push, a batch line, a line of ``kbms ingest``): strict JSON,
+    the provider's validation and mapping, the size caps. Pure; the refusal is returned, not raised."""
+    try:
+        refuse_non_finite(body)
+        snapshot = provider.parse_push(body, workspace=workspace, default_workspace=default_workspace)
+        enforce(snapshot, limits)
+    except (InvalidJson, ValidationFailed) as exc:
+        return exc
+    return snapshot
+
+
+def _keeps(error: InputError) -> bool:
+    """Whether a refused push is kept in the ledger as rejected: a payload that is JSON but does not validate (a
+    later mapper may read it); not one that is not JSON, nor one over a size limit, as for an oversized body."""
+    return isinstance(error, ValidationFailed) and not isinstance(error, LimitExceeded)
+
+
+def _push_delivery(
+    provider: Provider,
+    body: bytes,
+    body_hash: str,
+    *,
+    workspace: str | None,
+    filed_under: str,
+    received_at: datetime,
+) -> Delivery:
+    """A pushed payload as the ledger keeps it, filed under ``filed_under``: its conversation's workspace (which the
+    payload may name), or for a rejection the one the caller named, else the default."""
+    return Delivery(
+        provider=provider.name,
+        workspace=filed_under,
+        kind="push",
+        topic=None,
+        delivery_key=push_delivery_key(workspace, body_hash),
+        body_hash=body_hash,
+        body=body,
+        received_at=received_at,
+        named_workspace=workspace,
+    )
+
+
+def _outcome(provider: Provider, applied: Applied) -> IngestOutcome:
+    # A push always carries a snapshot, so it always lands in a conversation.
+    assert applied.result != "ignored"
+    assert applied.conversation_id is not None
+    assert applied.external_id is not None
+    return IngestOutcome(applied.conversation_id, provider.name, applied.external_id, applied.result)
+
+
 async def ingest_push(
     store: Store,
     provider: Provider,
@@ -78,9 +139,10 @@ async def ingest_push(
     limits: PayloadLimits = DEFAULT_LIMITS,
     allowed: frozenset[str] | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-) -> IngestOutcome:
-    """Validate, map and store one pushed conversation. Raises ``InvalidJson``, ``ValidationFailed``
-    (``LimitExceeded`` for a payload over ``limits``, which is not kept) or ``Forbidden``.
+) -> IngestOutcome | Refused:
+    """Validate, map and store one pushed conversation; a refused payload (``InvalidJson``, ``ValidationFailed``,
+    ``LimitExceeded``, or ``Forbidden`` for a conversation of a workspace not ``allowed``) is returned as
+    ``Refused``. Raises ``Forbidden`` when ``workspace`` itself is not ``allowed``.
 
     ``workspace``: the one the caller named; None lets the provider read it from the payload, if it can, or
     take ``default_workspace``. ``allowed``: the workspaces the caller may write (None: any); a conversation of
@@ -88,47 +150,34 @@ async def ingest_push(
     """
     _check_allowed(workspace, allowed)
     body_hash = hashlib.sha256(body).hexdigest()
-    key = push_delivery_key(workspace, body_hash)
-    known = await store.find_delivery(provider.name, key)
+    known = await store.find_delivery(provider.name, push_delivery_key(workspace, body_hash))
     if known is not None and known.conversation_id is not None and known.external_id is not None:
-        _check_allowed(known.workspace, allowed)
+        refusal = _refusal(known.workspace, allowed)
+        if refusal is not None:
+            return Refused(refusal)
         return IngestOutcome(known.conversation_id, provider.name, known.external_id, "unchanged")
+    received_at = clock()
 
-    delivery = Delivery(
-        provider=provider.name,
-        workspace=workspace or default_workspace,
-        kind="push",
-        topic=None,
-        delivery_key=key,
-        body_hash=body_hash,
-        body=body,
-        received_at=clock(),
-        named_workspace=workspace,
+    def parse() -> ConversationSnapshot | InputError:
+        return accept(provider, body, workspace=workspace, default_workspace=default_workspace, limits=limits)
+
+    accepted = await _parse(parse, len(body))
+    if isinstance(accepted, InputError):
+        if not _keeps(accepted):
+            return Refused(accepted)
+        filed_under = workspace or default_workspace
+        delivery = _push_delivery(
+            provider, body, body_hash, workspace=workspace, filed_under=filed_under, received_at=received_at
+        )
+        await store.reject(delivery, cast(ValidationFailed, accepted).issues)
+        return Refused(accepted, kept=True)
+    refusal = _refusal(accepted.workspace, allowed)
+    if refusal is not None:
+        return Refused(refusal)
+    delivery = _push_delivery(
+        provider, body, body_hash, workspace=workspace, filed_under=accepted.workspace, received_at=received_at
     )
-
-    def parse() -> ConversationSnapshot:
-        refuse_non_finite(body)
-        snapshot = provider.parse_push(body, workspace=workspace, default_workspace=default_workspace)
-        enforce(snapshot, limits)
-        return snapshot
-
-    try:
-        snapshot = await _parse(parse, len(body))
-    except LimitExceeded:
-        raise  # a size limit, like the body's: nothing of it is kept
-    except ValidationFailed as exc:
-        await store.reject(delivery, exc.issues)
-        exc.kept = True
-        raise
-    _check_allowed(snapshot.workspace, allowed)
-    # The ledger files a delivery under its conversation's workspace, which the payload may have named.
-    delivery = dataclasses.replace(delivery, workspace=snapshot.workspace)
-    applied = await store.ingest(delivery, snapshot, redact=provider.redactor)
-    # A push always carries a snapshot, so it always lands in a conversation.
-    assert applied.result != "ignored"
-    assert applied.conversation_id is not None
-    assert applied.external_id is not None
-    return IngestOutcome(applied.conversation_id, provider.name, applied.external_id, applied.result)
+    return _outcome(provider, await store.ingest(delivery, accepted, redact=provider.redactor))
 
 
 def _refusal(workspace: str | None, allowed: frozenset[str] | None) -> Forbidden | None:
@@ -144,7 +193,7 @@ def _check_allowed(workspace: str | None, allowed: frozenset[str] | None) -> Non
         raise refusal
 
 
-LineOutcome = IngestOutcome | InputError
+LineOutcome = IngestOutcome | Refused
 MAX_BATCH_LINES = 1000
 
 
@@ -182,32 +231,26 @@ async def ingest_batch(
     _check_allowed(workspace, allowed)
     received_at = clock()
     hashes = [hashlib.sha256(body).hexdigest() for body in bodies]
-    keys = [push_delivery_key(workspace, h) for h in hashes]
-    known = await store.find_deliveries(provider.name, keys)
+    known = await store.find_deliveries(provider.name, [push_delivery_key(workspace, h) for h in hashes])
     results: list[LineOutcome | None] = [None] * len(bodies)
     fresh: list[int] = []
-    for index, key in enumerate(keys):
-        entry = known.get(key)
+    for index, body_hash in enumerate(hashes):
+        entry = known.get(push_delivery_key(workspace, body_hash))
         if entry is not None and entry.conversation_id is not None and entry.external_id is not None:
             refusal = _refusal(entry.workspace, allowed)
-            if refusal is not None:
-                results[index] = refusal
-                continue
-            results[index] = IngestOutcome(entry.conversation_id, provider.name, entry.external_id, "unchanged")
+            results[index] = (
+                Refused(refusal)
+                if refusal is not None
+                else IngestOutcome(entry.conversation_id, provider.name, entry.external_id, "unchanged")
+            )
         else:
             fresh.append(index)
 
     def parse_all() -> list[ConversationSnapshot | InputError]:
-        parsed: list[ConversationSnapshot | InputError] = []
-        for index in fresh:
-            try:
-                refuse_non_finite(bodies[index])
-                snapshot = provider.parse_push(bodies[index], workspace=workspace, default_workspace=default_workspace)
-                enforce(snapshot, limits)
-                parsed.append(snapshot)
-            except (InvalidJson, ValidationFailed) as exc:
-                parsed.append(exc)
-        return parsed
+        return [
+            accept(provider, bodies[index], workspace=workspace, default_workspace=default_workspace, limits=limits)
+            for index in fresh
+        ]
 
     size = sum(len(bodies[index]) for index in fresh)
     inline = size <= INLINE_PARSE_BYTES if parse_inline is None else parse_inline
@@ -215,45 +258,38 @@ async def ingest_batch(
 
     pending: list[Pending] = []
     positions: list[int] = []  # the payload index of each pending item
-    for index, outcome in zip(fresh, parsed, strict=True):
-        refusal = _refusal(outcome.workspace, allowed) if isinstance(outcome, ConversationSnapshot) else None
-        if refusal is not None:
-            results[index] = refusal
-            continue
-        if isinstance(outcome, InputError):
-            results[index] = outcome
-            if not isinstance(outcome, ValidationFailed) or isinstance(outcome, LimitExceeded):
-                continue  # not JSON, or over a size limit: nothing to keep, as for a single push
-        delivery = Delivery(
-            provider=provider.name,
-            workspace=outcome.workspace
-            if isinstance(outcome, ConversationSnapshot)
-            else workspace or default_workspace,
-            kind="push",
-            topic=None,
-            delivery_key=keys[index],
-            body_hash=hashes[index],
-            body=bodies[index],
-            received_at=received_at,
-            named_workspace=workspace,
-        )
-        if isinstance(outcome, ValidationFailed):
-            pending.append(Pending(delivery, issues=outcome.issues))  # kept, as a single push's would be
+    for index, accepted in zip(fresh, parsed, strict=True):
+        if isinstance(accepted, InputError):
+            results[index] = Refused(accepted)  # kept=True once the ledger's rejection is committed, below
+            if not _keeps(accepted):
+                continue
+            filed_under = workspace or default_workspace
+            issues: list[FieldIssue] | None = cast(ValidationFailed, accepted).issues
+            change = None
         else:
-            pending.append(Pending(delivery, change=outcome))
+            refusal = _refusal(accepted.workspace, allowed)
+            if refusal is not None:
+                results[index] = Refused(refusal)
+                continue
+            filed_under, issues, change = accepted.workspace, None, accepted
+        delivery = _push_delivery(
+            provider,
+            bodies[index],
+            hashes[index],
+            workspace=workspace,
+            filed_under=filed_under,
+            received_at=received_at,
+        )
+        pending.append(Pending(delivery, change=change, issues=issues))
         positions.append(index)
     applied = await store.ingest_many(pending, redact=provider.redactor) if pending else []
     for index, result in zip(positions, applied, strict=True):
         if isinstance(result, ValidationFailed):
-            results[index] = result  # refused by the database
+            results[index] = Refused(result)  # refused by the database: nothing of it kept
         elif result is None:
-            cast(InputError, results[index]).kept = True  # a rejection, now committed to the ledger
+            results[index] = Refused(cast(Refused, results[index]).error, kept=True)  # the rejection is committed
         else:
-            # A push always carries a snapshot, so it always lands in a conversation.
-            assert result.result != "ignored"
-            assert result.conversation_id is not None
-            assert result.external_id is not None
-            results[index] = IngestOutcome(result.conversation_id, provider.name, result.external_id, result.result)
+            results[index] = _outcome(provider, result)
     assert all(result is not None for result in results)
     return cast(list[LineOutcome], results)
 
@@ -289,8 +325,9 @@ async def receive_webhook(
     verify: bool = True,
     limits: PayloadLimits = DEFAULT_LIMITS,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-) -> WebhookOutcome:
-    """Verify, deduplicate and apply one webhook. Raises ``InvalidSignature`` before anything is parsed or kept.
+) -> WebhookOutcome | Refused:
+    """Verify, deduplicate and apply one webhook. Raises ``InvalidSignature`` before anything is parsed or kept; a
+    delivery that is not JSON or does not validate is returned as ``Refused`` (kept in the ledger, being signed).
 
     ``workspace``: the ``?workspace=`` of the webhook's URL (for providers whose payloads do not name theirs).
     """
@@ -326,24 +363,21 @@ async def receive_webhook(
 
     try:
         event = await _parse(parse, len(body))
-    except LimitExceeded:
-        raise  # a size limit, like the body's: nothing of it is kept
-    except NonFiniteNumber:
-        raise  # not kept, unlike other signed garbage: see NonFiniteNumber
+    except LimitExceeded as exc:
+        return Refused(exc)  # a size limit, like the body's: nothing of it is kept
+    except NonFiniteNumber as exc:
+        return Refused(exc)  # not kept, unlike other signed garbage: see NonFiniteNumber
     except InvalidWebhookItem as exc:
         await store.reject(delivery(exc.delivery_id, topic=exc.topic, workspace=exc.workspace), exc.issues)
-        exc.kept = True
-        raise
+        return Refused(exc, kept=True)
     except ValidationFailed as exc:
         await store.reject(delivery(None, topic=None, workspace=workspace or DEFAULT_WORKSPACE), exc.issues)
-        exc.kept = True
-        raise
+        return Refused(exc, kept=True)
     except InvalidJson as exc:
         # Signed, so genuinely the provider's: kept, like every verified payload, even if nothing can read it.
         issue = FieldIssue("body", "invalid_json", exc.message)
         await store.reject(delivery(None, topic=None, workspace=workspace or DEFAULT_WORKSPACE), [issue])
-        exc.kept = True
-        raise
+        return Refused(exc, kept=True)
     received = delivery(event.delivery_id, topic=event.topic, workspace=event.workspace)
     known = await store.find_delivery(provider.name, received.delivery_key)
     if known is not None and known.outcome != "rejected":

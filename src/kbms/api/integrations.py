@@ -18,7 +18,7 @@ from kbms.api.metrics import metrics_of
 from kbms.api.responses import json_response
 from kbms.api.schemas import BatchLine, BatchResponse, ErrorBody, IngestResponse
 from kbms.errors import FieldIssue, InputError, PayloadTooLarge, ValidationFailed
-from kbms.ingest import MAX_BATCH_LINES, LineOutcome, ingest_batch, ingest_push, ndjson_lines
+from kbms.ingest import MAX_BATCH_LINES, LineOutcome, Refused, ingest_batch, ingest_push, ndjson_lines
 from kbms.providers import Provider
 
 
@@ -41,6 +41,9 @@ def _endpoint(provider: Provider) -> Callable[[Request], Awaitable[Response]]:
         except InputError as exc:
             metrics.refused(provider.name, "push", exc)
             raise
+        if isinstance(outcome, Refused):
+            metrics.refused(provider.name, "push", outcome.error, kept=outcome.kept)
+            raise outcome.error
         metrics.ingested(provider.name, "push", outcome.result)
         return json_response(IngestResponse.of(outcome), status=201 if outcome.result == "created" else 200)
 
@@ -72,13 +75,13 @@ def _batch_endpoint(provider: Provider) -> Callable[[Request], Awaitable[Respons
             allowed=visible_workspaces(request),
         )
         outcomes = iter(ingested)
-        too_large = PayloadTooLarge(line_limit, f"Line exceeds {line_limit} bytes")
+        too_large = Refused(PayloadTooLarge(line_limit, f"Line exceeds {line_limit} bytes"))
         results = [_line(number, next(outcomes) if len(p) <= line_limit else too_large) for number, p in lines]
         counts = Counter(result.result for result in results)
         metrics = metrics_of(request)
         for outcome, count in counts.items():
             metrics.ingested(provider.name, "batch", outcome, count)
-        metrics.kept(provider.name, "batch", sum(isinstance(o, InputError) and o.kept for o in ingested))
+        metrics.kept(provider.name, "batch", sum(isinstance(o, Refused) and o.kept for o in ingested))
         response = BatchResponse(
             provider=provider.name,
             lines=line_count,
@@ -94,9 +97,9 @@ def _batch_endpoint(provider: Provider) -> Callable[[Request], Awaitable[Respons
 
 
 def _line(number: int, outcome: LineOutcome) -> BatchLine:
-    if isinstance(outcome, InputError):
-        status, _code = status_of(outcome)
-        return BatchLine(line=number, status=status, result="rejected", error=error_body(outcome))
+    if isinstance(outcome, Refused):
+        status, _code = status_of(outcome.error)
+        return BatchLine(line=number, status=status, result="rejected", error=error_body(outcome.error))
     return BatchLine(
         line=number,
         status=201 if outcome.result == "created" else 200,

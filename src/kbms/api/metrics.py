@@ -125,13 +125,13 @@ class Metrics:
             )
         child.inc(count)
 
-    def refused(self, provider: str, channel: Channel, exc: InputError) -> None:
-        """Count a payload kbms refused: a forged webhook, or a rejection (kept in the ledger or not)."""
+    def refused(self, provider: str, channel: Channel, exc: InputError, *, kept: bool = False) -> None:
+        """Count a payload kbms refused: a forged webhook, or a rejection (``kept`` in the ledger or not)."""
         if isinstance(exc, InvalidSignature):
             self._signature_failures.labels(provider).inc()
         elif not isinstance(exc, ClientDisconnected):  # nobody is left to hear the answer: not a payload's fate
             self.ingested(provider, channel, "rejected")
-            if exc.kept:
+            if kept:
                 self.kept(provider, channel)
 
     def kept(self, provider: str, channel: Channel, count: int = 1) -> None:

@@ -18,7 +18,7 @@ from kbms.api.metrics import metrics_of
 from kbms.api.responses import json_response
 from kbms.api.schemas import ErrorBody, WebhookResponse
 from kbms.errors import InputError
-from kbms.ingest import receive_webhook
+from kbms.ingest import Refused, receive_webhook
 from kbms.providers import Provider
 
 
@@ -43,6 +43,9 @@ def _endpoint(provider: Provider, secret_variable: str) -> Callable[[Request], A
         except InputError as exc:
             metrics.refused(provider.name, "webhook", exc)
             raise
+        if isinstance(outcome, Refused):
+            metrics.refused(provider.name, "webhook", outcome.error, kept=outcome.kept)
+            raise outcome.error
         metrics.ingested(provider.name, "webhook", outcome.result)
         return json_response(WebhookResponse.of(outcome))
 
