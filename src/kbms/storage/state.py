@@ -12,8 +12,8 @@ from typing import Any
 
 from sqlalchemy import Connection, RowMapping, Table
 
-from kbms import search
-from kbms.merge import ConversationState, conversation_id, new_state, render
+from kbms import lifecycle, search
+from kbms.merge import ConversationState
 from kbms.model import Conversation, ConversationSnapshot
 from kbms.storage.rows import (
     conversation_values,
@@ -56,8 +56,7 @@ class Index:
 
 
 def prepare(snapshot: ConversationSnapshot) -> Creation:
-    state = new_state(conversation_id(snapshot.provider, snapshot.workspace, snapshot.external_id), snapshot)
-    detail = render(state)
+    state, detail = lifecycle.created(snapshot)
     row = conversation_values(state, changed_at=0, detail=detail)
     children = (
         [participant_values(0, p) for p in state.participants.values()],
