@@ -1,4 +1,5 @@
-"""The lifecycle's decisions, with no database: a small in-memory ``Transaction`` stands in for storage.
+"""The lifecycle's decisions, with no database: small in-memory ``Transaction`` and ``Rebuilding`` stand in for
+storage.
 
 The same rules run on both engines through ``kbms.storage.writes.WriteTransaction`` (the store contract suite);
 here they are checked on their own, which is what keeping them free of storage is for.
@@ -6,9 +7,10 @@ here they are checked on their own, which is what keeping them free of storage i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 from kbms import lifecycle
 from kbms.merge import ConversationState
@@ -21,7 +23,7 @@ from kbms.model import (
     Message,
     ParticipantObservation,
 )
-from kbms.storage.base import Delivery
+from kbms.storage.base import ConversationKey, Delivery, LedgerEntry, Outcome, Reading
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -128,11 +130,13 @@ def delivery(key: str, body: bytes = b"{}", *, seconds: int = 0) -> Delivery:
     return Delivery("intercom", "w", "push", None, key, key, body, received)
 
 
-def snapshot(*contents: str, version: int = 0, redacted: frozenset[str] = frozenset()) -> ConversationSnapshot:
+def snapshot(
+    *contents: str, version: int = 0, redacted: frozenset[str] = frozenset(), external_id: str = "c1"
+) -> ConversationSnapshot:
     return ConversationSnapshot(
         provider="intercom",
         workspace="w",
-        external_id="c1",
+        external_id=external_id,
         created_at=T0,
         version=T0 + timedelta(seconds=version),
         header=ConversationHeader(subject="Billing"),
@@ -214,3 +218,80 @@ def test_a_redaction_rewrites_the_payloads_kept_before_and_after_it() -> None:
     assert [row.body for row in memory.ledger.values()] == [b'{"text": "[redacted]"}', b"{}", b'{"text": "[redacted]"}']
     (detail,) = memory.index_of.values()
     assert [(m.content, m.redacted) for m in detail.messages] == [("[redacted]", True)]
+
+
+class Refold:
+    """A ledger (every delivery rejected by an older mapper) and at most one stored conversation, in memory."""
+
+    def __init__(self, bodies: list[bytes]) -> None:
+        self.entries = {
+            pk: LedgerEntry(pk, "intercom", "push", "w", None, body, pk, "rejected", "an old mapper", None, None)
+            for pk, body in enumerate(bodies, start=1)
+        }
+        self.stored: tuple[int, ConversationState] | None = None
+        self.feed: list[str] = []
+
+    def lock(self, key: ConversationKey) -> tuple[int, ConversationState] | None:
+        return self.stored
+
+    def deliveries(self, pk: int | None, extra: list[int]) -> list[LedgerEntry]:
+        linked = [e for e in self.entries.values() if pk is not None and e.conversation_pk == pk]
+        return sorted({e.pk: e for e in linked + [self.entries[i] for i in extra]}.values(), key=lambda e: e.pk)
+
+    def store(self, pk: int | None, state: ConversationState, detail: Conversation, *, was_live: bool) -> int:
+        self.stored = (pk or 7, state)
+        return self.stored[0]
+
+    def record_change(self, state: ConversationState, action: str) -> None:
+        self.feed.append(action)
+
+    def reclassify(self, ledger_pk: int, outcome: str, error: str | None, conversation_pk: int | None) -> None:
+        entry = self.entries[ledger_pk]
+        standing = cast("Outcome", outcome)
+        self.entries[ledger_pk] = replace(entry, outcome=standing, error=error, conversation_pk=conversation_pk)
+
+    def redactions(self, key: ConversationKey) -> dict[str, Message]:
+        return {}
+
+    def rewrite_body(self, ledger_pk: int, body: bytes) -> None:
+        raise AssertionError("no redaction here")
+
+
+def reader(today: dict[bytes, Change | str | None]) -> Callable[[LedgerEntry], Reading]:
+    """Today's mappers, as a table: a body reads as a change, nothing, or an error message."""
+
+    def read(entry: LedgerEntry) -> Reading:
+        found = today[entry.body]
+        return Reading(None, found) if isinstance(found, str) else Reading(found)
+
+    return read
+
+
+def test_a_rebuild_folds_the_deliveries_once_and_a_second_run_changes_nothing() -> None:
+    memory = Refold([b"first", b"second", b"noise"])
+    read = reader({b"first": snapshot("hello"), b"second": snapshot("hello", "more", version=1), b"noise": None})
+    key = ConversationKey("intercom", "w", "c1")
+    first = lifecycle.rebuild(memory, key, [1, 2, 3], read, None, now=0)
+    assert (first.changed, first.deliveries_reclassified, first.moved) == (True, 3, {})
+    assert [(e.outcome, e.conversation_pk) for e in memory.entries.values()] == [
+        ("created", 7),
+        ("updated", 7),
+        ("ignored", None),
+    ]
+    again = lifecycle.rebuild(memory, key, [], read, None, now=1)
+    assert (again.changed, again.deliveries_reclassified) == (False, 0)
+    assert memory.feed == ["created"]
+
+
+def test_a_rebuild_hands_back_deliveries_that_moved_and_buries_what_nothing_produces() -> None:
+    memory = Refold([b"first", b"second"])
+    key = ConversationKey("intercom", "w", "c1")
+    lifecycle.rebuild(memory, key, [1, 2], reader({b"first": snapshot("hi"), b"second": snapshot("hi")}), None, now=0)
+    today = reader({b"first": "no longer valid", b"second": snapshot("hi", external_id="c2")})
+    rebuilt = lifecycle.rebuild(memory, key, [], today, None, now=5)
+    assert rebuilt.moved == {ConversationKey("intercom", "w", "c2"): [2]}
+    assert (memory.entries[1].outcome, memory.entries[1].error) == ("rejected", "no longer valid")
+    assert memory.entries[2].conversation_pk == 7  # still linked here: the rebuild of c2 takes it
+    assert memory.stored is not None
+    assert memory.stored[1].deleted_at == 5
+    assert memory.feed == ["created", "deleted"]

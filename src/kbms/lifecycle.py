@@ -16,16 +16,20 @@ For one delivery:
 
 Two deliveries racing to create one conversation meet at its unique key in step 2: the loser's create does
 nothing (on PostgreSQL it waits for the winner to commit) and it merges instead.
+
+``rebuild`` is the other way a conversation changes (``kbms reprocess``): it is folded again from all of its
+deliveries, read with today's mappers, through a ``Rebuilding`` (storage's ``kbms.storage.rebuild``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Protocol
 
-from kbms.merge import ConversationState, conversation_id, delete, merge, micros, new_state, render, tombstone
+from kbms.merge import ConversationState, conversation_id, delete, merge, micros, new_state, render, replay, tombstone
 from kbms.model import Change, Conversation, ConversationDeletion, ConversationSnapshot, Message
-from kbms.storage.base import Applied, Delivery, Redactor
+from kbms.storage.base import Applied, ConversationKey, Delivery, LedgerEntry, Reader, Rebuilt, Redactor
 
 
 class Transaction(Protocol):
@@ -195,3 +199,108 @@ def _redact(
         for pk, stored in tx.redactable_bodies(conversation_pk, snapshot):
             if pk != claim and (clean := redact(stored, external_id, redacted)) is not None:
                 tx.rewrite_body(pk, clean)
+
+
+class Rebuilding(Protocol):
+    """What re-deriving one conversation needs of storage, within one write transaction."""
+
+    def lock(self, key: ConversationKey) -> tuple[int, ConversationState] | None:
+        """The stored state of the conversation, locked until the commit; None if it is not stored."""
+        ...
+
+    def deliveries(self, pk: int | None, extra: list[int]) -> list[LedgerEntry]:
+        """The deliveries linked to the conversation ``pk`` (None: none) and the ``extra`` ones, in received order."""
+        ...
+
+    def store(self, pk: int | None, state: ConversationState, detail: Conversation, *, was_live: bool) -> int:
+        """Write a re-derived state whole (row, children, tags and search document): a new conversation when ``pk``
+        is None (``ConcurrentCreation`` if a delivery created it meanwhile), else over the stored one."""
+        ...
+
+    def record_change(self, state: ConversationState, action: str) -> None:
+        """Add a row to the change feed, in this transaction."""
+        ...
+
+    def reclassify(self, ledger_pk: int, outcome: str, error: str | None, conversation_pk: int | None) -> None:
+        """Record a delivery's new standing."""
+        ...
+
+    def redactions(self, key: ConversationKey) -> dict[str, Message]:
+        """Every redacted message recorded for the conversation, by message id."""
+        ...
+
+    def rewrite_body(self, ledger_pk: int, body: bytes) -> None:
+        """Replace a stored payload (by a redacted copy)."""
+        ...
+
+
+ACCEPTED = frozenset(("created", "updated", "unchanged"))
+
+
+def _key_of(change: Change) -> ConversationKey:
+    return ConversationKey(change.provider, change.workspace, change.external_id)
+
+
+def rebuild(
+    tx: Rebuilding, key: ConversationKey, extra: list[int], read: Reader, redact: Redactor | None, *, now: int
+) -> Rebuilt:
+    """Fold every delivery of one conversation, in received order, through today's mappers; store the result
+    if it differs from what is stored, and correct each delivery's standing. Doing it twice changes nothing.
+
+    Deliveries that now belong to another conversation are handed back (``Rebuilt.moved``); a conversation that no
+    delivery produces any more becomes a tombstone.
+    """
+    found = tx.lock(key)
+    stored_pk, stored = (None, None) if found is None else found
+    entries = tx.deliveries(stored_pk, extra)
+
+    readings = [(entry, read(entry)) for entry in entries]
+    mine = [(e, r.change) for e, r in readings if r.change is not None and _key_of(r.change) == key]
+    moved: dict[ConversationKey, list[int]] = {}
+    for entry, reading in readings:
+        if reading.change is not None and _key_of(reading.change) != key:
+            moved.setdefault(_key_of(reading.change), []).append(entry.pk)
+    cid = conversation_id(key.provider, key.workspace, key.external_id)
+    state, results = replay(cid, ((c, e.received_at) for e, c in mine))
+    if state is None and stored is not None:
+        state = delete(stored, at=now)  # nothing produces it any more
+    outcomes: dict[int, tuple[str, str | None, bool]] = {
+        entry.pk: ("rejected" if reading.error else "ignored", reading.error, False)
+        for entry, reading in readings
+        if entry.pk not in {pk for pks in moved.values() for pk in pks}
+    }
+    outcomes.update({entry.pk: (outcome, None, True) for (entry, _), outcome in zip(mine, results, strict=True)})
+
+    changed = False
+    if state is not None and (stored is None or not state.same_content(stored)):
+        changed = True
+        revised = replace(state, revision=stored.revision + 1 if stored is not None else 1)
+        was_live = stored is not None and stored.deleted_at is None
+        stored_pk = tx.store(stored_pk, revised, render(revised), was_live=was_live)
+        live = revised.deleted_at is None
+        if live or was_live:
+            action = ("updated" if was_live else "created") if live else "deleted"
+            tx.record_change(revised, action)
+
+    reclassified = 0
+    newly_linked: list[LedgerEntry] = []
+    for entry in entries:
+        if entry.pk not in outcomes:
+            continue  # moved: its new conversation's rebuild decides
+        outcome, error, linked_here = outcomes[entry.pk]
+        target = stored_pk if linked_here else None
+        # Created, updated and unchanged depend on the order deliveries came in; only a change of standing counts.
+        if entry.outcome in ACCEPTED and outcome in ACCEPTED and entry.conversation_pk == target:
+            continue
+        if (entry.outcome, entry.error, entry.conversation_pk) == (outcome, error, target):
+            continue
+        tx.reclassify(entry.pk, outcome, error, target)
+        reclassified += 1
+        if target is not None and entry.conversation_pk != target:
+            newly_linked.append(entry)
+    if newly_linked and redact is not None:
+        redacted = tx.redactions(key)
+        for entry in newly_linked if redacted else ():
+            if (clean := redact(entry.body, key.external_id, redacted)) is not None:
+                tx.rewrite_body(entry.pk, clean)
+    return Rebuilt(changed=changed, deliveries_reclassified=reclassified, moved=moved)

@@ -1,15 +1,16 @@
-"""Re-deriving conversations from the ledger (``kbms reprocess``): the deliveries to read again, and the rebuild
-of one conversation from all of its deliveries. Not a hot path: statements are built per call."""
+"""Re-deriving conversations from the ledger (``kbms reprocess``), storage's side: the deliveries to read again,
+and ``kbms.lifecycle.Rebuilding`` over SQL, which runs the rebuild of one conversation that the lifecycle decides.
+Not a hot path: statements are built per call."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import Connection, and_, func, or_, select, update
 
-from kbms.merge import conversation_id, delete, render, replay
-from kbms.model import Change, Message
+from kbms import lifecycle
+from kbms.merge import ConversationState
+from kbms.model import Conversation, Message
 from kbms.storage.base import ConcurrentCreation, ConversationKey, LedgerEntry, Reader, Rebuilt, Redactor
 from kbms.storage.feed import record_change, write_index
 from kbms.storage.rows import conversation_values
@@ -71,15 +72,8 @@ def conversations_in_scope(
     return [ConversationKey(*row) for row in conn.execute(query).all()]
 
 
-def _key_of(change: Change) -> ConversationKey:
-    return ConversationKey(change.provider, change.workspace, change.external_id)
-
-
 def reclassify(conn: Connection, ledger_pk: int, outcome: str, error: str | None) -> None:
     conn.execute(update(ledger).where(ledger.c.pk == ledger_pk).values(outcome=outcome, error=error))
-
-
-ACCEPTED = frozenset(("created", "updated", "unchanged"))
 
 
 def rebuild(
@@ -92,83 +86,64 @@ def rebuild(
     *,
     now: int,
 ) -> Rebuilt:
-    """Fold every delivery of one conversation, in received order, through today's mappers; store the result
-    if it differs from what is stored, and correct each delivery's standing. Doing it twice changes nothing.
+    """``kbms.lifecycle.rebuild`` of one conversation, in this transaction."""
+    return lifecycle.rebuild(RebuildTransaction(sql, conn, now=now), key, extra, read, redact, now=now)
 
-    Deliveries that now belong to another conversation are handed back (``Rebuilt.moved``); a conversation that no
-    delivery produces any more becomes a tombstone.
-    """
-    params = {"k_provider": key.provider, "k_workspace": key.workspace, "k_external_id": key.external_id}
-    exists = conn.execute(sql.lock, params).first() is not None
-    stored_pk, stored = load_state(sql, conn, params) if exists else (None, None)
-    filters = [ledger.c.conversation_pk == stored_pk] if stored_pk is not None else []
-    filters += [ledger.c.pk.in_(extra)] if extra else []
-    query = select(*LEDGER_ENTRY_COLUMNS).where(or_(*filters)).order_by(ledger.c.received_at, ledger.c.pk)
-    entries = [_entry(row) for row in conn.execute(query)] if filters else []
 
-    readings = [(entry, read(entry)) for entry in entries]
-    mine = [(e, r.change) for e, r in readings if r.change is not None and _key_of(r.change) == key]
-    moved: dict[ConversationKey, list[int]] = {}
-    for entry, reading in readings:
-        if reading.change is not None and _key_of(reading.change) != key:
-            moved.setdefault(_key_of(reading.change), []).append(entry.pk)
-    cid = conversation_id(key.provider, key.workspace, key.external_id)
-    state, results = replay(cid, ((c, e.received_at) for e, c in mine))
-    if state is None and stored is not None:
-        state = delete(stored, at=now)  # nothing produces it any more
-    outcomes: dict[int, tuple[str, str | None, bool]] = {
-        entry.pk: ("rejected" if reading.error else "ignored", reading.error, False)
-        for entry, reading in readings
-        if entry.pk not in {pk for pks in moved.values() for pk in pks}
-    }
-    outcomes.update({entry.pk: (outcome, None, True) for (entry, _), outcome in zip(mine, results, strict=True)})
+class RebuildTransaction:
+    """``kbms.lifecycle.Rebuilding`` on an open connection; ``now``: the time of its changes."""
 
-    changed = False
-    if state is not None and (stored is None or not state.same_content(stored)):
-        changed = True
-        revised = replace(state, revision=stored.revision + 1 if stored is not None else 1)
-        detail = render(revised)
-        values = conversation_values(revised, changed_at=now, detail=detail)
-        if stored_pk is None:
+    def __init__(self, sql: Sql, conn: Connection, *, now: int) -> None:
+        self._sql = sql
+        self._conn = conn
+        self._now = now
+
+    def lock(self, key: ConversationKey) -> tuple[int, ConversationState] | None:
+        params = _key_params(key)
+        exists = self._conn.execute(self._sql.lock, params).first() is not None
+        return load_state(self._sql, self._conn, params) if exists else None
+
+    def deliveries(self, pk: int | None, extra: list[int]) -> list[LedgerEntry]:
+        filters = [ledger.c.conversation_pk == pk] if pk is not None else []
+        filters += [ledger.c.pk.in_(extra)] if extra else []
+        query = select(*LEDGER_ENTRY_COLUMNS).where(or_(*filters)).order_by(ledger.c.received_at, ledger.c.pk)
+        return [_entry(row) for row in self._conn.execute(query)] if filters else []
+
+    def store(self, pk: int | None, state: ConversationState, detail: Conversation, *, was_live: bool) -> int:
+        sql, conn = self._sql, self._conn
+        values = conversation_values(state, changed_at=self._now, detail=detail)
+        if pk is None:
             created = conn.execute(sql.create, values).first()
             if created is None:
-                raise ConcurrentCreation(key)
-            stored_pk = int(created[0])
+                raise ConcurrentCreation(_key_of(state))
+            pk = int(created[0])
         else:
             for load, _insert, _upsert in sql.children.values():
-                conn.execute(sql.purge[load], {"b_pk": stored_pk})
-            conn.execute(sql.save, {**values, "b_pk": stored_pk})
-        write_children(
-            sql, conn, stored_pk, revised, revised.participants, revised.messages, revised.events, fresh=True
-        )
-        was_live = stored is not None and stored.deleted_at is None
-        live = revised.deleted_at is None
-        write_index(sql, conn, stored_pk, Index.of(detail) if live else None, fresh=not was_live)
-        if live or was_live:
-            action = ("updated" if was_live else "created") if live else "deleted"
-            record_change(conn, revised, action, now)
+                conn.execute(sql.purge[load], {"b_pk": pk})
+            conn.execute(sql.save, {**values, "b_pk": pk})
+        write_children(sql, conn, pk, state, state.participants, state.messages, state.events, fresh=True)
+        live = state.deleted_at is None
+        write_index(sql, conn, pk, Index.of(detail) if live else None, fresh=not was_live)
+        return pk
 
-    reclassified = 0
-    newly_linked: list[LedgerEntry] = []
-    for entry in entries:
-        if entry.pk not in outcomes:
-            continue  # moved: its new conversation's rebuild decides
-        outcome, error, linked_here = outcomes[entry.pk]
-        target = stored_pk if linked_here else None
-        # Created, updated and unchanged depend on the order deliveries came in; only a change of standing counts.
-        if entry.outcome in ACCEPTED and outcome in ACCEPTED and entry.conversation_pk == target:
-            continue
-        if (entry.outcome, entry.error, entry.conversation_pk) == (outcome, error, target):
-            continue
-        conn.execute(
-            update(ledger).where(ledger.c.pk == entry.pk).values(outcome=outcome, error=error, conversation_pk=target)
-        )
-        reclassified += 1
-        if target is not None and entry.conversation_pk != target:
-            newly_linked.append(entry)
-    if newly_linked and redact is not None:
-        redacted = {m: Message.model_validate_json(t) for m, t in sql.run(conn, sql.redactions_of, params).fetchall()}
-        for entry in newly_linked if redacted else ():
-            if (clean := redact(entry.body, key.external_id, redacted)) is not None:
-                sql.run(conn, sql.rewrite_body, {"body": clean, "b_pk": entry.pk})
-    return Rebuilt(changed=changed, deliveries_reclassified=reclassified, moved=moved)
+    def record_change(self, state: ConversationState, action: str) -> None:
+        record_change(self._conn, state, action, self._now)
+
+    def reclassify(self, ledger_pk: int, outcome: str, error: str | None, conversation_pk: int | None) -> None:
+        values = {"outcome": outcome, "error": error, "conversation_pk": conversation_pk}
+        self._conn.execute(update(ledger).where(ledger.c.pk == ledger_pk).values(**values))
+
+    def redactions(self, key: ConversationKey) -> dict[str, Message]:
+        rows = self._sql.run(self._conn, self._sql.redactions_of, _key_params(key)).fetchall()
+        return {message_id: Message.model_validate_json(text) for message_id, text in rows}
+
+    def rewrite_body(self, ledger_pk: int, body: bytes) -> None:
+        self._sql.run(self._conn, self._sql.rewrite_body, {"body": body, "b_pk": ledger_pk})
+
+
+def _key_params(key: ConversationKey) -> dict[str, str]:
+    return {"k_provider": key.provider, "k_workspace": key.workspace, "k_external_id": key.external_id}
+
+
+def _key_of(state: ConversationState) -> ConversationKey:
+    return ConversationKey(state.provider, state.workspace, state.external_id)
