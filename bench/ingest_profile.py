@@ -28,7 +28,7 @@ from typing import Any
 from kbms.api import create_app
 from kbms.providers.intercom import IntercomProvider
 from kbms.settings import Settings
-from kbms.storage import admin_engine, sql, sqlite
+from kbms.storage import admin_engine, reads, sqlite, state, writes
 from kbms.storage.migrate import upgrade
 from request_overhead import call  # the in-process ASGI request of bench/request_overhead.py
 
@@ -56,11 +56,11 @@ def timed(owner: Any, name: str, stage: str, clock: Callable[[], float] = time.p
 
 def instrument() -> None:
     timed(IntercomProvider, "parse_push", "parse: validate and map")
-    timed(sql, "prepare", "prepare: state, read model, rows, search words")
-    timed(sql, "apply_delivery", "SQL statements")
+    timed(state, "prepare", "prepare: state, read model, rows, search words")
+    timed(writes, "apply_delivery", "SQL statements")
     timed(sqlite, "flush_changes", "SQL at the end: search documents, feed")
     timed(sqlite.SqliteStore, "_commit", "commit (its thread's CPU)", time.thread_time)
-    timed(sql, "find_delivery", "ledger lookup")
+    timed(reads, "find_delivery", "ledger lookup")
 
 
 async def run(app: Any, bodies: list[bytes]) -> tuple[float, int]:

@@ -139,16 +139,16 @@ async def test_a_value_the_database_refuses_is_rolled_back_alone_in_a_batch(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A real data exception mid-batch (here SELECT 1/0 for one line) aborts only that line's savepoint."""
-    from kbms.storage import sql
+    from kbms.storage import writes
 
-    original = sql.apply_delivery
+    original = writes.apply_delivery
 
     def refusing(statements: object, conn: object, delivery: Delivery, *args: object, **kwargs: object) -> object:
         if b'"bad"' in delivery.body:
             conn.exec_driver_sql("SELECT 1/0")  # type: ignore[attr-defined]
         return original(statements, conn, delivery, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(sql, "apply_delivery", refusing)
+    monkeypatch.setattr(writes, "apply_delivery", refusing)
     store = open_store(Settings(database_url=postgres_url))
     try:
         bodies = [json.dumps(intercom_payload(name)).encode() for name in ("a", "bad", "c")]

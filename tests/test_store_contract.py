@@ -209,7 +209,7 @@ async def test_ping(store: Store) -> None:
 
 
 async def test_search_documents_of_one_batch_are_its_last_words(store: Store) -> None:
-    """A batch's search documents are written at its end (storage/sql.py, ``flush_changes``): what a conversation
+    """A batch's search documents are written at its end (storage/feed.py, ``flush_changes``): what a conversation
     said last in the batch is found, what it said before is not, and one deleted in the batch is gone."""
     gone = intercom_payload("c-gone", title="zulu kept only until deleted")
     await put(store, gone)

@@ -3,7 +3,7 @@
 Driver: psycopg 3, synchronous, in worker threads. Measured against asyncpg and psycopg's async mode (both through
 SQLAlchemy's ``run_sync``) on kbms's own statements, 32 concurrent callers, 1,500 real deliveries: equal or better
 on ingest (254-297/s vs 190-244/s) and on lookups (1,570-2,561/s vs 920-1,583/s), and it keeps one synchronous SQL
-layer (``storage/sql.py``) for both engines.
+layer (the ``storage`` modules by job) for both engines.
 
 Each write is its own transaction; concurrency is the database's business: unique keys settle races between
 creators, ``SELECT ... FOR UPDATE`` serializes merges of one conversation. A deadlock or serialization failure is
@@ -42,7 +42,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from kbms.errors import StorageUnavailable
 from kbms.storage.base import PoolUsage
-from kbms.storage.sql import Sql, discard_changes, flush_changes
+from kbms.storage.feed import discard_changes, flush_changes
+from kbms.storage.statements import Sql
 from kbms.storage.store import Job, SqlStore, is_refused, is_unavailable, refused, unavailable, utc_now
 
 log = logging.getLogger(__name__)

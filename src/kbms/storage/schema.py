@@ -192,7 +192,7 @@ conversation_tags = Table(
 )
 Index("ix_conversation_tags_tag", conversation_tags.c.tag, conversation_tags.c.conversation_pk)
 
-# The change feed: one row per committed change of a conversation, numbered in commit order (see storage/sql.py,
+# The change feed: one row per committed change of a conversation, numbered in commit order (see storage/feed.py,
 # ``flush_changes``, for how PostgreSQL keeps that order under concurrent writers).
 changes = Table(
     "changes",

@@ -53,7 +53,8 @@ from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 
 from kbms.errors import StorageUnavailable
 from kbms.storage.base import PoolUsage
-from kbms.storage.sql import Sql, discard_changes, flush_changes, pending_changes
+from kbms.storage.feed import discard_changes, flush_changes, pending_changes
+from kbms.storage.statements import Sql
 from kbms.storage.store import Job, SqlStore, is_unavailable, unavailable, utc_now
 
 log = logging.getLogger(__name__)

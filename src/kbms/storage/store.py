@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from kbms.errors import FieldIssue, StorageUnavailable, ValidationFailed
 from kbms.model import Change, Conversation, ConversationSnapshot, Redactor, micros
-from kbms.storage import sql
+from kbms.storage import feed, reads, rebuild, state, writes
 from kbms.storage.base import (
     ALL,
     Applied,
@@ -35,6 +35,7 @@ from kbms.storage.base import (
     Reader,
     Rebuilt,
 )
+from kbms.storage.statements import Sql
 
 T = TypeVar("T")
 Job = Callable[[Connection], T]
@@ -141,9 +142,9 @@ def unavailable(exc: BaseException) -> StorageUnavailable:
 
 
 class SqlStore(abc.ABC):
-    """Implements ``kbms.storage.base.Store`` with the statements of ``kbms.storage.sql``."""
+    """Implements ``kbms.storage.base.Store`` with the statements of ``kbms.storage.statements``."""
 
-    def __init__(self, statements: sql.Sql, *, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(self, statements: Sql, *, clock: Callable[[], datetime] = utc_now) -> None:
         self._sql = statements
         self._clock = clock
 
@@ -160,18 +161,24 @@ class SqlStore(abc.ABC):
         return await self._read(job)
 
     async def ingest(self, delivery: Delivery, change: Change | None, *, redact: Redactor | None = None) -> Applied:
-        # Rows are built before the write (see sql.Creation); wasted only when the conversation already exists.
-        creation = sql.prepare(change) if isinstance(change, ConversationSnapshot) else None
+        # Rows are built before the write (see state.Creation); wasted only when the conversation already exists.
+        creation = state.prepare(change) if isinstance(change, ConversationSnapshot) else None
         now = micros(self._clock())
         job = partial(
-            sql.apply_delivery, self._sql, delivery=delivery, change=change, now=now, redact=redact, creation=creation
+            writes.apply_delivery,
+            self._sql,
+            delivery=delivery,
+            change=change,
+            now=now,
+            redact=redact,
+            creation=creation,
         )
         return await self._write(job)
 
     async def ingest_many(
         self, items: Sequence[Pending], *, redact: Redactor | None = None
     ) -> list[Applied | ValidationFailed | None]:
-        creations = [sql.prepare(i.change) if isinstance(i.change, ConversationSnapshot) else None for i in items]
+        creations = [state.prepare(i.change) if isinstance(i.change, ConversationSnapshot) else None for i in items]
         # One conversation order for every writer: two batches sharing conversations lock them in the same order
         # on PostgreSQL (no deadlock between them), and a batch's repeats of one conversation merge in turn.
         order = sorted(range(len(items)), key=lambda i: _sort_key(items[i]))
@@ -183,12 +190,12 @@ class SqlStore(abc.ABC):
             for index in order:
                 item = items[index]
                 cursor.execute("SAVEPOINT item")
-                mark = sql.pending_changes(conn)
+                mark = feed.pending_changes(conn)
                 try:
                     if item.issues is not None:
-                        sql.record_rejection(self._sql, conn, item.delivery, item.issues)
+                        writes.record_rejection(self._sql, conn, item.delivery, item.issues)
                     else:
-                        results[index] = sql.apply_delivery(
+                        results[index] = writes.apply_delivery(
                             self._sql,
                             conn,
                             item.delivery,
@@ -201,7 +208,7 @@ class SqlStore(abc.ABC):
                     if not is_refused(exc):
                         raise  # the database failed, or a bug: the whole batch goes
                     cursor.execute("ROLLBACK TO item")
-                    sql.discard_changes(conn, mark)
+                    feed.discard_changes(conn, mark)
                     results[index] = refused(exc)
                 cursor.execute("RELEASE item")
             return results
@@ -209,66 +216,66 @@ class SqlStore(abc.ABC):
         return await self._write(job)
 
     async def reject(self, delivery: Delivery, issues: list[FieldIssue]) -> None:
-        await self._write(partial(sql.record_rejection, self._sql, delivery=delivery, issues=issues))
+        await self._write(partial(writes.record_rejection, self._sql, delivery=delivery, issues=issues))
 
     async def unlinked_deliveries(
         self, *, provider: str | None, since: int | None, after: tuple[int, int] | None, limit: int
     ) -> list[LedgerEntry]:
-        job = partial(sql.unlinked_deliveries, provider=provider, since=since, after=after, limit=limit)
+        job = partial(rebuild.unlinked_deliveries, provider=provider, since=since, after=after, limit=limit)
         return await self._read_long(job)
 
     async def conversations_in_scope(
         self, *, provider: str | None, since: int | None, conversation_id: str | None
     ) -> list[ConversationKey]:
-        job = partial(sql.conversations_in_scope, provider=provider, since=since, conversation_id=conversation_id)
+        job = partial(rebuild.conversations_in_scope, provider=provider, since=since, conversation_id=conversation_id)
         return await self._read_long(job)
 
     async def rebuild(self, key: ConversationKey, extra: list[int], read: Reader, redact: Redactor | None) -> Rebuilt:
         now = micros(self._clock())
-        job = partial(sql.rebuild, self._sql, key=key, extra=extra, read=read, redact=redact, now=now)
+        job = partial(rebuild.rebuild, self._sql, key=key, extra=extra, read=read, redact=redact, now=now)
         return await self._write(job)
 
     async def reclassify(self, ledger_pk: int, outcome: Outcome, error: str | None) -> None:
-        await self._write(partial(sql.reclassify, ledger_pk=ledger_pk, outcome=outcome, error=error))
+        await self._write(partial(rebuild.reclassify, ledger_pk=ledger_pk, outcome=outcome, error=error))
 
     async def find_delivery(self, provider: str, delivery_key: str) -> KnownDelivery | None:
-        return await self._read(partial(sql.find_delivery, self._sql, provider=provider, delivery_key=delivery_key))
+        return await self._read(partial(reads.find_delivery, self._sql, provider=provider, delivery_key=delivery_key))
 
     async def find_deliveries(self, provider: str, delivery_keys: Sequence[str]) -> dict[str, KnownDelivery]:
         if not delivery_keys:
             return {}
-        return await self._read(partial(sql.find_deliveries, self._sql, provider=provider, keys=delivery_keys))
+        return await self._read(partial(reads.find_deliveries, self._sql, provider=provider, keys=delivery_keys))
 
     async def get_conversation(self, conversation_id: str) -> Conversation | None:
-        return await self._read(partial(sql.get_detail, self._sql, conversation_id=conversation_id))
+        return await self._read(partial(reads.get_detail, self._sql, conversation_id=conversation_id))
 
     async def get_conversation_json(
         self, conversation_id: str, *, within: frozenset[str] | None = None
     ) -> bytes | None:
-        job = partial(sql.get_detail_json, self._sql, conversation_id=conversation_id, within=within)
+        job = partial(reads.get_detail_json, self._sql, conversation_id=conversation_id, within=within)
         text = await self._read(job)
         return None if text is None else text.encode()
 
     async def list_conversations(self, *, limit: int, cursor: Cursor | None, filters: Filters = ALL) -> Page:
-        return await self._read(partial(sql.list_page, self._sql, limit=limit, cursor=cursor, filters=filters))
+        return await self._read(partial(reads.list_page, self._sql, limit=limit, cursor=cursor, filters=filters))
 
     async def search(self, terms: Sequence[str], *, filters: Filters, limit: int, offset: int) -> list[Hit]:
         # The index answers fast, but a common word can match many conversations: not on the event loop.
-        job = partial(sql.search_page, self._sql, terms=terms, filters=filters, limit=limit, offset=offset)
+        job = partial(reads.search_page, self._sql, terms=terms, filters=filters, limit=limit, offset=offset)
         return await self._read_long(job)
 
     async def changes(self, *, after: int, limit: int, within: frozenset[str] | None = None) -> list[ChangeRecord]:
-        return await self._read(partial(sql.changes_after, self._sql, after=after, limit=limit, within=within))
+        return await self._read(partial(reads.changes_after, self._sql, after=after, limit=limit, within=within))
 
     async def count(self, filters: Filters) -> int:
-        return await self._read_long(partial(sql.count, self._sql, filters=filters))
+        return await self._read_long(partial(reads.count, self._sql, filters=filters))
 
     async def export(self, filters: Filters) -> AsyncGenerator[ExportBatch]:
         async with self._snapshot() as run:
-            total = await run(partial(sql.count, self._sql, filters=filters))
+            total = await run(partial(reads.count, self._sql, filters=filters))
             cursor: Cursor | None = None
             while True:
-                job = partial(sql.export_chunk, self._sql, filters=filters, cursor=cursor, size=EXPORT_CHUNK)
+                job = partial(reads.export_chunk, self._sql, filters=filters, cursor=cursor, size=EXPORT_CHUNK)
                 chunk, cursor = await run(job)
                 yield ExportBatch(total, chunk)
                 if cursor is None:

@@ -1,0 +1,108 @@
+"""The change feed and the search documents: recorded on the connection as a write goes, written at the end of
+its transaction (``flush_changes``), and forgotten when a write is rolled back to its savepoint.
+
+A conversation's tags are written at once (``write_index``); only its search document takes the side channel on
+SQLite.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection
+
+from kbms.merge import ConversationState
+from kbms.storage.state import Index
+from kbms.storage.statements import Sql
+
+# The change feed and the search documents. A write records them on its connection as it goes; the store writes
+# them at the end of the transaction, with ``flush_changes``, and drops those of a write rolled back to its
+# savepoint (``discard_changes``).
+# - The feed, at the end: on PostgreSQL the rows are numbered under a lock held until the commit, so the numbering
+#   is the commit order (see ``flush_changes``); taking that lock last means a transaction holding it never waits
+#   for anything else, and cannot deadlock with one that holds a row it needs.
+# - SQLite's search documents, at the end and outside every savepoint: FTS5 writes out its pending index data at each
+#   savepoint, and a statement that needs a statement journal opens one. Inline, every write of a batch flushed
+#   its own small index segment (and the ledger's settling UPDATE, checked against its foreign key, paid about
+#   65 us for it, profiled); at the end, the batch's documents go into one segment.
+PENDING_CHANGES = "kbms.pending_changes"
+PENDING_DOCUMENTS = "kbms.pending_documents"
+# The PostgreSQL advisory lock that orders the feed ("feed" in ASCII).
+FEED_LOCK = 0x66656564
+Mark = tuple[int, int]
+
+
+def record_change(conn: Connection, state: ConversationState, action: str, now: int) -> None:
+    row = {
+        "conversation_id": state.id,
+        "provider": state.provider,
+        "workspace": state.workspace,
+        "external_id": state.external_id,
+        "action": action,
+        "revision": state.revision,
+        "changed_at": now,
+    }
+    conn.info.setdefault(PENDING_CHANGES, []).append(row)
+
+
+def write_index(sql: Sql, conn: Connection, pk: int, index: Index | None, *, fresh: bool) -> None:
+    """Replace a conversation's tags and search document (``index`` None: remove them, it is deleted).
+
+    ``fresh``: the conversation has no tags or document yet. On SQLite the document itself is written at the end of
+    the transaction (see ``flush_changes``). On PostgreSQL it is written here, inside the write's savepoint:
+    PostgreSQL refuses a tsvector over 1 MB, and that refusal must fail this write alone, not its whole batch.
+    """
+    if not fresh:
+        sql.run(conn, sql.untag, {"b_pk": pk})
+    if index is not None and index.tags:
+        sql.run_many(conn, sql.tag, [{"conversation_pk": pk, "tag": tag} for tag in index.tags])
+    if sql.defer_documents:
+        conn.info.setdefault(PENDING_DOCUMENTS, []).append((pk, None if index is None else index.document, fresh))
+        return
+    if not fresh:
+        sql.run(conn, sql.unindex, {"b_pk": pk})
+    if index is not None:
+        sql.run(conn, sql.index_document, {"b_pk": pk, "b_document": index.document})
+
+
+def pending_changes(conn: Connection) -> Mark:
+    """How much this transaction has recorded so far (a mark for ``discard_changes``)."""
+    return len(conn.info.get(PENDING_CHANGES, ())), len(conn.info.get(PENDING_DOCUMENTS, ()))
+
+
+def discard_changes(conn: Connection, mark: Mark = (0, 0)) -> None:
+    """Forget what was recorded after ``mark`` (its write was rolled back)."""
+    del conn.info.setdefault(PENDING_CHANGES, [])[mark[0] :]
+    del conn.info.setdefault(PENDING_DOCUMENTS, [])[mark[1] :]
+
+
+def flush_changes(sql: Sql, conn: Connection) -> None:
+    """Write the recorded search documents and changes; the last statements of a write transaction.
+
+    On PostgreSQL, sequence values are handed out in one order and transactions commit in another, so a reader
+    following ``seq`` could pass a number whose transaction commits later, and miss it for good. Here every writer
+    takes one transaction-scoped advisory lock before it draws its numbers, and keeps it until its commit: the
+    next writer draws only after the previous one has committed (PostgreSQL makes a commit visible before it
+    releases the transaction's locks), so numbers become visible in increasing order and a reader that has seen
+    ``seq`` n will never later see a smaller one. SQLite has one writer at a time already.
+    """
+    documents = conn.info.get(PENDING_DOCUMENTS)
+    if documents:
+        # The last document of each conversation wins; one that existed before this transaction is removed first.
+        latest: dict[int, str | None] = {}
+        stale: set[int] = set()
+        for pk, document, fresh in documents:
+            latest[pk] = document
+            if not fresh:
+                stale.add(pk)
+        if stale:
+            sql.run_many(conn, sql.unindex, [{"b_pk": pk} for pk in sorted(stale)])
+        written = [{"b_pk": pk, "b_document": text} for pk, text in latest.items() if text is not None]
+        if written:
+            sql.run_many(conn, sql.index_document, written)
+        documents.clear()
+    rows = conn.info.get(PENDING_CHANGES)
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({FEED_LOCK})")
+    sql.run_many(conn, sql.record, rows)
+    rows.clear()
