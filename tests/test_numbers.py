@@ -4,8 +4,11 @@ every such field of every provider's push and webhook schemas, found by walking 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,9 +16,17 @@ from fastapi.testclient import TestClient
 
 from kbms.api.errors import status_of
 from kbms.errors import ValidationFailed
+from kbms.ingest import accept, push_delivery_key
+from kbms.limits import DEFAULT_LIMITS
 from kbms.providers import REGISTRY
+from kbms.providers.fields import reading_the_ledger
 from kbms.providers.intercom.schema import IntercomConversation
 from kbms.providers.zendesk.schema import ZendeskPush
+from kbms.reprocess import reprocess
+from kbms.settings import Settings
+from kbms.storage import open_store
+from kbms.storage.base import Delivery
+from tests.conftest import ENGINES, engine_url
 from tests.helpers import zendesk_pushes
 
 
@@ -204,3 +215,58 @@ def test_a_size_in_digits_is_read_as_before_and_other_text_is_not(
         detail = client.get(f"/internal/conversations/{response.json()['id']}").json()
         sizes = [a["size"] for m in detail["messages"] for a in m["attachments"]]
         assert 1843200 in sizes
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("size", [True, " 7", "1_000", "-3"])
+async def test_reprocess_reads_an_accepted_size_as_the_kbms_that_accepted_it(
+    engine: str, size: object, tmp_path: Path
+) -> None:
+    # An older kbms read an attachment size with pydantic's lax int and kept the payload as accepted. kbms reprocess
+    # must read it the same way, not refuse it now and delete the conversation; a payload kept as rejected stays so.
+    accepted = copy.deepcopy(dict(zendesk_pushes())["01_02_docs_ticket_with_comment"])
+    accepted["comments"][0]["attachments"][0]["size"] = size
+    rejected = copy.deepcopy(accepted)
+    rejected["ticket"]["id"] = 999_001
+    provider = REGISTRY["zendesk"]
+    with engine_url(engine, tmp_path) as url:
+        store = open_store(Settings(database_url=url))
+        try:
+            body = json.dumps(accepted).encode()
+            with reading_the_ledger():
+                snapshot = provider.parse_push(body, workspace=None, default_workspace="default")
+            applied = await store.ingest(push(body, snapshot.workspace), snapshot)
+            assert applied.conversation_id is not None
+            refused = accept(
+                provider,
+                json.dumps(rejected).encode(),
+                workspace=None,
+                default_workspace="default",
+                limits=DEFAULT_LIMITS,
+            )
+            assert isinstance(refused, ValidationFailed)  # at arrival, the same size is refused
+            await store.reject(push(json.dumps(rejected).encode(), "default"), refused.issues)
+
+            report = await reprocess(store, providers=REGISTRY)
+
+            assert (report.changed, report.deliveries_reclassified) == (0, 0)
+            assert await store.get_conversation(applied.conversation_id) is not None
+            page = await store.list_conversations(limit=10, cursor=None)
+            assert [item.external_id for item in page.items] == [snapshot.external_id]
+        finally:
+            await store.close()
+
+
+def push(body: bytes, workspace: str) -> Delivery:
+    body_hash = hashlib.sha256(body).hexdigest()
+    return Delivery(
+        provider="zendesk",
+        workspace=workspace,
+        kind="push",
+        topic=None,
+        delivery_key=push_delivery_key(None, body_hash),
+        body_hash=body_hash,
+        body=body,
+        received_at=datetime.now(UTC),
+    )

@@ -9,11 +9,13 @@ that validate now are picked up and counted; ones that fail now are marked rejec
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from kbms.errors import FieldIssue, InvalidJson, ValidationFailed, describe
 from kbms.model import Change
 from kbms.providers import REGISTRY, Provider
+from kbms.providers.fields import reading_the_ledger
 from kbms.storage.base import (
     ConcurrentCreation,
     ConversationKey,
@@ -37,6 +39,10 @@ class ReprocessReport:
     deliveries_reclassified: int = 0
 
 
+# The outcomes of deliveries a kbms accepted (an unchanged redelivery too).
+ACCEPTED_OUTCOMES = frozenset(("created", "updated", "unchanged"))
+
+
 def reader(providers: Mapping[str, Provider]) -> Reader:
     """What today's providers make of a stored delivery."""
 
@@ -47,19 +53,26 @@ def reader(providers: Mapping[str, Provider]) -> Reader:
         provider = providers.get(entry.provider)
         if provider is None:
             return refused("provider", "unknown_provider", f"No provider {entry.provider!r} is registered")
+        # What the ledger holds as accepted is read as the kbms that accepted it read it (see
+        # ``providers.fields.reading_the_ledger``); what it holds as rejected, as a new arrival would be.
+        lenient = reading_the_ledger() if entry.outcome in ACCEPTED_OUTCOMES else nullcontext()
         try:
-            if entry.kind == "push":
-                # Decided as the push did: the workspace the caller named, else the payload's, else the one the
-                # ledger filed it under (the default of the time).
-                named = entry.named_workspace
-                return Reading(provider.parse_push(entry.body, workspace=named, default_workspace=entry.workspace))
-            if provider.webhooks is None:
-                return refused("provider", "no_webhooks", f"{entry.provider} has no webhooks")
-            return Reading(provider.webhooks.parse(entry.body, workspace=entry.named_workspace).change)
+            with lenient:
+                return _read(provider, entry)
         except ValidationFailed as exc:
             return Reading(None, describe(exc.issues))
         except InvalidJson as exc:
             return refused("body", "invalid_json", exc.message)
+
+    def _read(provider: Provider, entry: LedgerEntry) -> Reading:
+        if entry.kind == "push":
+            # Decided as the push did: the workspace the caller named, else the payload's, else the one the
+            # ledger filed it under (the default of the time).
+            named = entry.named_workspace
+            return Reading(provider.parse_push(entry.body, workspace=named, default_workspace=entry.workspace))
+        if provider.webhooks is None:
+            return refused("provider", "no_webhooks", f"{entry.provider} has no webhooks")
+        return Reading(provider.webhooks.parse(entry.body, workspace=entry.named_workspace).change)
 
     return read
 

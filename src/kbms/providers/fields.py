@@ -15,17 +15,20 @@ Every error raised here names a stable issue, reported at the field's own dotted
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, PlainValidator, WithJsonSchema
+from pydantic import BeforeValidator, PlainValidator, TypeAdapter, ValidationError, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(2101, 1, 1, tzinfo=UTC)  # exclusive: "within 1970-2100"
 
 
-DIGITS = re.compile("[0-9]{1,19}")  # an integer in a string: ASCII digits alone, within 64 bits
+DIGITS = re.compile("[0-9]{1,19}")  # an integer in a string: ASCII digits alone, at most 19 of them
 MAX_ID = 255  # ids are keys in unique indexes; PostgreSQL refuses index entries over ~2.7 KB
 
 
@@ -57,14 +60,34 @@ def _id(value: Any) -> str:
 
 
 def _integer(value: Any) -> int:
-    # Digits in a string are read as before (pydantic's lax int did, so payloads an older kbms kept as accepted still
-    # read the same in ``kbms reprocess``); booleans, fractions and other text are refused.
+    # Booleans, fractions and text other than digits are refused where payloads arrive. An older kbms read these
+    # fields with pydantic's lax int (``true``, ``" 7"``, ``"1_000"``), and kept what it read as accepted: re-reading
+    # the ledger (``kbms reprocess``) reads them as it did, rather than delete conversations nothing new refutes.
     if isinstance(value, str) and DIGITS.fullmatch(value):
         return int(value)
     number = integral(value)
     if number is None:
+        if _READING_THE_LEDGER.get():
+            try:
+                return _LAX_INT.validate_python(value)
+            except ValidationError:
+                pass
         raise PydanticCustomError("int_type", "Input should be an integer")
     return number
+
+
+_LAX_INT = TypeAdapter(int)
+_READING_THE_LEDGER: ContextVar[bool] = ContextVar("kbms_reading_the_ledger", default=False)
+
+
+@contextmanager
+def reading_the_ledger() -> Iterator[None]:
+    """Within it, fields read payloads as the kbms that kept them did (see ``_integer``): for ``kbms reprocess``."""
+    token = _READING_THE_LEDGER.set(True)
+    try:
+        yield
+    finally:
+        _READING_THE_LEDGER.reset(token)
 
 
 def _optional_id(value: Any) -> str | None:
