@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
@@ -15,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kbms.storage.migrations
+from kbms.providers import get_provider
 from kbms.search import words
 from kbms.storage import admin_engine
 from kbms.storage.migrate import current_revision, head_revision, is_current, upgrade
@@ -141,3 +143,21 @@ def test_migrations_import_nothing_of_kbms() -> None:
             elif isinstance(node, ast.ImportFrom):
                 imported.append(node.module or "")
         assert not [name for name in imported if name.split(".")[0] == "kbms"], path.name
+
+
+def test_0002_makes_the_documents_kbms_search_makes_of_real_conversations() -> None:
+    # What goes into a document (subject, message texts, how they are joined) as well as how words are folded.
+    from kbms.merge import conversation_id, new_state, render
+    from kbms.search import document
+    from tests.helpers import dumps, intercom_conversations
+
+    frozen = _migration("0002_consumer_endpoints")
+    checked = 0
+    for _name, workspace, payload in intercom_conversations():
+        snapshot = get_provider("intercom").parse_push(dumps(payload), workspace=workspace, default_workspace="d")
+        conversation = render(
+            new_state(conversation_id("intercom", snapshot.workspace, snapshot.external_id), snapshot)
+        )
+        assert frozen._document(json.loads(conversation.model_dump_json())) == document(conversation)
+        checked += 1
+    assert checked >= 5

@@ -222,8 +222,8 @@ async def ingest_batch(
 ) -> list[LineOutcome]:
     """``ingest_push`` for many payloads at once: one ledger lookup, one write, one commit.
 
-    Each payload succeeds or fails alone: the result list holds, in order, an ``IngestOutcome`` or the
-    ``InputError`` that payload would have raised on its own. ``parse_inline``: validate on the calling thread
+    Each payload succeeds or fails alone: the result list holds, in order, an ``IngestOutcome`` or the ``Refused``
+    that payload would have had on its own. ``parse_inline``: validate on the calling thread
     (True), in a worker thread (False), or by size (None: a worker thread for more than ``INLINE_PARSE_BYTES``).
     Raises ``StorageUnavailable`` if the write fails (nothing of the batch is then committed), ``Forbidden`` if
     ``workspace`` is not ``allowed``; a line of a workspace not ``allowed`` is refused alone.
@@ -327,7 +327,8 @@ async def receive_webhook(
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> WebhookOutcome | Refused:
     """Verify, deduplicate and apply one webhook. Raises ``InvalidSignature`` before anything is parsed or kept; a
-    delivery that is not JSON or does not validate is returned as ``Refused`` (kept in the ledger, being signed).
+    delivery that is not JSON or does not validate is returned as ``Refused``: kept in the ledger as rejected (it
+    passed the door), except one holding NaN or Infinity, or over a size limit.
 
     ``workspace``: the ``?workspace=`` of the webhook's URL (for providers whose payloads do not name theirs).
     """
