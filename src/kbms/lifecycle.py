@@ -237,10 +237,6 @@ class Rebuilding(Protocol):
 ACCEPTED = frozenset(("created", "updated", "unchanged"))
 
 
-def _key_of(change: Change) -> ConversationKey:
-    return ConversationKey(change.provider, change.workspace, change.external_id)
-
-
 def rebuild(
     tx: Rebuilding, key: ConversationKey, extra: list[int], read: Reader, redact: Redactor | None, *, now: int
 ) -> Rebuilt:
@@ -255,11 +251,11 @@ def rebuild(
     entries = tx.deliveries(stored_pk, extra)
 
     readings = [(entry, read(entry)) for entry in entries]
-    mine = [(e, r.change) for e, r in readings if r.change is not None and _key_of(r.change) == key]
+    mine = [(e, r.change) for e, r in readings if r.change is not None and ConversationKey.of(r.change) == key]
     moved: dict[ConversationKey, list[int]] = {}
     for entry, reading in readings:
-        if reading.change is not None and _key_of(reading.change) != key:
-            moved.setdefault(_key_of(reading.change), []).append(entry.pk)
+        if reading.change is not None and ConversationKey.of(reading.change) != key:
+            moved.setdefault(ConversationKey.of(reading.change), []).append(entry.pk)
     cid = conversation_id(key.provider, key.workspace, key.external_id)
     state, results = replay(cid, ((c, e.received_at) for e, c in mine))
     if state is None and stored is not None:

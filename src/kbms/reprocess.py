@@ -13,7 +13,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 from kbms.errors import FieldIssue, InvalidJson, ValidationFailed, describe
-from kbms.model import Change
 from kbms.providers import REGISTRY, Provider
 from kbms.providers.fields import reading_the_ledger
 from kbms.storage.base import (
@@ -77,10 +76,6 @@ def reader(providers: Mapping[str, Provider]) -> Reader:
     return read
 
 
-def _key(change: Change) -> ConversationKey:
-    return ConversationKey(change.provider, change.workspace, change.external_id)
-
-
 async def reprocess(
     store: Store,
     *,
@@ -102,8 +97,8 @@ async def reprocess(
         for entry in batch:
             reading = read(entry)
             if reading.change is not None:
-                if wanted is None or _key(reading.change) in wanted:
-                    extra.setdefault(_key(reading.change), []).append(entry.pk)
+                if wanted is None or ConversationKey.of(reading.change) in wanted:
+                    extra.setdefault(ConversationKey.of(reading.change), []).append(entry.pk)
                 continue
             outcome: Outcome = "rejected" if reading.error else "ignored"
             if wanted is None and (outcome, reading.error) != (entry.outcome, entry.error):

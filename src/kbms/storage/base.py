@@ -84,11 +84,29 @@ class Reading:
     error: str | None = None
 
 
+class Keyed(Protocol):
+    """Anything that names a conversation: a change, a stored state, a key."""
+
+    @property
+    def provider(self) -> str: ...
+    @property
+    def workspace(self) -> str: ...
+    @property
+    def external_id(self) -> str: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ConversationKey:
+    """What names a conversation: ``(provider, workspace, external_id)``, the database's unique key."""
+
     provider: str
     workspace: str
     external_id: str
+
+    @classmethod
+    def of(cls, keyed: Keyed) -> ConversationKey:
+        """The key of a change, a stored state, or anything else that carries the three."""
+        return cls(keyed.provider, keyed.workspace, keyed.external_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from kbms.storage.feed import record_change, write_index
 from kbms.storage.rows import conversation_values
 from kbms.storage.schema import conversations, ledger
 from kbms.storage.state import Index, load_state, write_children
-from kbms.storage.statements import Sql
+from kbms.storage.statements import Sql, key_params
 
 LEDGER_ENTRY_COLUMNS = (
     ledger.c.pk,
@@ -99,7 +99,7 @@ class RebuildTransaction:
         self._now = now
 
     def lock(self, key: ConversationKey) -> tuple[int, ConversationState] | None:
-        params = _key_params(key)
+        params = key_params(key)
         exists = self._conn.execute(self._sql.lock, params).first() is not None
         return load_state(self._sql, self._conn, params) if exists else None
 
@@ -115,7 +115,7 @@ class RebuildTransaction:
         if pk is None:
             created = conn.execute(sql.create, values).first()
             if created is None:
-                raise ConcurrentCreation(_key_of(state))
+                raise ConcurrentCreation(ConversationKey.of(state))
             pk = int(created[0])
         else:
             for load, _insert, _upsert in sql.children.values():
@@ -134,16 +134,8 @@ class RebuildTransaction:
         self._conn.execute(update(ledger).where(ledger.c.pk == ledger_pk).values(**values))
 
     def redactions(self, key: ConversationKey) -> dict[str, Message]:
-        rows = self._sql.run(self._conn, self._sql.redactions_of, _key_params(key)).fetchall()
+        rows = self._sql.run(self._conn, self._sql.redactions_of, key_params(key)).fetchall()
         return {message_id: Message.model_validate_json(text) for message_id, text in rows}
 
     def rewrite_body(self, ledger_pk: int, body: bytes) -> None:
         self._sql.run(self._conn, self._sql.rewrite_body, {"body": body, "b_pk": ledger_pk})
-
-
-def _key_params(key: ConversationKey) -> dict[str, str]:
-    return {"k_provider": key.provider, "k_workspace": key.workspace, "k_external_id": key.external_id}
-
-
-def _key_of(state: ConversationState) -> ConversationKey:
-    return ConversationKey(state.provider, state.workspace, state.external_id)

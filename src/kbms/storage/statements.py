@@ -27,7 +27,7 @@ from sqlalchemy import delete as delete_
 from sqlalchemy import table as table_
 from sqlalchemy.engine import Dialect
 
-from kbms.storage.base import Filters
+from kbms.storage.base import Filters, Keyed
 from kbms.storage.filters import filter_conditions, filter_shape
 from kbms.storage.schema import (
     changes,
@@ -288,3 +288,8 @@ class Sql:
         compiled = self._compile(statement, tuple(rows[0]))
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         cursor.executemany(compiled.text, [compiled.arguments(row) for row in rows])
+
+
+def key_params(keyed: Keyed) -> dict[str, str]:
+    """The binds of a conversation's key: ``b_`` and ``k_`` names are parameters, never columns (``Sql._compile``)."""
+    return {"k_provider": keyed.provider, "k_workspace": keyed.workspace, "k_external_id": keyed.external_id}

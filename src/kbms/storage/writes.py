@@ -22,15 +22,7 @@ from kbms.storage.base import Applied, Delivery
 from kbms.storage.feed import record_change, write_index
 from kbms.storage.rows import conversation_values
 from kbms.storage.state import Creation, Index, load_state, prepare, write_children
-from kbms.storage.statements import CHILD_TABLES, Sql
-
-
-def _key_params(change: Change) -> dict[str, str]:
-    return {
-        "k_provider": change.provider,
-        "k_workspace": change.workspace,
-        "k_external_id": change.external_id,
-    }
+from kbms.storage.statements import CHILD_TABLES, Sql, key_params
 
 
 def _ledger_values(delivery: Delivery, *, outcome: str, error: str | None) -> dict[str, Any]:
@@ -94,7 +86,7 @@ class WriteTransaction:
         self._sql.run(self._conn, self._sql.settle, params)
 
     def stored_id(self, change: Change) -> str | None:
-        existing = self._sql.run(self._conn, self._sql.conversation_id, _key_params(change)).fetchone()
+        existing = self._sql.run(self._conn, self._sql.conversation_id, key_params(change)).fetchone()
         return None if existing is None else str(existing[0])
 
     def create(self, snapshot: ConversationSnapshot) -> tuple[int, ConversationState] | None:
@@ -118,7 +110,7 @@ class WriteTransaction:
         return None if row is None else int(row[0])
 
     def lock(self, change: Change) -> tuple[int, ConversationState]:
-        return load_state(self._sql, self._conn, _key_params(change))
+        return load_state(self._sql, self._conn, key_params(change))
 
     def update(
         self,
@@ -157,7 +149,7 @@ class WriteTransaction:
         return bool(self._sql.run(self._conn, self._sql.record_redaction, row).rowcount)
 
     def redactions(self, change: Change) -> dict[str, Message]:
-        rows = self._sql.run(self._conn, self._sql.redactions_of, _key_params(change)).fetchall()
+        rows = self._sql.run(self._conn, self._sql.redactions_of, key_params(change)).fetchall()
         return {message_id: Message.model_validate_json(text) for message_id, text in rows}
 
     def redactable_bodies(self, pk: int, change: Change) -> Iterator[tuple[int, bytes]]:
