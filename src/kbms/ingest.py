@@ -101,6 +101,7 @@ def _push_delivery(
     provider: Provider,
     body: bytes,
     body_hash: str,
+    key: str,
     *,
     workspace: str | None,
     filed_under: str,
@@ -113,7 +114,7 @@ def _push_delivery(
         workspace=filed_under,
         kind="push",
         topic=None,
-        delivery_key=push_delivery_key(workspace, body_hash),
+        delivery_key=key,
         body_hash=body_hash,
         body=body,
         received_at=received_at,
@@ -150,7 +151,8 @@ async def ingest_push(
     """
     _check_allowed(workspace, allowed)
     body_hash = hashlib.sha256(body).hexdigest()
-    known = await store.find_delivery(provider.name, push_delivery_key(workspace, body_hash))
+    key = push_delivery_key(workspace, body_hash)
+    known = await store.find_delivery(provider.name, key)
     if known is not None and known.conversation_id is not None and known.external_id is not None:
         refusal = _refusal(known.workspace, allowed)
         if refusal is not None:
@@ -167,7 +169,7 @@ async def ingest_push(
             return Refused(accepted)
         filed_under = workspace or default_workspace
         delivery = _push_delivery(
-            provider, body, body_hash, workspace=workspace, filed_under=filed_under, received_at=received_at
+            provider, body, body_hash, key, workspace=workspace, filed_under=filed_under, received_at=received_at
         )
         await store.reject(delivery, cast(ValidationFailed, accepted).issues)
         return Refused(accepted, kept=True)
@@ -175,7 +177,7 @@ async def ingest_push(
     if refusal is not None:
         return Refused(refusal)
     delivery = _push_delivery(
-        provider, body, body_hash, workspace=workspace, filed_under=accepted.workspace, received_at=received_at
+        provider, body, body_hash, key, workspace=workspace, filed_under=accepted.workspace, received_at=received_at
     )
     return _outcome(provider, await store.ingest(delivery, accepted, redact=provider.redactor))
 
@@ -231,11 +233,12 @@ async def ingest_batch(
     _check_allowed(workspace, allowed)
     received_at = clock()
     hashes = [hashlib.sha256(body).hexdigest() for body in bodies]
-    known = await store.find_deliveries(provider.name, [push_delivery_key(workspace, h) for h in hashes])
+    keys = [push_delivery_key(workspace, h) for h in hashes]
+    known = await store.find_deliveries(provider.name, keys)
     results: list[LineOutcome | None] = [None] * len(bodies)
     fresh: list[int] = []
-    for index, body_hash in enumerate(hashes):
-        entry = known.get(push_delivery_key(workspace, body_hash))
+    for index, key in enumerate(keys):
+        entry = known.get(key)
         if entry is not None and entry.conversation_id is not None and entry.external_id is not None:
             refusal = _refusal(entry.workspace, allowed)
             results[index] = (
@@ -276,6 +279,7 @@ async def ingest_batch(
             provider,
             bodies[index],
             hashes[index],
+            keys[index],
             workspace=workspace,
             filed_under=filed_under,
             received_at=received_at,

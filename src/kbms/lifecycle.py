@@ -234,6 +234,7 @@ class Rebuilding(Protocol):
         ...
 
 
+# The outcomes of a delivery kbms accepted (an unchanged redelivery too); reprocess reads those leniently.
 ACCEPTED = frozenset(("created", "updated", "unchanged"))
 
 

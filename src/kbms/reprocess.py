@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 from kbms.errors import FieldIssue, InvalidJson, ValidationFailed, describe
+from kbms.lifecycle import ACCEPTED
 from kbms.providers import REGISTRY, Provider
 from kbms.providers.fields import reading_the_ledger
 from kbms.storage.base import (
@@ -38,10 +39,6 @@ class ReprocessReport:
     deliveries_reclassified: int = 0
 
 
-# The outcomes of deliveries a kbms accepted (an unchanged redelivery too).
-ACCEPTED_OUTCOMES = frozenset(("created", "updated", "unchanged"))
-
-
 def reader(providers: Mapping[str, Provider]) -> Reader:
     """What today's providers make of a stored delivery."""
 
@@ -54,7 +51,7 @@ def reader(providers: Mapping[str, Provider]) -> Reader:
             return refused("provider", "unknown_provider", f"No provider {entry.provider!r} is registered")
         # What the ledger holds as accepted is read as the kbms that accepted it read it (see
         # ``providers.fields.reading_the_ledger``); what it holds as rejected, as a new arrival would be.
-        lenient = reading_the_ledger() if entry.outcome in ACCEPTED_OUTCOMES else nullcontext()
+        lenient = reading_the_ledger() if entry.outcome in ACCEPTED else nullcontext()
         try:
             with lenient:
                 return _read(provider, entry)
