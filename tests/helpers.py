@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kbms.deliveries import Applied, Delivery, KnownDelivery
 from kbms.model import Change, Redactor
-from kbms.storage.base import Applied, Delivery, KnownDelivery
 from tests import canary
 
 ROOT = Path(__file__).resolve().parent

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import cast
 
 from kbms import lifecycle
+from kbms.deliveries import ConversationKey, Delivery, LedgerEntry, Outcome, Reading
 from kbms.merge import ConversationState
 from kbms.model import (
     Change,
@@ -23,7 +24,6 @@ from kbms.model import (
     Message,
     ParticipantObservation,
 )
-from kbms.storage.base import ConversationKey, Delivery, LedgerEntry, Outcome, Reading
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 

@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from kbms.api.errors import status_of
+from kbms.deliveries import Delivery
 from kbms.errors import ValidationFailed
 from kbms.ingest import accept, push_delivery_key
 from kbms.limits import DEFAULT_LIMITS
@@ -25,7 +26,6 @@ from kbms.providers.zendesk.schema import ZendeskPush
 from kbms.reprocess import reprocess
 from kbms.settings import Settings
 from kbms.storage import open_store
-from kbms.storage.base import Delivery
 from tests.conftest import ENGINES, engine_url
 from tests.helpers import zendesk_pushes
 

@@ -14,13 +14,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from kbms.api import create_app
+from kbms.deliveries import Delivery
 from kbms.errors import ValidationFailed
 from kbms.ingest import Refused, ingest_batch
 from kbms.providers import get_provider
 from kbms.providers.intercom.signature import sign
 from kbms.settings import Settings
 from kbms.storage import admin_engine, open_store
-from kbms.storage.base import Delivery
 from tests.conftest import LiveServer, migrated_sqlite_url, postgres_schema, start_server
 from tests.helpers import INTERCOM, JSON_HEADERS, intercom_conversations, intercom_payload, part
 

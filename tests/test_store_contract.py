@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from kbms.deliveries import Applied, Delivery, Pending
 from kbms.errors import FieldIssue
 from kbms.model import ConversationDeletion, ConversationSnapshot, micros
 from kbms.providers import get_provider
 from kbms.storage import Store, admin_engine
-from kbms.storage.base import ALL, Applied, Cursor, Delivery, Pending
+from kbms.storage.base import ALL, Cursor
 from kbms.storage.schema import conversations, ledger, messages
 from tests.helpers import dumps, intercom_payload, part
 

@@ -22,6 +22,7 @@ from sqlalchemy import select
 from kbms.api import create_app
 from kbms.api.errors import status_of
 from kbms.backfill import ingest_file
+from kbms.deliveries import Delivery
 from kbms.errors import InvalidJson, NonFiniteNumber, ValidationFailed
 from kbms.ingest import push_delivery_key
 from kbms.providers import REGISTRY
@@ -30,7 +31,6 @@ from kbms.providers.intercom.schema import IntercomConversation
 from kbms.reprocess import reprocess
 from kbms.settings import Settings
 from kbms.storage import admin_engine, open_store
-from kbms.storage.base import Delivery
 from kbms.storage.schema import ledger
 from tests import canary
 from tests.conftest import ENGINES, engine_url

@@ -22,6 +22,7 @@ from typing import Literal, TypeVar, cast
 
 import anyio.to_thread
 
+from kbms.deliveries import Applied, Delivery, Pending
 from kbms.errors import (
     FieldIssue,
     Forbidden,
@@ -38,7 +39,7 @@ from kbms.limits import DEFAULT_LIMITS, PayloadLimits, enforce
 from kbms.model import DEFAULT_WORKSPACE, ConversationSnapshot, IngestResult, WebhookEvent
 from kbms.providers import Provider
 from kbms.providers.base import refuse_non_finite
-from kbms.storage.base import Applied, Delivery, Pending, Store
+from kbms.storage.base import Store
 
 T = TypeVar("T")
 

@@ -27,9 +27,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Protocol
 
+from kbms.deliveries import Applied, ConversationKey, Delivery, LedgerEntry, Reader, Rebuilt
 from kbms.merge import ConversationState, conversation_id, delete, merge, new_state, render, replay, tombstone
 from kbms.model import Change, Conversation, ConversationDeletion, ConversationSnapshot, Message, Redactor, micros
-from kbms.storage.base import Applied, ConversationKey, Delivery, LedgerEntry, Reader, Rebuilt
 
 
 class Transaction(Protocol):

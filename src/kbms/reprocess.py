@@ -12,20 +12,12 @@ from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+from kbms.deliveries import ConcurrentCreation, ConversationKey, LedgerEntry, Outcome, Reader, Reading, Rebuilt
 from kbms.errors import FieldIssue, InvalidJson, ValidationFailed, describe
 from kbms.lifecycle import ACCEPTED
 from kbms.providers import REGISTRY, Provider
 from kbms.providers.fields import reading_the_ledger
-from kbms.storage.base import (
-    ConcurrentCreation,
-    ConversationKey,
-    LedgerEntry,
-    Outcome,
-    Reader,
-    Reading,
-    Rebuilt,
-    Store,
-)
+from kbms.storage.base import Store
 
 BATCH = 500
 ATTEMPTS = 3

@@ -10,8 +10,9 @@ from typing import Any
 from sqlalchemy import Connection, RowMapping, func, select
 
 from kbms import search
+from kbms.deliveries import KnownDelivery
 from kbms.model import Conversation, ConversationSummary, from_micros
-from kbms.storage.base import ChangeRecord, Cursor, Filters, Hit, KnownDelivery, Page
+from kbms.storage.base import ChangeRecord, Cursor, Filters, Hit, Page
 from kbms.storage.filters import filter_conditions, filter_params
 from kbms.storage.schema import conversations
 from kbms.storage.statements import Sql

@@ -9,9 +9,9 @@ from typing import Any
 from sqlalchemy import Connection, and_, func, or_, select, update
 
 from kbms import lifecycle
+from kbms.deliveries import ConcurrentCreation, ConversationKey, LedgerEntry, Reader, Rebuilt
 from kbms.merge import ConversationState
 from kbms.model import Conversation, Message, Redactor
-from kbms.storage.base import ConcurrentCreation, ConversationKey, LedgerEntry, Reader, Rebuilt
 from kbms.storage.feed import record_change, write_index
 from kbms.storage.rows import conversation_values
 from kbms.storage.schema import conversations, ledger

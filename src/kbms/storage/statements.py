@@ -27,7 +27,8 @@ from sqlalchemy import delete as delete_
 from sqlalchemy import table as table_
 from sqlalchemy.engine import Dialect
 
-from kbms.storage.base import Filters, Keyed
+from kbms.deliveries import Keyed
+from kbms.storage.base import Filters
 from kbms.storage.filters import filter_conditions, filter_shape
 from kbms.storage.schema import (
     changes,

@@ -14,27 +14,21 @@ import psycopg
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from kbms.errors import FieldIssue, StorageUnavailable, ValidationFailed
-from kbms.model import Change, Conversation, ConversationSnapshot, Redactor, micros
-from kbms.storage import feed, reads, rebuild, state, writes
-from kbms.storage.base import (
-    ALL,
+from kbms.deliveries import (
     Applied,
-    ChangeRecord,
     ConversationKey,
-    Cursor,
     Delivery,
-    ExportBatch,
-    Filters,
-    Hit,
     KnownDelivery,
     LedgerEntry,
     Outcome,
-    Page,
     Pending,
     Reader,
     Rebuilt,
 )
+from kbms.errors import FieldIssue, StorageUnavailable, ValidationFailed
+from kbms.model import Change, Conversation, ConversationSnapshot, Redactor, micros
+from kbms.storage import feed, reads, rebuild, state, writes
+from kbms.storage.base import ALL, ChangeRecord, Cursor, ExportBatch, Filters, Hit, Page
 from kbms.storage.statements import Sql
 
 T = TypeVar("T")

@@ -15,10 +15,10 @@ from typing import Any
 from sqlalchemy import Connection
 
 from kbms import lifecycle
+from kbms.deliveries import Applied, Delivery
 from kbms.errors import FieldIssue, describe
 from kbms.merge import ConversationState
 from kbms.model import Change, Conversation, ConversationSnapshot, Message, Redactor, micros
-from kbms.storage.base import Applied, Delivery
 from kbms.storage.feed import record_change, write_index
 from kbms.storage.rows import conversation_values
 from kbms.storage.state import Creation, Index, load_state, prepare, write_children
