@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from kbms.api import create_app
+from kbms.api.body import MAX_BATCH_LINES, ndjson_lines
 from kbms.errors import StorageUnavailable
-from kbms.ingest import MAX_BATCH_LINES, ndjson_lines
 from kbms.settings import Settings
 from kbms.storage import admin_engine
 from kbms.storage.schema import conversations, ledger

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from kbms.merge import new_state, render
+from kbms.merge import new_state
 from kbms.model import Conversation
 from kbms.providers import get_provider
+from kbms.render import render
 from tests.helpers import ROOT, airbyte_conversation_with_parts, intercom_conversations, load
 
 GOLDEN = ROOT / "golden" / "intercom"

@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kbms.merge import ConversationState, merge, new_state, preview, render
+from kbms.merge import ConversationState, merge, new_state
 from kbms.model import (
     ConversationHeader,
     ConversationSnapshot,
@@ -16,6 +16,7 @@ from kbms.model import (
     Message,
     ParticipantObservation,
 )
+from kbms.render import preview, render
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 PART_IDS = [str(1000 + i) for i in range(6)]

@@ -75,7 +75,8 @@ def test_concurrent_migrators_on_a_fresh_database_all_succeed(empty_database_url
 async def test_conversations_stored_before_0002_get_tags_search_and_a_change(empty_database_url: str) -> None:
     from alembic import command
 
-    from kbms.merge import conversation_id, new_state
+    from kbms.merge import new_state
+    from kbms.model import conversation_id
     from kbms.providers import get_provider
     from kbms.settings import Settings
     from kbms.storage import open_store
@@ -147,7 +148,9 @@ def test_migrations_import_nothing_of_kbms() -> None:
 
 def test_0002_makes_the_documents_kbms_search_makes_of_real_conversations() -> None:
     # What goes into a document (subject, message texts, how they are joined) as well as how words are folded.
-    from kbms.merge import conversation_id, new_state, render
+    from kbms.merge import new_state
+    from kbms.model import conversation_id
+    from kbms.render import render
     from kbms.search import document
     from tests.helpers import dumps, intercom_conversations
 

@@ -24,8 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kbms.api import create_app
-from kbms.merge import conversation_id
-from kbms.model import CONVERSATION_ID
+from kbms.model import CONVERSATION_ID, conversation_id
 from kbms.settings import Settings
 from tests.conftest import ENGINES, engine_url
 from tests.helpers import INTERCOM, JSON_HEADERS, ZENDESK, dumps, intercom_payload, zendesk_pushes

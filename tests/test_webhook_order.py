@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kbms.api import create_app
-from kbms.merge import conversation_id
+from kbms.model import conversation_id
 from kbms.providers.intercom.signature import sign
 from kbms.settings import Settings
 from tests import canary

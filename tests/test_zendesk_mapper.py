@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 
 from kbms.errors import ValidationFailed
-from kbms.merge import merge, new_state, render
+from kbms.merge import merge, new_state
 from kbms.model import Conversation, ConversationDeletion, ConversationSnapshot
 from kbms.providers import get_provider
 from kbms.providers.zendesk import subdomain
+from kbms.render import render
 from tests.helpers import ROOT, ZENDESK, ZENDESK_TICKET_EVENTS, zendesk, zendesk_pushes
 
 GOLDEN = ROOT / "golden" / "zendesk"

@@ -1,4 +1,4 @@
-"""Use cases: ingest a pushed payload, receive a webhook. The HTTP API and the CLI both come through here.
+"""Use cases: ingest a pushed payload, or a batch of them. The HTTP API and the CLI both come through here.
 
 Order of work for a push, cheapest first:
 1. hash the raw bytes; a body already stored for this provider and workspace is answered from the ledger
@@ -8,17 +8,17 @@ Order of work for a push, cheapest first:
    so a later mapper can re-derive it, and the caller gets the validation error;
 3. store: one transaction records the delivery and merges the snapshot.
 
-A webhook is verified first, on the raw bytes, before anything is parsed or stored; then it is deduplicated by
-its delivery id (the notification id, or the body's hash when the provider sends none) and applied the same way.
+The refusal of a payload (``Refused``) and the size rule for parsing off the event loop (``parse_by_size``) are
+shared with the webhook use case (``kbms.webhooks``).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, TypeVar, cast
+from typing import TypeVar, cast
 
 import anyio.to_thread
 
@@ -28,15 +28,11 @@ from kbms.errors import (
     Forbidden,
     InputError,
     InvalidJson,
-    InvalidSignature,
-    InvalidWebhookItem,
     LimitExceeded,
-    NonFiniteNumber,
-    UnknownProvider,
     ValidationFailed,
 )
 from kbms.limits import DEFAULT_LIMITS, PayloadLimits, enforce
-from kbms.model import DEFAULT_WORKSPACE, ConversationSnapshot, IngestResult, WebhookEvent
+from kbms.model import DEFAULT_WORKSPACE, ConversationSnapshot, IngestResult
 from kbms.providers import Provider
 from kbms.providers.base import refuse_non_finite
 from kbms.storage.base import Store
@@ -164,7 +160,7 @@ async def ingest_push(
     def parse() -> ConversationSnapshot | InputError:
         return accept(provider, body, workspace=workspace, default_workspace=default_workspace, limits=limits)
 
-    accepted = await _parse(parse, len(body))
+    accepted = await parse_by_size(parse, len(body))
     if isinstance(accepted, InputError):
         if not _keeps(accepted):
             return Refused(accepted)
@@ -197,18 +193,6 @@ def _check_allowed(workspace: str | None, allowed: frozenset[str] | None) -> Non
 
 
 LineOutcome = IngestOutcome | Refused
-MAX_BATCH_LINES = 1000
-
-
-def ndjson_lines(data: bytes) -> tuple[int, list[tuple[int, bytes]]]:
-    """How many lines ``data`` has, blank ones included, and (line number, line) of every non-blank one, without its
-    line break (``\n`` or ``\r\n``). A final line break ends the last line; it does not start an empty one."""
-    lines = data.split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()
-    return len(lines), [
-        (number, line.removesuffix(b"\r")) for number, line in enumerate(lines, start=1) if line.strip()
-    ]
 
 
 async def ingest_batch(
@@ -299,105 +283,9 @@ async def ingest_batch(
     return cast(list[LineOutcome], results)
 
 
-async def _parse(parse: Callable[[], T], size: int) -> T:
+async def parse_by_size(parse: Callable[[], T], size: int) -> T:
+    """``parse()`` of a body of ``size`` bytes: inline, or in a worker thread past ``INLINE_PARSE_BYTES``."""
     if size > INLINE_PARSE_BYTES:
         # A big body takes long to validate and convert; off the event loop, other requests keep flowing.
         return await anyio.to_thread.run_sync(parse)
     return parse()
-
-
-@dataclass(frozen=True, slots=True)
-class WebhookOutcome:
-    """The answer to one webhook delivery."""
-
-    provider: str
-    delivery_id: str
-    topic: str | None
-    result: Literal["created", "updated", "unchanged", "ignored"]
-    conversation_id: str | None
-    external_id: str | None
-    deduplicated: bool
-
-
-async def receive_webhook(
-    store: Store,
-    provider: Provider,
-    body: bytes,
-    headers: Mapping[str, str],
-    *,
-    secret: str,
-    workspace: str | None = None,
-    verify: bool = True,
-    limits: PayloadLimits = DEFAULT_LIMITS,
-    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-) -> WebhookOutcome | Refused:
-    """Verify, deduplicate and apply one webhook. Raises ``InvalidSignature`` before anything is parsed or kept; a
-    delivery that is not JSON or does not validate is returned as ``Refused``: kept in the ledger as rejected (it
-    passed the door), except one holding NaN or Infinity, or over a size limit.
-
-    ``workspace``: the ``?workspace=`` of the webhook's URL (for providers whose payloads do not name theirs).
-    """
-    hooks = provider.webhooks
-    if hooks is None:
-        raise UnknownProvider(provider.name)
-    now = clock()
-    if verify and not hooks.verify(body, headers, secret, now=now):
-        raise InvalidSignature()
-    body_hash = hashlib.sha256(body).hexdigest()
-
-    named = workspace
-
-    def delivery(key: str | None, *, topic: str | None, workspace: str) -> Delivery:
-        return Delivery(
-            provider=provider.name,
-            workspace=workspace,
-            kind="webhook",
-            topic=topic,
-            delivery_key=key or f"sha256:{body_hash}",
-            body_hash=body_hash,
-            body=body,
-            received_at=now,
-            verified=verify,
-            named_workspace=named,
-        )
-
-    def parse() -> WebhookEvent:
-        refuse_non_finite(body)
-        event = hooks.parse(body, workspace=workspace)
-        enforce(event.change, limits)
-        return event
-
-    try:
-        event = await _parse(parse, len(body))
-    except LimitExceeded as exc:
-        return Refused(exc)  # a size limit, like the body's: nothing of it is kept
-    except NonFiniteNumber as exc:
-        return Refused(exc)  # not kept, unlike other signed garbage: see NonFiniteNumber
-    except InvalidWebhookItem as exc:
-        await store.reject(delivery(exc.delivery_id, topic=exc.topic, workspace=exc.workspace), exc.issues)
-        return Refused(exc, kept=True)
-    except ValidationFailed as exc:
-        await store.reject(delivery(None, topic=None, workspace=workspace or DEFAULT_WORKSPACE), exc.issues)
-        return Refused(exc, kept=True)
-    except InvalidJson as exc:
-        # Signed, so genuinely the provider's: kept, like every verified payload, even if nothing can read it.
-        issue = FieldIssue("body", "invalid_json", exc.message)
-        await store.reject(delivery(None, topic=None, workspace=workspace or DEFAULT_WORKSPACE), [issue])
-        return Refused(exc, kept=True)
-    received = delivery(event.delivery_id, topic=event.topic, workspace=event.workspace)
-    known = await store.find_delivery(provider.name, received.delivery_key)
-    if known is not None and known.outcome != "rejected":
-        result: Literal["unchanged", "ignored"] = "ignored" if known.conversation_id is None else "unchanged"
-        return WebhookOutcome(
-            provider.name, received.delivery_key, event.topic, result, known.conversation_id, known.external_id, True
-        )
-    applied = await store.ingest(received, event.change, redact=provider.redactor)
-    return WebhookOutcome(
-        provider=provider.name,
-        delivery_id=received.delivery_key,
-        topic=event.topic,
-        result=applied.result,
-        conversation_id=applied.conversation_id,
-        external_id=applied.external_id,
-        deduplicated=applied.duplicate_delivery,
-    )

@@ -1,9 +1,9 @@
 """A conversation's lifecycle: what one delivery does to the conversation it names.
 
 Pure rules, no database: ``apply`` decides whether a delivery is ignored, a repeat, or creates, updates or leaves
-unchanged its conversation; it merges (``kbms.merge``), renders, lays tombstones and redacts. Everything it reads
-or writes goes through a ``Transaction``: one write transaction as the lifecycle sees it, implemented by storage
-(``kbms.storage.writes``), which runs ``apply`` inside the transaction it owns.
+unchanged its conversation; it merges (``kbms.merge``), renders (``kbms.render``), lays tombstones and redacts.
+Everything it reads or writes goes through a ``Transaction``: one write transaction as the lifecycle sees it,
+implemented by storage (``kbms.storage.writes``), which runs ``apply`` inside the transaction it owns.
 
 For one delivery:
 
@@ -28,8 +28,18 @@ from dataclasses import replace
 from typing import Protocol
 
 from kbms.deliveries import Applied, ConversationKey, Delivery, LedgerEntry, Reader, Rebuilt
-from kbms.merge import ConversationState, conversation_id, delete, merge, new_state, render, replay, tombstone
-from kbms.model import Change, Conversation, ConversationDeletion, ConversationSnapshot, Message, Redactor, micros
+from kbms.merge import ConversationState, delete, merge, new_state, replay, tombstone
+from kbms.model import (
+    Change,
+    Conversation,
+    ConversationDeletion,
+    ConversationSnapshot,
+    Message,
+    Redactor,
+    conversation_id,
+    micros,
+)
+from kbms.render import render
 
 
 class Transaction(Protocol):

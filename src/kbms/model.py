@@ -9,14 +9,16 @@ added. Two invariants hold for every instance, whichever provider produced it:
 ``ConversationSnapshot`` is not part of the contract: it is what one provider payload says about a conversation,
 before it is merged with what is already stored (see ``kbms.merge``).
 
-Two small things every layer shares live here too, so that none has to import another layer for them: the time
-codec (``micros`` and ``from_micros``: how timestamps are stored and compared) and the ``Redactor`` type (what a
-provider hands the write path to rewrite its raw payloads).
+Three small things every layer shares live here too, so that none has to import another layer for them: the time
+codec (``micros`` and ``from_micros``: how timestamps are stored and compared), the conversation id (its shape,
+``CONVERSATION_ID``, and its one mint, ``conversation_id``) and the ``Redactor`` type (what a provider hands the
+write path to rewrite its raw payloads).
 """
 
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
@@ -37,14 +39,22 @@ def _utc(value: datetime) -> datetime:
 
 
 Text = Annotated[str, AfterValidator(_strip_nul)]
+UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
 # Text no engine can take: PostgreSQL refuses NUL in any text value, and neither driver can encode a lone surrogate
 # as UTF-8 (what Python makes of bytes that are not UTF-8 in a command line or environment). kbms strips NUL from
 # what it stores (``Text``) and never stores a surrogate, so a filter holding either can match nothing.
 UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
-# Every conversation id is minted by ``kbms.merge.conversation_id`` (a UUID, as ``str`` writes it), so any other text
+# Every conversation id is minted by ``conversation_id`` below (a UUID, as ``str`` writes it), so any other text
 # names no conversation, whatever a database would make of it: the API and the CLI refuse it without asking one.
 CONVERSATION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
+# kbms's own UUID namespace: conversation ids are derived from the provider's key, never random.
+ID_NAMESPACE = uuid.UUID("7f1c9f52-4a1e-5d3b-9a58-6b2f0e0c4d11")
+
+
+def conversation_id(provider: str, workspace: str, external_id: str) -> str:
+    """The stable id of a conversation: the same on every engine, and after a rebuild from the ledger."""
+    return str(uuid.uuid5(ID_NAMESPACE, "\x1f".join((provider, workspace, external_id))))
+
 
 # A workspace names a provider account (an Intercom app_id, a Zendesk subdomain): short and URL-safe.
 WORKSPACE = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"

@@ -1,4 +1,4 @@
-"""Reading request bodies: media type checked first, size enforced while the bytes arrive."""
+"""Reading request bodies: media type checked first, size enforced while the bytes arrive; a batch's NDJSON lines."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ NDJSON_TYPES = frozenset(
         "application/jsonlines",
     )
 )
+# The most payload lines one batch request may carry: it bounds the work of one transaction.
+MAX_BATCH_LINES = 1000
 
 
 def is_json(content_type: str | None) -> bool:
@@ -81,3 +83,14 @@ async def read_body(request: Request, *, limit: int, accepts: Callable[[str | No
     except ClientDisconnect:
         raise ClientDisconnected() from None
     return b"".join(chunks)
+
+
+def ndjson_lines(data: bytes) -> tuple[int, list[tuple[int, bytes]]]:
+    """How many lines ``data`` has, blank ones included, and (line number, line) of every non-blank one, without its
+    line break (``\n`` or ``\r\n``). A final line break ends the last line; it does not start an empty one."""
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return len(lines), [
+        (number, line.removesuffix(b"\r")) for number, line in enumerate(lines, start=1) if line.strip()
+    ]

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from kbms.api.auth import visible_workspaces
-from kbms.api.body import NDJSON_TYPES, read_json_body, read_ndjson_body
+from kbms.api.body import MAX_BATCH_LINES, NDJSON_TYPES, ndjson_lines, read_json_body, read_ndjson_body
 from kbms.api.conversations import detail_link
 from kbms.api.errors import ERROR_RESPONSES, error_body, status_of
 from kbms.api.lean import WORKSPACE_QUERY, LeanRoute, limits_of, settings_of, store_of, workspace_parameter
@@ -18,7 +18,7 @@ from kbms.api.metrics import metrics_of
 from kbms.api.responses import json_response
 from kbms.api.schemas import BatchLine, BatchResponse, ErrorBody, IngestResponse
 from kbms.errors import FieldIssue, InputError, PayloadTooLarge, ValidationFailed
-from kbms.ingest import MAX_BATCH_LINES, LineOutcome, Refused, ingest_batch, ingest_push, ndjson_lines
+from kbms.ingest import LineOutcome, Refused, ingest_batch, ingest_push
 from kbms.providers import Provider
 
 

@@ -7,9 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kbms.ingest import IngestOutcome, WebhookOutcome
+from kbms.ingest import IngestOutcome
 from kbms.model import Conversation, ConversationSummary, IngestResult, from_micros
 from kbms.storage.base import ChangeRecord
+from kbms.webhooks import WebhookOutcome
 
 # The detail is served from the read model, which is the model's own JSON: one definition, so the two cannot drift.
 # Should the HTTP shape ever need to differ from the model, give it its own class here and a converter.

@@ -18,8 +18,9 @@ from kbms.api.metrics import metrics_of
 from kbms.api.responses import json_response
 from kbms.api.schemas import ErrorBody, WebhookResponse
 from kbms.errors import InputError
-from kbms.ingest import Refused, receive_webhook
+from kbms.ingest import Refused
 from kbms.providers import Provider
+from kbms.webhooks import receive_webhook
 
 
 def _endpoint(provider: Provider, secret_variable: str) -> Callable[[Request], Awaitable[Response]]:

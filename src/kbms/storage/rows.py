@@ -6,14 +6,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from kbms.merge import (
-    ConversationState,
-    ParticipantState,
-    Register,
-    render,
-    summarize,
-)
+from kbms.merge import ConversationState, ParticipantState, Register
 from kbms.model import Attachment, Conversation, Event, Message, from_micros, micros
+from kbms.render import render, summarize
 
 
 def dumps(value: Any) -> str:
