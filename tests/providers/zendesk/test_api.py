@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from kbms.api import create_app
+from kbms.providers import REGISTRY
 from kbms.providers.zendesk import signature
 from kbms.settings import Settings
 from tests.support.helpers import ZENDESK, intercom_payload, zendesk, zendesk_pushes
@@ -60,6 +61,36 @@ def test_a_vector_computed_with_openssl() -> None:
     #   | openssl dgst -sha256 -hmac kbms-test-secret -binary | base64
     assert signature.sign(COMMENT_ADDED, STAMP, SECRET) == "zrFrVLwnLAJSmAPP/kKR/1mtCoCPaXv1YbiY6hGKyZQ="
     assert independent_signature(COMMENT_ADDED, STAMP, SECRET) == "zrFrVLwnLAJSmAPP/kKR/1mtCoCPaXv1YbiY6hGKyZQ="
+
+
+def test_verification_accepts_the_openssl_vector_and_nothing_else() -> None:
+    # The same vector, held against verify itself rather than sign: the check the API runs.
+    vector = "zrFrVLwnLAJSmAPP/kKR/1mtCoCPaXv1YbiY6hGKyZQ="
+    good = {"X-Zendesk-Webhook-Signature": vector, "X-Zendesk-Webhook-Signature-Timestamp": STAMP}
+    assert signature.verify(COMMENT_ADDED, good, SECRET, now=NOW)
+    webhooks = REGISTRY["zendesk"].webhooks
+    assert webhooks is not None
+    assert webhooks.verify(COMMENT_ADDED, good, SECRET, now=NOW)
+    assert not signature.verify(COMMENT_ADDED, good, "another-secret", now=NOW)
+    assert not signature.verify(COMMENT_ADDED, good, "", now=NOW)
+    assert not signature.verify(COMMENT_ADDED + b" ", good, SECRET, now=NOW)
+    assert not signature.verify(
+        COMMENT_ADDED, {**good, "X-Zendesk-Webhook-Signature-Timestamp": STAMP[:-1] + "1Z"}, SECRET, now=NOW
+    )
+    for missing in good:
+        assert not signature.verify(COMMENT_ADDED, {k: v for k, v in good.items() if k != missing}, SECRET, now=NOW)
+
+
+def test_the_published_third_party_vector_verifies() -> None:
+    current = zendesk("30_signature_test_vectors.json")["vectors"][0]
+    body = (ZENDESK / current["body_file"]).read_bytes()
+    sent = {
+        "x-zendesk-webhook-signature": current["expected_signature"],
+        "x-zendesk-webhook-signature-timestamp": current["timestamp_header"],
+    }
+    at = datetime.fromtimestamp(int(current["timestamp_header"]), tz=UTC)  # "1234": unix seconds
+    assert signature.verify(body, sent, current["secret"], now=at)
+    assert not signature.verify(body, sent, current["secret"], now=at + signature.TOLERANCE + timedelta(seconds=1))
 
 
 def test_the_published_third_party_vector() -> None:
