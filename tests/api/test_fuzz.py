@@ -39,17 +39,15 @@ from kbms.api.body import NDJSON_TYPES
 from kbms.api.conversations import MAX_LIMIT
 from kbms.auth import key_config
 from kbms.ingest import ingest_batch
-from kbms.providers import get_provider
-from kbms.providers.intercom import signature as intercom_signature
-from kbms.providers.zendesk import signature as zendesk_signature
+from kbms.providers import DEFAULT_PROVIDER, REGISTRY, get_provider
 from kbms.settings import Settings
 from kbms.storage import open_store
 from tests.conftest import migrated_sqlite_url
-from tests.support.helpers import dumps, intercom_payload
+from tests.providers import SAMPLES
 
 EXAMPLES_PER_OPERATION = 200
-INTERCOM_SECRET = "fuzz-intercom-client-secret"
-ZENDESK_SECRET = "fuzz-zendesk-webhook-secret"
+# Each provider's webhook secret, by provider name (for those that send webhooks).
+SECRETS = {name: f"fuzz-{name}-webhook-secret" for name, provider in REGISTRY.items() if provider.webhooks}
 # The one place the caller's credentials are set: an admin key (every scope, every workspace), configured in the
 # app below and carried by every request. schemathesis then also checks that missing or invalid ones get 401.
 API_KEY = "kbms_fuzz-0123456789-abcdefghijklmnopqrstuvwxyz0"
@@ -111,16 +109,11 @@ def signing(app: ASGIApp) -> ASGIApp:
 
 
 def _signature(path: str, body: bytes) -> list[tuple[bytes, bytes]]:
-    if path == "/webhooks/intercom":
-        return [(intercom_signature.HEADER.encode(), intercom_signature.sign(body, INTERCOM_SECRET).encode())]
-    if path == "/webhooks/zendesk":
-        timestamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        signed = zendesk_signature.sign(body, timestamp, ZENDESK_SECRET)
-        return [
-            (zendesk_signature.TIMESTAMP.encode(), timestamp.encode()),
-            (zendesk_signature.SIGNATURE.encode(), signed.encode()),
-        ]
-    return []
+    name = path.removeprefix("/webhooks/")
+    if name not in SECRETS:
+        return []
+    headers = SAMPLES[name].sign(body, SECRETS[name], datetime.now(UTC))
+    return [(header.lower().encode(), value.encode()) for header, value in headers.items()]
 
 
 @dataclass(frozen=True)
@@ -154,7 +147,7 @@ def _negative_body(case: Case) -> bool:
 
 PROVIDER_BODIES = frozenset(
     f"POST {path}"
-    for provider in ("intercom", "zendesk")
+    for provider in REGISTRY
     for path in (
         f"/integrations/{provider}/conversations",
         f"/integrations/{provider}/conversations/batch",
@@ -194,7 +187,7 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     settings = Settings(
         database_url=url,
         api_keys=key_config(API_KEY, name="fuzz", scopes=["admin"], workspaces=None).join("[]"),
-        secrets={"KBMS_INTERCOM_CLIENT_SECRET": INTERCOM_SECRET, "KBMS_ZENDESK_WEBHOOK_SECRET": ZENDESK_SECRET},
+        secrets={_secret_variable(name): secret for name, secret in SECRETS.items()},
     )
     # Batches are NDJSON text: sent as the generated string, like text/plain.
     schemathesis.serializer.alias(sorted(NDJSON_TYPES), "text/plain")
@@ -212,6 +205,12 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     shutdown_lifespans()  # the app's lifespan (and its store) was started by schemathesis's ASGI transport
 
 
+def _secret_variable(name: str) -> str:
+    webhooks = REGISTRY[name].webhooks
+    assert webhooks is not None
+    return webhooks.secret_variable
+
+
 def _store_conversations(url: str, count: int) -> None:
     """More conversations than the largest page: every unfiltered page then has a next one, so the stateful phase
     can follow the ``Next`` link whatever limit it draws (with only what it pushed itself, it sometimes could not)."""
@@ -219,8 +218,8 @@ def _store_conversations(url: str, count: int) -> None:
     async def store_them() -> None:
         store = open_store(Settings(database_url=url))
         try:
-            bodies = [dumps(intercom_payload(f"fuzz-seed-{number}")) for number in range(count)]
-            await ingest_batch(store, get_provider("intercom"), bodies, workspace=None)
+            bodies = [SAMPLES[DEFAULT_PROVIDER].push(f"fuzz-seed-{number}") for number in range(count)]
+            await ingest_batch(store, get_provider(DEFAULT_PROVIDER), bodies, workspace=None)
         finally:
             await store.close()
 

@@ -28,7 +28,8 @@ from kbms.merge import conversation_id
 from kbms.model import CONVERSATION_ID
 from kbms.settings import Settings
 from tests.conftest import ENGINES, engine_url
-from tests.support.helpers import INTERCOM, JSON_HEADERS, ZENDESK, dumps, intercom_payload, zendesk_pushes
+from tests.providers import SAMPLES
+from tests.support.helpers import JSON_HEADERS, dumps, intercom_payload
 
 ERROR_KEYS = {"error_code", "message", "details"}
 # What a parameter this test is not probing is set to when the operation requires it.
@@ -85,19 +86,15 @@ def body_for(probe: Probe) -> tuple[bytes, str] | None:
     if probe.method in ("GET", "HEAD"):
         return None
     provider = probe.template.split("/")[2]
-    one = (
-        dumps(intercom_payload("parameters"))
-        if provider == "intercom"
-        else dumps(next(push for _case, push in zendesk_pushes()))
-    )
-    if probe.template == f"/integrations/{provider}/conversations":
-        return one, "application/json"
-    if probe.template == f"/integrations/{provider}/conversations/batch":
-        return one + b"\n" + one, "application/x-ndjson"
-    if probe.template == "/webhooks/intercom":
-        return (INTERCOM / "19_webhook_ping_zulip.json").read_bytes(), "application/json"
-    if probe.template == "/webhooks/zendesk":
-        return (ZENDESK / "21_webhook_ticket_created_docs_copy.json").read_bytes(), "application/json"
+    samples = SAMPLES.get(provider)
+    if samples is not None:
+        one = samples.push("parameters")
+        if probe.template == f"/integrations/{provider}/conversations":
+            return one, "application/json"
+        if probe.template == f"/integrations/{provider}/conversations/batch":
+            return one + b"\n" + one, "application/x-ndjson"
+        if probe.template == f"/webhooks/{provider}" and samples.webhook:
+            return samples.webhook, "application/json"
     raise AssertionError(f"{probe.method} {probe.template}: add a valid body for it to body_for")
 
 
