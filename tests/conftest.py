@@ -22,10 +22,10 @@ from kbms.api import create_app
 from kbms.settings import Settings
 from kbms.storage import Store, admin_engine, open_store
 from kbms.storage.migrate import upgrade
-from tests import canary
+from tests.support import canary
 
 if TYPE_CHECKING:
-    from tests.forkserver import ForkServer
+    from tests.support.forkserver import ForkServer
 
 POSTGRES_URL = os.environ.get("KBMS_TEST_POSTGRES_URL", "")
 REQUIRE_POSTGRES = os.environ.get("KBMS_REQUIRE_POSTGRES") == "1"
@@ -135,7 +135,8 @@ def settings(database_url: str) -> Settings:
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
-    # A bearer token that must never reach a log line (tests/canary.py); ignored while no API keys are configured.
+    # A bearer token that must never reach a log line (tests/support/canary.py); ignored while no API keys are
+    # configured.
     headers = {"Authorization": f"Bearer {canary.TOKEN}"}
     with TestClient(create_app(settings), headers=headers) as test_client:
         yield test_client
@@ -211,8 +212,8 @@ def live_server(database_url: str, tmp_path: Path) -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="session")
 def fork_server() -> Iterator[ForkServer]:
-    """Starts ``kbms serve`` processes in a fraction of a second each (see tests/forkserver.py)."""
-    from tests.forkserver import ForkServer
+    """Starts ``kbms serve`` processes in a fraction of a second each (see tests/support/forkserver.py)."""
+    from tests.support.forkserver import ForkServer
 
     server = ForkServer()
     try:

@@ -92,7 +92,7 @@ class PoolUsage:
 
 
 class Store(Protocol):
-    """One storage interface; every backend passes the same contract suite (tests/test_store_contract.py).
+    """One storage interface; every backend passes the same contract suite (tests/storage/test_contract.py).
 
     A successful ``ingest`` or ``reject`` means the write is committed and durable. Failures to reach or write
     the database raise ``StorageUnavailable``.

@@ -1,6 +1,6 @@
 """Zendesk ticket -> ``ConversationSnapshot``. Pure: a typed payload in, a new model out.
 
-The evidence for each rule is in ``tests/fixtures/zendesk/SOURCES.md``:
+The evidence for each rule is in ``tests/providers/zendesk/fixtures/SOURCES.md``:
 
 - a ticket is a conversation; each comment with text or attachments is a message (``public: false`` is an
   internal note); the text is ``plain_body``, else ``body``, else the text of ``html_body`` (``""`` counts as

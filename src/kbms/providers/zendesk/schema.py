@@ -1,6 +1,6 @@
 """Zendesk's tickets, comments, users and ticket events, read tolerantly: only what kbms maps is declared.
 
-Two shapes of the same ticket arrive (see ``tests/fixtures/zendesk/SOURCES.md``):
+Two shapes of the same ticket arrive (see ``tests/providers/zendesk/fixtures/SOURCES.md``):
 
 - the Support REST API (pushed): integer ids, lower-case enums (``"open"``), ``via.channel`` as a channel name
   (``"web"``, ``"email"``, ``"api"``), attachments with ``file_name``;

@@ -1,0 +1,165 @@
+"""PostgreSQL as the scale-out store: several server processes on one database, a bounded pool, one contract."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from kbms.api import create_app
+from kbms.deliveries import Delivery
+from kbms.errors import ValidationFailed
+from kbms.ingest import Refused, ingest_batch
+from kbms.providers import get_provider
+from kbms.providers.intercom.signature import sign
+from kbms.settings import Settings
+from kbms.storage import admin_engine, open_store
+from tests.conftest import LiveServer, migrated_sqlite_url, postgres_schema, start_server
+from tests.support.helpers import INTERCOM, JSON_HEADERS, intercom_conversations, intercom_payload, part
+
+pytestmark = [pytest.mark.postgres, pytest.mark.anyio]
+INGEST = "/integrations/intercom/conversations"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    with postgres_schema() as url:
+        yield url
+
+
+@pytest.mark.slow
+async def test_two_servers_and_64_concurrent_partial_deliveries_give_one_conversation(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    # Server A runs two worker processes, server B one: three processes share the database.
+    a = start_server(postgres_url, tmp_path / "a.log", args=("--workers", "2"))
+    b = start_server(postgres_url, tmp_path / "b.log")
+    try:
+        rng = random.Random(7)
+        parts = [part(f"p{i:02d}", f"<p>part {i}</p>", at=1_700_000_000 + i) for i in range(40)]
+        deliveries = [
+            intercom_payload("shared", updated_at=1_700_000_000 + i, parts=rng.sample(parts, rng.randint(1, 8)))
+            for i in range(64)
+        ]
+        expected = {p["id"] for d in deliveries for p in d["conversation_parts"]["conversation_parts"]}
+        limits = httpx2.Limits(max_connections=64)
+        async with (
+            httpx2.AsyncClient(base_url=a.url, timeout=30, limits=limits) as to_a,
+            httpx2.AsyncClient(base_url=b.url, timeout=30, limits=limits) as to_b,
+        ):
+            responses = await asyncio.gather(
+                *((to_a if i % 2 else to_b).post(INGEST, json=d) for i, d in enumerate(deliveries))
+            )
+            assert sorted({r.status_code for r in responses}) in ([200, 201], [201])
+            assert [r.status_code for r in responses].count(201) == 1
+            ids = {r.json()["id"] for r in responses}
+            assert len(ids) == 1
+            listed = (await to_a.get("/internal/conversations")).json()["items"]
+            detail = (await to_b.get(f"/internal/conversations/{ids.pop()}")).json()
+        assert [item["external_id"] for item in listed] == ["shared"]
+        assert {m["id"] for m in detail["messages"]} == {"shared-m0", *expected}
+        assert detail["updated_at"] == "2023-11-14T22:14:23Z"  # the newest of the 64 snapshots
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.mark.slow
+async def test_an_exhausted_pool_answers_503_with_retry_after_and_recovers(postgres_url: str, tmp_path: Path) -> None:
+    env = {"KBMS_DB_POOL_SIZE": "1", "KBMS_DB_POOL_TIMEOUT": "1"}
+    server: LiveServer = start_server(postgres_url, tmp_path / "server.log", env=env)
+    blocker = admin_engine(postgres_url)
+    try:
+        async with httpx2.AsyncClient(base_url=server.url, timeout=5) as http:
+            created = await http.post(INGEST, json=intercom_payload("locked"))
+            assert created.status_code == 201
+            with blocker.connect() as conn, conn.begin():
+                # Hold the conversation's row lock: the server's only connection will wait on it.
+                conn.execute(text("SELECT pk FROM conversations WHERE external_id = 'locked' FOR UPDATE"))
+                update = asyncio.create_task(
+                    http.post(INGEST, json=intercom_payload("locked", updated_at=1_800_000_000))
+                )
+                await asyncio.sleep(0.3)
+                # The client's 5 s timeout is the bound: a request waiting for a connection must not hang.
+                busy = await asyncio.gather(*(http.get("/internal/conversations") for _ in range(5)))
+            assert [r.status_code for r in busy] == [503] * 5
+            assert all(r.headers["retry-after"] == "1" for r in busy)
+            assert busy[0].json()["error_code"] == "unavailable"
+            assert (await update).status_code == 200  # the lock was released before lock_timeout
+            assert (await http.get("/internal/conversations")).status_code == 200
+    finally:
+        blocker.dispose()
+        server.stop()
+
+
+def _replay(url: str) -> list[bytes]:
+    """Every answer kbms gives to a fixed sequence of requests, as bytes: pushes, webhooks (a redaction and a
+    deletion among them), pages and details."""
+    answers: list[bytes] = []
+    settings = Settings(database_url=url, secrets={"KBMS_INTERCOM_CLIENT_SECRET": "identical"})
+    with TestClient(create_app(settings)) as client:
+        for _name, workspace, payload in intercom_conversations():
+            answers.append(client.post(f"{INGEST}?workspace={workspace}", json=payload).content)
+        for path in sorted(INTERCOM.glob("1*_webhook_*.json")):
+            body = path.read_bytes()
+            headers = {"content-type": "application/json", "x-hub-signature": sign(body, "identical")}
+            answers.append(client.post("/webhooks/intercom", content=body, headers=headers).content)
+        answers.append(
+            client.post(
+                INGEST, content=(INTERCOM / "04_rest_redacted_part_v2.16.json").read_bytes(), headers=JSON_HEADERS
+            ).content
+        )
+        answers.append(client.post(INGEST, json=intercom_payload("later", updated_at=1_800_000_000)).content)
+        cursor: str | None = None
+        while True:
+            page = client.get("/internal/conversations", params={"limit": 4, **({"cursor": cursor} if cursor else {})})
+            answers.append(page.content)
+            for item in page.json()["items"]:
+                answers.append(client.get(f"/internal/conversations/{item['id']}").content)
+            cursor = page.json()["next_cursor"]
+            if cursor is None:
+                return answers
+
+
+def test_the_same_input_gives_byte_identical_output_on_both_engines(postgres_url: str, tmp_path: Path) -> None:
+    on_sqlite = _replay(migrated_sqlite_url(tmp_path))
+    on_postgres = _replay(postgres_url)
+    assert len(on_sqlite) >= 30  # ingest answers, every page and every detail
+    assert on_sqlite == on_postgres
+
+
+async def test_a_value_the_database_refuses_is_rolled_back_alone_in_a_batch(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real data exception mid-batch (here SELECT 1/0 for one line) aborts only that line's savepoint."""
+    from kbms.storage import writes
+
+    original = writes.apply_delivery
+
+    def refusing(statements: object, conn: object, delivery: Delivery, *args: object, **kwargs: object) -> object:
+        if b'"bad"' in delivery.body:
+            conn.exec_driver_sql("SELECT 1/0")  # type: ignore[attr-defined]
+        return original(statements, conn, delivery, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writes, "apply_delivery", refusing)
+    store = open_store(Settings(database_url=postgres_url))
+    try:
+        bodies = [json.dumps(intercom_payload(name)).encode() for name in ("a", "bad", "c")]
+        outcomes = await ingest_batch(store, get_provider("intercom"), bodies, workspace=None)
+        assert [type(o).__name__ for o in outcomes] == ["IngestOutcome", "Refused", "IngestOutcome"]
+        refused = outcomes[1]
+        assert isinstance(refused, Refused)
+        assert not refused.kept  # refused by the database: nothing of it is in the ledger
+        assert isinstance(refused.error, ValidationFailed)
+        assert refused.error.issues[0].issue == "unstorable_value"
+        page = await store.list_conversations(limit=10, cursor=None)
+        assert sorted(item.external_id for item in page.items) == ["a", "c"]
+    finally:
+        await store.close()
