@@ -7,7 +7,7 @@ import copy
 import hashlib
 import hmac
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -147,7 +147,11 @@ BASES: dict[str, dict[str, list[Any]]] = {
         ],
     },
 }
-WEBHOOKS = {"intercom": ("/webhooks/intercom", intercom_headers), "zendesk": ("/webhooks/zendesk?workspace=acme", None)}
+# Each provider's webhook path and how its deliveries are signed: a table, so the test itself names no provider.
+WEBHOOKS: dict[str, tuple[str, Callable[[bytes], dict[str, str]]]] = {
+    "intercom": ("/webhooks/intercom", intercom_headers),
+    "zendesk": ("/webhooks/zendesk?workspace=acme", zendesk_headers),
+}
 
 
 @st.composite
@@ -204,7 +208,7 @@ def refused(response: Any) -> None:
     assert response.json() == {"error_code": "invalid_json", "message": NOT_JSON_NUMBERS, "details": None}
 
 
-@pytest.mark.parametrize("provider", ["intercom", "zendesk"])
+@pytest.mark.parametrize("provider", sorted(BASES))
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_no_payload_with_a_non_finite_number_is_ever_stored(
@@ -228,7 +232,7 @@ def test_no_payload_with_a_non_finite_number_is_ever_stored(
 
     hook = data.draw(injected(data.draw(st.sampled_from(BASES[provider]["webhook"]))), label="webhook")
     path, sign = WEBHOOKS[provider]
-    refused(client.post(path, content=hook, headers=sign(hook) if sign else zendesk_headers(hook)))
+    refused(client.post(path, content=hook, headers=sign(hook)))
 
     # kbms ingest: the file as NDJSON, as a JSON array (each item alone) or as one JSON document.
     mode = data.draw(st.sampled_from(["ndjson", "array", "document"]), label="file")
