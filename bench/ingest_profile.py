@@ -28,8 +28,9 @@ from typing import Any
 from kbms.api import create_app
 from kbms.providers.intercom import IntercomProvider
 from kbms.settings import Settings
-from kbms.storage import admin_engine, reads, sqlite, state, writes
+from kbms.storage import admin_engine, reads, state, writes
 from kbms.storage.migrate import upgrade
+from kbms.storage.sqlite import store as sqlite
 from request_overhead import call  # the in-process ASGI request of bench/request_overhead.py
 
 HARNESS = Path(__file__).parent / "harness"

@@ -7,7 +7,8 @@ matches on one engine exactly when it matches on the other. What is indexed is t
 of every message (``content``, never the HTML): a word that exists only in markup cannot match.
 
 A query is read the same way: whatever a user types (quotes, ``*``, ``AND(``, unbalanced parentheses) is text, and
-becomes the list of its words; a conversation matches when it has all of them. Snippets are cut here, from the
+becomes the list of its words; a conversation matches when it has all of them (each engine writes them in its own
+query syntax: ``SqlFlavor.search_query``). Snippets are cut here, from the
 stored text, with the matched words marked: the engines' own snippet functions would show the folded text.
 """
 
@@ -96,16 +97,6 @@ def document(conversation: Conversation) -> str:
 def query_terms(q: str) -> list[str]:
     """The words of a query, without repeats, at most ``MAX_TERMS``; empty if it has none."""
     return list(dict.fromkeys(words(q)))[:MAX_TERMS]
-
-
-def fts5_query(terms: Sequence[str]) -> str:
-    """An FTS5 MATCH expression: every term quoted (so none is an operator), all required."""
-    return " ".join(f'"{term}"' for term in terms)
-
-
-def tsquery(terms: Sequence[str]) -> str:
-    """A PostgreSQL ``to_tsquery('simple', ...)`` expression: terms are letters and digits only, all required."""
-    return " & ".join(terms)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 
 from kbms.api import create_app
 from kbms.settings import Settings
-from kbms.storage.store import failure_reason, is_unavailable
+from kbms.storage import failure_reason, is_unavailable
 from tests.conftest import migrate
 from tests.support.faults import (
     HOLD_FLOCK,

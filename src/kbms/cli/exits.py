@@ -19,23 +19,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 from sqlalchemy import URL
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from kbms.errors import InputError, StorageUnavailable
-from kbms.storage import database_file, failure_reason
-from kbms.storage.store import is_unavailable
+from kbms.storage import FailureKind, backend_of, failure_kind, failure_reason, is_database_failure
 
 OK = 0
 REJECTED = 1
 USAGE = 2
 DATABASE = 3
-
-# PostgreSQL refusals that are about the database, not about kbms: invalid authorization (class 28), an unknown
-# database (3D000), missing privileges (42501, e.g. on the schema kbms migrates), no schema to create tables in
-# (3F000: search_path names none that exists and the user may use).
-REFUSING_STATES = ("28", "3D000", "42501", "3F000")
 
 
 class Failure(Exception):
@@ -69,7 +62,12 @@ class Database:
 
     @property
     def file(self) -> Path | None:
-        return database_file(self.url)
+        return backend_of(self.url).database_file(self.url)
+
+    @property
+    def engine(self) -> str:
+        """The database engine, as messages name it ("PostgreSQL")."""
+        return backend_of(self.url).title
 
     @property
     def migrate_command(self) -> str:
@@ -114,44 +112,49 @@ def without_secrets(text: str) -> str:
     return text
 
 
-def database_failure(reason: str, database: Database | None, *, state: str = "", after: str = "") -> Failure:
-    """The database failed for ``reason`` (see ``kbms.storage.failure_reason``); ``state``: the SQLSTATE of a
-    PostgreSQL error (see ``sqlstate``). ``after``: a clause on what was done before it failed, told last."""
+def database_failure(
+    reason: str, database: Database | None, *, exc: BaseException | None = None, after: str = ""
+) -> Failure:
+    """The database failed for ``reason`` (see ``kbms.storage.failure_reason``), raised as ``exc`` if it is known
+    (its engine tells what it means: ``kbms.storage.failure_kind``). ``after``: a clause on what was done before it
+    failed, told last."""
     if database is None:
         return Failure(f"the database failed ({reason}): check KBMS_DATABASE_URL / --database-url{after}", DATABASE)
-    if database.file is None:
-        if state.startswith(("28", "3D000")):
-            return Failure(
-                f"the server refused the database {database.shown} ({reason}): fix the user, password or database "
-                f"name in KBMS_DATABASE_URL / --database-url{after}",
-                DATABASE,
-            )
-        if state.startswith("3F000"):
-            return Failure(
-                f"the database {database.shown} has no schema for kbms ({reason}): create the schema that "
-                f"search_path names, grant the user USAGE and CREATE on it, or fix KBMS_DATABASE_URL / "
-                f"--database-url{after}",
-                DATABASE,
-            )
-        if state.startswith("42501"):
-            return Failure(
-                f"the user of the database {database.shown} lacks a privilege ({reason}): grant it (kbms migrate "
-                f"creates tables in the schema), or name another user in KBMS_DATABASE_URL / --database-url{after}",
-                DATABASE,
-            )
+    shown = database.shown
+    kind = failure_kind(database.url, reason, exc)
+    if kind is FailureKind.REFUSED:
         return Failure(
-            f"cannot reach the database {database.shown} ({reason}): start PostgreSQL or fix "
+            f"the server refused the database {shown} ({reason}): fix the user, password or database "
+            f"name in KBMS_DATABASE_URL / --database-url{after}",
+            DATABASE,
+        )
+    if kind is FailureKind.NO_SCHEMA:
+        return Failure(
+            f"the database {shown} has no schema for kbms ({reason}): create the schema that "
+            f"search_path names, grant the user USAGE and CREATE on it, or fix KBMS_DATABASE_URL / "
+            f"--database-url{after}",
+            DATABASE,
+        )
+    if kind is FailureKind.NO_PRIVILEGE:
+        return Failure(
+            f"the user of the database {shown} lacks a privilege ({reason}): grant it (kbms migrate "
+            f"creates tables in the schema), or name another user in KBMS_DATABASE_URL / --database-url{after}",
+            DATABASE,
+        )
+    if kind is FailureKind.UNREACHABLE:
+        return Failure(
+            f"cannot reach the database {shown} ({reason}): start {database.engine} or fix "
             f"KBMS_DATABASE_URL / --database-url{after}",
             DATABASE,
         )
-    if "locked" in reason or "busy" in reason:
+    if kind is FailureKind.LOCKED:
         return Failure(
-            f"the database {database.shown} is locked by another process ({reason}): let the other writer "
+            f"the database {shown} is locked by another process ({reason}): let the other writer "
             f"finish, then run again (KBMS_DB_TIMEOUT sets how long kbms waits for it){after}",
             DATABASE,
         )
     return Failure(
-        f"cannot use the database {database.shown} ({reason}): check that the file and its directory "
+        f"cannot use the database {shown} ({reason}): check that the file and its directory "
         f"are writable and the disk has room{after}",
         DATABASE,
     )
@@ -161,39 +164,8 @@ def explain(exc: BaseException, database: Database | None) -> Failure | None:
     """What ``exc`` means to whoever ran ``kbms`` (the one mapping to exit codes); None for a bug."""
     if isinstance(exc, Failure):
         return exc
-    if isinstance(exc, StorageUnavailable | PoolTimeout) or is_unavailable(exc) or _refusing(exc):
-        return database_failure(failure_reason(exc), database, state=sqlstate(exc))
+    if isinstance(exc, StorageUnavailable | PoolTimeout) or is_database_failure(exc):
+        return database_failure(failure_reason(exc), database, exc=exc)
     if isinstance(exc, InputError):
         return Failure(exc.message, USAGE)
     return None
-
-
-def _refusing(exc: BaseException) -> bool:
-    driver = getattr(exc, "orig", None) or exc
-    return isinstance(driver, psycopg.Error) and sqlstate(exc).startswith(REFUSING_STATES)
-
-
-# libpq tells a refusal at connection time in words only, without its SQLSTATE: these are the server's words
-# (in English unless its lc_messages says otherwise; then the failure is told as "cannot reach").
-CONNECTION_REFUSALS = (
-    (re.compile(r"password authentication failed|role \".*\" does not exist|no pg_hba\.conf entry"), "28000"),
-    (re.compile(r"database \".*\" does not exist"), "3D000"),
-    (re.compile(r"permission denied"), "42501"),
-)
-
-
-def sqlstate(exc: BaseException) -> str:
-    """The SQLSTATE of the PostgreSQL error in ``exc`` or its causes ("" if none is known)."""
-    seen: set[int] = set()
-    error: BaseException | None = exc
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        driver = getattr(error, "orig", None) or error
-        if isinstance(driver, psycopg.Error):
-            if driver.sqlstate:
-                return driver.sqlstate
-            text = str(driver)
-            if "FATAL:" in text:  # the server answered, refusing
-                return next((state for pattern, state in CONNECTION_REFUSALS if pattern.search(text)), "")
-        error = error.__cause__ or error.__context__
-    return ""

@@ -1,4 +1,8 @@
-"""Storage: one ``Store`` interface (``base.py``), with SQLite and PostgreSQL behind it."""
+"""Storage: one ``Store`` interface (``base.py``), with one engine object per database engine behind it.
+
+``BACKENDS`` lists them, by SQLAlchemy's name of the URL's backend; each is a ``backend.Backend``. What differs
+between engines is asked of them, here and in the shared storage modules: none of them tests which engine it is.
+"""
 
 from __future__ import annotations
 
@@ -8,36 +12,37 @@ from sqlalchemy import URL, make_url
 from sqlalchemy.engine import Engine
 
 from kbms.settings import Settings
-from kbms.storage import postgres, sqlite
+from kbms.storage import backend, postgres, sqlite
+from kbms.storage.backend import Backend, FailureKind
 from kbms.storage.base import Store
-from kbms.storage.store import failure_reason
 
-POSTGRES_SCHEMES = frozenset(("postgresql", "postgres"))
+BACKENDS: dict[str, Backend] = {
+    "sqlite": sqlite.BACKEND,
+    "postgresql": postgres.BACKEND,
+}
+EXAMPLES = " or ".join(engine.example for engine in BACKENDS.values())
 
 
 def parse_database_url(text: str) -> URL:
     """A SQLAlchemy URL from a ``KBMS_DATABASE_URL``; ``ValueError`` if kbms cannot use it."""
     scheme = text.partition("://")[0]
-    if scheme == "postgres":  # the libpq spelling, which SQLAlchemy does not know
-        text = "postgresql" + text[len(scheme) :]
+    for name, engine in BACKENDS.items():
+        if scheme in engine.aliases:
+            text = name + text[len(scheme) :]
     try:
         url = make_url(text)
     except Exception:  # SQLAlchemy raises ArgumentError (and others) for garbage
         # Not quoted back: the text may hold a password.
-        raise ValueError("not a database URL (sqlite:///path/to/kbms.db or postgresql://user@host/db)") from None
-    backend = url.get_backend_name()
-    if backend == "sqlite":
-        sqlite.sqlite_path(url)  # refuses in-memory databases
-        sqlite.check_options(url)
-        return url
-    if backend in POSTGRES_SCHEMES and url.get_driver_name() in ("psycopg", "psycopg2", "postgresql"):
-        postgres.check_options(url)
-        return postgres.postgres_url(url)
-    raise ValueError(f"unsupported database {url.drivername!r}: use sqlite:///path/to/kbms.db or postgresql://...")
+        raise ValueError(f"not a database URL ({EXAMPLES})") from None
+    for engine in BACKENDS.values():
+        if engine.accepts(url):
+            return engine.checked_url(url)
+    raise ValueError(f"unsupported database {url.drivername!r}: use {EXAMPLES}")
 
 
-def is_postgres(url: URL) -> bool:
-    return url.get_backend_name() == "postgresql"
+def backend_of(url: URL) -> Backend:
+    """The engine of a URL as ``parse_database_url`` returned it."""
+    return BACKENDS[url.get_backend_name()]
 
 
 def open_store(settings: Settings, *, command: bool = False) -> Store:
@@ -45,47 +50,62 @@ def open_store(settings: Settings, *, command: bool = False) -> Store:
     command rather than the server: on SQLite, it gives up waiting for another writer's lock after
     ``settings.db_timeout`` (see ``SqliteStore``'s ``lock_wait``)."""
     url = parse_database_url(settings.database_url)
-    if is_postgres(url):
-        return postgres.PostgresStore(
-            url,
-            pool_size=settings.db_pool_size,
-            pool_timeout=settings.db_pool_timeout,
-            answer_timeout=settings.db_timeout,
-        )
-    lock_wait = settings.db_timeout if command else None
-    return sqlite.SqliteStore(url, lock_timeout=settings.db_timeout, lock_wait=lock_wait)
+    return backend_of(url).open_store(url, settings, command=command)
 
 
 def admin_engine(database_url: str, *, lock_wait: float | None = None) -> Engine:
     """An engine for migrations: on SQLite it takes the write lock, and creates the file (and its directory).
-    ``lock_wait``: seconds to wait for another writer's lock on SQLite (default: ``sqlite.BUSY_TIMEOUT_MS``)."""
+    ``lock_wait``: seconds to wait for another writer's lock on SQLite (default: ``BUSY_TIMEOUT_MS``)."""
     url = parse_database_url(database_url)
-    if is_postgres(url):
-        return postgres.make_engine(url, pool_size=1, pool_timeout=10)
-    if lock_wait is None:
-        return sqlite.make_engine(url, immediate=True, create=True)
-    return sqlite.make_engine(url, immediate=True, create=True, busy_timeout=lock_wait)
+    return backend_of(url).admin_engine(url, lock_wait=lock_wait)
 
 
 def reading_engine(database_url: str | URL) -> Engine:
     """An engine that only reads (schema checks): on SQLite it takes no write lock and creates no file, so it
     works while another process writes, and leaves nothing behind where there was no database."""
     url = database_url if isinstance(database_url, URL) else parse_database_url(database_url)
-    if is_postgres(url):
-        return postgres.make_engine(url, pool_size=1, pool_timeout=10)
-    return sqlite.make_engine(url, immediate=False)
+    return backend_of(url).reading_engine(url)
 
 
 def database_file(url: URL) -> Path | None:
     """The file of an SQLite database (which may not exist yet); None for a database on a server."""
-    return None if is_postgres(url) else sqlite.sqlite_path(url)
+    return backend_of(url).database_file(url)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says a database cannot be used right now (see ``backend.is_unavailable``), on any engine."""
+    return backend.is_unavailable(exc, [engine.unavailable for engine in BACKENDS.values()])
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Why the database failed, in a few words that are safe to show an operator (see ``backend.failure_reason``)."""
+    return backend.failure_reason(exc, BACKENDS.values())
+
+
+def is_database_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a database driver's failure kbms cannot help (unavailable, or kbms refused access),
+    rather than a bug. kbms's own ``StorageUnavailable`` and a pool's timeout are not asked about here."""
+    return is_unavailable(exc) or any(engine.refuses_access(exc) for engine in BACKENDS.values())
+
+
+def failure_kind(url: URL, reason: str, exc: BaseException | None = None) -> FailureKind:
+    """What a failure of the database at ``url``, told by ``reason`` (``failure_reason``) and raised as ``exc`` if
+    known, means to whoever runs kbms."""
+    return backend_of(url).failure_kind(reason, exc)
 
 
 __all__ = [
+    "BACKENDS",
+    "Backend",
+    "FailureKind",
     "Store",
     "admin_engine",
+    "backend_of",
     "database_file",
+    "failure_kind",
     "failure_reason",
+    "is_database_failure",
+    "is_unavailable",
     "open_store",
     "parse_database_url",
     "reading_engine",

@@ -1,8 +1,8 @@
 """The change feed and the search documents: recorded on the connection as a write goes, written at the end of
 its transaction (``flush_changes``), and forgotten when a write is rolled back to its savepoint.
 
-A conversation's tags are written at once (``write_index``); only its search document takes the side channel on
-SQLite.
+A conversation's tags are written at once (``write_index``); only its search document may take the side channel, on
+the engines that defer it (``SqlFlavor.defer_documents``: SQLite).
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from kbms.storage.statements import Sql
 #   65 us for it, profiled); at the end, the batch's documents go into one segment.
 PENDING_CHANGES = "kbms.pending_changes"
 PENDING_DOCUMENTS = "kbms.pending_documents"
-# The PostgreSQL advisory lock that orders the feed ("feed" in ASCII).
-FEED_LOCK = 0x66656564
 Mark = tuple[int, int]
 
 
@@ -46,9 +44,10 @@ def record_change(conn: Connection, state: ConversationState, action: str, now: 
 def write_index(sql: Sql, conn: Connection, pk: int, index: Index | None, *, fresh: bool) -> None:
     """Replace a conversation's tags and search document (``index`` None: remove them, it is deleted).
 
-    ``fresh``: the conversation has no tags or document yet. On SQLite the document itself is written at the end of
-    the transaction (see ``flush_changes``). On PostgreSQL it is written here, inside the write's savepoint:
-    PostgreSQL refuses a tsvector over 1 MB, and that refusal must fail this write alone, not its whole batch.
+    ``fresh``: the conversation has no tags or document yet. Where documents are deferred (SQLite), the document
+    itself is written at the end of the transaction (see ``flush_changes``). Elsewhere (PostgreSQL) it is written
+    here, inside the write's savepoint: PostgreSQL refuses a tsvector over 1 MB, and that refusal must fail this
+    write alone, not its whole batch.
     """
     if not fresh:
         sql.run(conn, sql.untag, {"b_pk": pk})
@@ -82,7 +81,7 @@ def flush_changes(sql: Sql, conn: Connection) -> None:
     takes one transaction-scoped advisory lock before it draws its numbers, and keeps it until its commit: the
     next writer draws only after the previous one has committed (PostgreSQL makes a commit visible before it
     releases the transaction's locks), so numbers become visible in increasing order and a reader that has seen
-    ``seq`` n will never later see a smaller one. SQLite has one writer at a time already.
+    ``seq`` n will never later see a smaller one (``sql.feed_lock``). SQLite has one writer at a time already.
     """
     documents = conn.info.get(PENDING_DOCUMENTS)
     if documents:
@@ -102,7 +101,7 @@ def flush_changes(sql: Sql, conn: Connection) -> None:
     rows = conn.info.get(PENDING_CHANGES)
     if not rows:
         return
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({FEED_LOCK})")
+    if sql.feed_lock is not None:
+        conn.exec_driver_sql(sql.feed_lock)
     sql.run_many(conn, sql.record, rows)
     rows.clear()

@@ -9,6 +9,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import URL
 from sqlalchemy.engine import Engine
 
+from kbms.storage import backend_of
+
 SCRIPT_LOCATION = "kbms.storage:migrations"
 
 
@@ -34,17 +36,15 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-MIGRATION_LOCK = 0x6B626D73  # "kbms": the PostgreSQL advisory lock that serializes concurrent migrators
-
-
 def upgrade(engine: Engine) -> None:
     """Apply every migration not yet applied (idempotent, and safe when several processes start at once)."""
     config = alembic_config()
+    lock = backend_of(engine.url).migration_lock
     with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
+        if lock is not None:
             # Replicas that start together each run `kbms migrate`: one migrates, the others wait, then find
-            # nothing to do. (SQLite's BEGIN IMMEDIATE already serializes them.)
-            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+            # nothing to do. (Where it is None, as on SQLite, BEGIN IMMEDIATE already serializes them.)
+            conn.exec_driver_sql(lock)
         config.attributes["connection"] = conn
         command.upgrade(config, "head")
 

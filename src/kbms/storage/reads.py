@@ -83,8 +83,7 @@ def _summary(row: RowMapping) -> ConversationSummary:
 def search_page(
     sql: Sql, conn: Connection, *, terms: Sequence[str], filters: Filters, limit: int, offset: int
 ) -> list[Hit]:
-    query = search.fts5_query(terms) if conn.dialect.name == "sqlite" else search.tsquery(terms)
-    params = {"b_query": query, "b_limit": limit, "b_offset": offset, "b_window": search.WINDOW}
+    params = {"b_query": sql.search_query(terms), "b_limit": limit, "b_offset": offset, "b_window": search.WINDOW}
     params.update(filter_params(filters))
     hits = []
     for row in conn.execute(sql.search(filters), params).mappings():

@@ -1,30 +1,29 @@
-"""Every statement kbms runs, built once per dialect, and the driver fast path that runs the hot ones.
+"""Every statement kbms runs, built once per engine, and the driver fast path that runs the hot ones.
 
 The other storage modules take a ``Sql`` and an open connection; none of them builds a statement on a hot path.
+What the engines' SQL differs in, each engine gives as its ``SqlFlavor``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Select,
+    Subquery,
     Table,
+    TextClause,
     and_,
     bindparam,
-    column,
-    func,
-    literal_column,
     or_,
     select,
-    text,
     update,
 )
 from sqlalchemy import delete as delete_
-from sqlalchemy import table as table_
 from sqlalchemy.engine import Dialect
 
 from kbms.deliveries import Keyed
@@ -43,6 +42,28 @@ from kbms.storage.schema import (
 
 # sqlalchemy.dialects.sqlite.insert or sqlalchemy.dialects.postgresql.insert: same upsert API, two dialects.
 InsertFactory = Callable[[Table], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SqlFlavor:
+    """What an engine's SQL differs in: each engine gives one (``kbms.storage.backend.Backend.flavor``)."""
+
+    insert: InsertFactory
+    # A conversation's search document: written (binds ``b_pk``, ``b_document``) and removed (``b_pk``).
+    index_document: TextClause
+    unindex: TextClause
+    # Where search documents are written (see ``feed.write_index``): True, at the end of the transaction, outside
+    # every savepoint; False, inside each write's savepoint.
+    defer_documents: bool
+    # The search window for these filter conditions, ranked: a subquery "ranked" of columns ``pk`` and ``score``
+    # (higher is better), bound by ``b_query`` and ``b_window`` (see ``Sql.search``).
+    ranked: Callable[[Sequence[ColumnElement[bool]]], Subquery]
+    # ``b_query`` for the words of a search (``kbms.search.query_terms``): all of them required, none an operator.
+    search_query: Callable[[Sequence[str]], str]
+    # What a writer runs before numbering the feed's rows, so that numbers become visible in commit order (see
+    # ``feed.flush_changes``); None: writers are one at a time already.
+    feed_lock: str | None
+
 
 CHILD_TABLES: tuple[tuple[Table, tuple[str, ...]], ...] = (
     (participants, ("conversation_pk", "participant_id")),
@@ -105,8 +126,10 @@ class Sql:
     statement) and executed on the driver connection, inside the same transaction.
     """
 
-    def __init__(self, insert: InsertFactory, dialect: Dialect) -> None:
+    def __init__(self, flavor: SqlFlavor, dialect: Dialect) -> None:
         self._dialect = dialect
+        self._flavor = flavor
+        insert = flavor.insert
         self._compiled: dict[tuple[int, tuple[str, ...]], _Compiled] = {}
         c = conversations.c
         by_key = and_(
@@ -184,18 +207,11 @@ class Sql:
             .limit(bindparam("b_limit"))
         )
         self.feed_within = self.feed.where(changes.c.workspace.in_(bindparam("b_within", expanding=True)))
-        # Where search documents are written (see ``_write_index``): at the end of the transaction on SQLite,
-        # inside each write's savepoint on PostgreSQL.
-        self.defer_documents = dialect.name == "sqlite"
-        if dialect.name == "sqlite":
-            self.index_document = text("INSERT INTO search_index (rowid, document) VALUES (:b_pk, :b_document)")
-            self.unindex = text("DELETE FROM search_index WHERE rowid = :b_pk")
-        else:
-            self.index_document = text(
-                "INSERT INTO search_documents (conversation_pk, tsv) VALUES (:b_pk, to_tsvector('simple', :b_document))"
-                " ON CONFLICT (conversation_pk) DO UPDATE SET tsv = EXCLUDED.tsv"
-            )
-            self.unindex = text("DELETE FROM search_documents WHERE conversation_pk = :b_pk")
+        self.defer_documents = flavor.defer_documents
+        self.index_document = flavor.index_document
+        self.unindex = flavor.unindex
+        self.search_query = flavor.search_query
+        self.feed_lock = flavor.feed_lock
         self._statements: dict[tuple[object, ...], Any] = {}
 
     def page(self, after: bool, filters: Filters, *, export: bool = False) -> Any:
@@ -232,31 +248,8 @@ class Sql:
             return cached
         c = conversations.c
         conditions = filter_conditions(filters)
-        if self._dialect.name == "sqlite":
-            index = table_("search_index", column("rowid"))
-            # bm25 is lower for better matches: negated, higher is better on both engines. The filters join in
-            # the window's query, so that a filtered search ranks the newest matches that pass the filters.
-            window = select(index.c.rowid.label("pk"), (-func.bm25(literal_column("search_index"))).label("score"))
-            window = window.where(literal_column("search_index").op("MATCH")(bindparam("b_query")))
-            if conditions:
-                window = window.join(conversations, c.pk == index.c.rowid).where(*conditions)
-            ranked = window.order_by(index.c.rowid.desc()).limit(bindparam("b_window")).subquery("ranked")
-            score = ranked.c.score
-        else:
-            documents = table_("search_documents", column("conversation_pk"), column("tsv"))
-            query = func.to_tsquery("simple", bindparam("b_query"))
-            # The newest matches first (ts_rank reads each whole tsvector: only for the window's rows).
-            newest = select(documents.c.conversation_pk.label("pk")).where(documents.c.tsv.op("@@")(query))
-            if conditions:
-                newest = newest.join(conversations, c.pk == documents.c.conversation_pk).where(*conditions)
-            newest_rows = newest.order_by(documents.c.conversation_pk.desc()).limit(bindparam("b_window"))
-            chosen = newest_rows.subquery("newest")
-            ranked = (
-                select(chosen.c.pk, func.ts_rank(documents.c.tsv, query).label("score"))
-                .select_from(chosen.join(documents, documents.c.conversation_pk == chosen.c.pk))
-                .subquery("ranked")
-            )
-            score = ranked.c.score
+        ranked = self._flavor.ranked(conditions)
+        score = ranked.c.score
         statement = (
             select(*SUMMARY_COLUMNS, c.detail, score)
             .select_from(ranked.join(conversations, c.pk == ranked.c.pk))

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import abc
-import sqlite3
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from functools import partial
 from typing import TypeVar
 
-import psycopg
 from sqlalchemy import Connection
-from sqlalchemy.exc import DBAPIError, OperationalError
 
 from kbms.deliveries import (
     Applied,
@@ -28,6 +25,7 @@ from kbms.deliveries import (
 from kbms.errors import FieldIssue, StorageUnavailable, ValidationFailed
 from kbms.model import Change, Conversation, ConversationSnapshot, Redactor, micros
 from kbms.storage import feed, reads, rebuild, state, writes
+from kbms.storage.backend import driver_error
 from kbms.storage.base import ALL, ChangeRecord, Cursor, ExportBatch, Filters, Hit, Page
 from kbms.storage.statements import Sql
 
@@ -46,87 +44,8 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-# PostgreSQL error classes (SQLSTATE prefixes, and single states) that mean "not now": connection failures,
-# insufficient resources, operator intervention (statement timeout, shutdown), system errors, lock timeout.
-UNAVAILABLE_STATES = ("08", "53", "57", "58", "55P03", "40001", "40P01")
-# ...and those that mean "this value cannot be stored": data exceptions, program limits (an index row too big).
-REFUSED_STATES = ("22", "54")
-# SQLite's primary result codes for a database file that cannot be used as it is: SQLITE_CORRUPT and SQLITE_NOTADB
-# (a damaged or foreign file at the path). The sqlite3 module raises them as DatabaseError, not OperationalError;
-# they are the database's state, not the request's: a 503, so that senders keep the payload and retry.
-SQLITE_UNUSABLE_FILE = frozenset((11, 26))
-
-
-def _driver_error(exc: BaseException) -> BaseException:
-    """The driver's own exception: hot statements run on the driver (see Sql.run), others through SQLAlchemy."""
-    return exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-
-
-def _sqlite_code(error: sqlite3.DatabaseError) -> int:
-    """SQLite's primary result code; 0 for the errors the sqlite3 module raises itself (a ``ProgrammingError``
-    such as "Cannot operate on a closed database" carries none)."""
-    return int(getattr(error, "sqlite_errorcode", 0) or 0) & 0xFF
-
-
-def _sqlstate(exc: BaseException) -> str:
-    return str(getattr(_driver_error(exc), "sqlstate", None) or "")
-
-
-def is_unavailable(exc: BaseException) -> bool:
-    """Errors that say the database cannot be used right now (down, locked, read-only, full), not a bug.
-
-    Not every "operational" error: PostgreSQL reports an over-long index entry as one, and answering 503 to that
-    would have the sender retry forever.
-    """
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    driver = _driver_error(exc)
-    if isinstance(driver, sqlite3.OperationalError):
-        return True  # locked, busy, read-only, disk full or I/O error: all of them pass
-    if isinstance(driver, sqlite3.DatabaseError) and _sqlite_code(driver) in SQLITE_UNUSABLE_FILE:
-        return True
-    if isinstance(driver, psycopg.Error):
-        state = _sqlstate(exc)
-        return state.startswith(UNAVAILABLE_STATES) or (not state and isinstance(driver, psycopg.OperationalError))
-    return isinstance(exc, OperationalError)
-
-
-def failure_reason(exc: BaseException) -> str:
-    """Why the database failed, in a few words that are safe to show an operator (``kbms`` prints them).
-
-    The first line of an operational error's own message ("database is locked", "Connection refused", 'database
-    "x" does not exist'): these name hosts, users and files, never passwords or row data. libpq's framing around it
-    (which server, "FATAL:", the hint lines) is dropped. Other errors are named by their type only: their messages
-    may quote the data of a statement.
-    """
-    fallback = type(_driver_error(exc)).__name__
-    seen: set[int] = set()
-    error: BaseException | None = exc
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        driver = _driver_error(error)
-        if isinstance(driver, sqlite3.OperationalError | psycopg.OperationalError) or (
-            isinstance(driver, sqlite3.DatabaseError) and _sqlite_code(driver) in SQLITE_UNUSABLE_FILE
-        ):
-            line = (str(driver).strip().splitlines() or [type(driver).__name__])[0]
-            line = line.rpartition(" failed: ")[2].removeprefix("FATAL:").strip()
-            return line[:1].lower() + line[1:200]
-        if isinstance(error, StorageUnavailable) and len(seen) == 1:
-            fallback = error.message[:1].lower() + error.message[1:]  # kbms's own words, when no driver's follow
-        error = error.__cause__ or error.__context__
-    return fallback
-
-
-def is_refused(exc: BaseException) -> bool:
-    """Errors caused by a value the database will not store (the input's fault, a 422)."""
-    driver = _driver_error(exc)
-    return isinstance(driver, psycopg.Error) and _sqlstate(exc).startswith(REFUSED_STATES)
-
-
 def refused(exc: BaseException) -> ValidationFailed:
-    issue = FieldIssue(
-        "body", "unstorable_value", f"The database refused a value ({type(_driver_error(exc)).__name__})"
-    )
+    issue = FieldIssue("body", "unstorable_value", f"The database refused a value ({type(driver_error(exc)).__name__})")
     return ValidationFailed([issue])
 
 
@@ -138,8 +57,12 @@ def unavailable(exc: BaseException) -> StorageUnavailable:
 class SqlStore(abc.ABC):
     """Implements ``kbms.storage.base.Store`` with the statements of ``kbms.storage.statements``."""
 
-    def __init__(self, statements: Sql, *, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(
+        self, statements: Sql, *, is_refused: Callable[[BaseException], bool], clock: Callable[[], datetime] = utc_now
+    ) -> None:
+        """``is_refused``: the engine's test for an error that is a value the database will not store."""
         self._sql = statements
+        self._is_refused = is_refused
         self._clock = clock
 
     @abc.abstractmethod
@@ -199,7 +122,7 @@ class SqlStore(abc.ABC):
                             creation=creations[index],
                         )
                 except Exception as exc:
-                    if not is_refused(exc):
+                    if not self._is_refused(exc):
                         raise  # the database failed, or a bug: the whole batch goes
                     cursor.execute("ROLLBACK TO item")
                     feed.discard_changes(conn, mark)

@@ -32,194 +32,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-import os
-import sqlite3
-import time
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
-from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
 
 import anyio.to_thread
-from sqlalchemy import URL, Connection, RootTransaction, create_engine, event
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SAWarning
-from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
+from sqlalchemy import URL, Connection, RootTransaction
+from sqlalchemy.pool import QueuePool
 
 from kbms.errors import StorageUnavailable
 from kbms.storage.base import PoolUsage
 from kbms.storage.feed import discard_changes, flush_changes, pending_changes
+from kbms.storage.sqlite.connect import BUSY_TIMEOUT_MS, make_engine, sqlite_path
+from kbms.storage.sqlite.failures import is_refused, is_unavailable
+from kbms.storage.sqlite.lock import FileIdentity, WriterLock, identity_of
+from kbms.storage.sqlite.syntax import FLAVOR
 from kbms.storage.statements import Sql
-from kbms.storage.store import Job, SqlStore, is_unavailable, unavailable, utc_now
+from kbms.storage.store import Job, SqlStore, unavailable, utc_now
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-BUSY_TIMEOUT_MS = 10_000
 MAX_BATCH = 256
 READ_POOL_SIZE = 8
 # How long a write waits for the write lock before its caller hears 503 (KBMS_DB_TIMEOUT). The lock is normally
 # held for milliseconds (a batch of another kbms process); longer means a foreign writer (a sqlite3 shell, a long
 # migration) or a stopped process, and webhook senders commonly give up after 5 to 15 s.
 LOCK_TIMEOUT = 5.0
-FileIdentity = tuple[int, int] | None  # (device, inode) of the file at the database's path; None: no file there
 
 
-def sqlite_path(url: URL) -> Path:
-    database = url.database or ""
-    if database in ("", ":memory:") or database.startswith("file:"):
-        raise ValueError("kbms needs an SQLite file (sqlite:///path/to/kbms.db), not an in-memory database")
-    return Path(database)
-
-
-def check_options(url: URL) -> None:
-    """``ValueError`` naming an option of the URL's query that the sqlite3 driver would refuse (``?timeout=abc``)
-    or ignore (``?foo=bar``), checked without opening the file."""
-    dialect = url.get_dialect()()
-    for key, value in url.query.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", SAWarning)  # what the driver ignores, SQLAlchemy only warns about
-                dialect.create_connect_args(url.set(query={key: value}))
-        except (ValueError, SAWarning):
-            raise ValueError(
-                f"the SQLite option ?{key}= is unknown or its value is not valid here (kbms sets the connection's "
-                "options itself; KBMS_DB_TIMEOUT sets how long it waits for a lock)"
-            ) from None
-
-
-def make_engine(
-    url: URL,
-    *,
-    immediate: bool | None,
-    pool_size: int = 1,
-    create: bool = False,
-    busy_timeout: float = BUSY_TIMEOUT_MS / 1000,
-) -> Engine:
-    """An engine whose connections are in WAL mode with durable commits.
-
-    ``immediate``: True takes the write lock at BEGIN; False begins a deferred (read) transaction; None emits no
-    BEGIN at all, so each statement is its own implicit transaction (single-statement reads). ``create``: make the
-    file (and its directory) when there is none, as ``kbms migrate`` does; otherwise a missing file is an error,
-    so that a command started in the wrong directory leaves no empty database behind. ``busy_timeout``: seconds a
-    statement waits for a lock another connection holds before "database is locked".
-    """
-    path = sqlite_path(url)
-    if create:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StorageUnavailable(f"Cannot create the directory {path.parent} ({exc.strerror})") from exc
-    engine = create_engine(
-        url,
-        hide_parameters=True,  # SQL parameters are payload data: keep them out of exception messages and logs
-        connect_args={"check_same_thread": False, "timeout": busy_timeout},
-        pool_size=pool_size,
-        max_overflow=pool_size,
-    )
-
-    @event.listens_for(engine, "connect")
-    def _configure(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
-        # Take transaction control away from the sqlite3 module, so BEGIN is ours (SQLAlchemy's pysqlite recipe).
-        dbapi_connection.isolation_level = None
-        _enable_wal(dbapi_connection, busy_timeout)
-        for pragma in (
-            "PRAGMA synchronous=FULL",
-            "PRAGMA foreign_keys=ON",
-            # Savepoint journals in memory: every write of a batch runs in a savepoint, and with them in a temp
-            # file a batch made 60 writes to it per conversation (strace; sys time was 30 % of a backfill's CPU).
-            "PRAGMA temp_store=MEMORY",
-            f"PRAGMA busy_timeout={round(busy_timeout * 1000)}",
-        ):
-            dbapi_connection.execute(pragma)
-
-    if not create:
-
-        @event.listens_for(engine, "do_connect")
-        def _existing_file_only(_dialect: Any, _record: ConnectionPoolEntry, cargs: list[Any], cparams: Any) -> None:
-            # SQLite's mode=rw opens the file that is there and never creates one (a check before connecting would
-            # race with a file removed meanwhile).
-            # The path's bytes, quoted: a name that is not UTF-8 is still the file's name.
-            cargs[:] = [f"file:{quote(os.fsencode(path))}?mode=rw"]
-            cparams["uri"] = True
-
-    if immediate is not None:
-
-        @event.listens_for(engine, "begin")
-        def _begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-    return engine
-
-
-def _enable_wal(dbapi_connection: Any, busy_timeout: float) -> None:
-    """``PRAGMA journal_mode=WAL``, retried while another connection holds the lock it needs.
-
-    On a new file, switching to WAL takes an exclusive lock, and SQLite answers "database is locked" at once,
-    without its busy handler, when another connection is switching too (its deadlock avoidance): 24 of 800
-    connections, four at a time on fresh files; once in 15 runs of the concurrent-migrators test. Once the file is
-    in WAL mode the pragma takes no lock.
-    """
-    deadline = time.monotonic() + busy_timeout
-    while True:
-        try:
-            dbapi_connection.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() >= deadline:
-                raise
-            time.sleep(0.005)
-
-
-class _WriterLock:
-    """A lock file shared by every kbms process writing to one database. ``wait``: None waits as long as another
-    process holds it; seconds give up after that long, with "Database busy"."""
-
-    def __init__(self, path: Path, *, wait: float | None = None) -> None:
-        self._path = path
-        self._wait = wait
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        try:
-            if self._fd is None:
-                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-            if self._wait is None:
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
-            else:
-                self._acquire_within(self._fd, self._wait)
-        except OSError as exc:  # e.g. a directory that cannot be written: the database is not writable either
-            raise StorageUnavailable(f"Cannot take the write lock ({exc.strerror})") from exc
-
-    @staticmethod
-    def _acquire_within(fd: int, wait: float) -> None:
-        # flock has no timeout: poll. Only commands bound their wait (see SqliteStore), where 5 ms hardly matter.
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise StorageUnavailable("Database busy: another process holds the write lock") from None
-                time.sleep(0.005)
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-# A write waiting for its transaction: the job, its caller's future, and when it was queued (loop time).
 Waiting = tuple[Job[Any], "asyncio.Future[Any]", float]
 
 
@@ -240,7 +82,7 @@ class SqliteStore(SqlStore):
         instead of waiting for the thread when it closes the store."""
         busy_timeout = BUSY_TIMEOUT_MS / 1000 if lock_wait is None else lock_wait
         self._writer_engine = make_engine(url, immediate=True, busy_timeout=busy_timeout)
-        super().__init__(Sql(insert=sqlite_insert, dialect=self._writer_engine.dialect), clock=clock)
+        super().__init__(Sql(FLAVOR, self._writer_engine.dialect), is_refused=is_refused, clock=clock)
         self._max_batch = max_batch
         self._lock_timeout = lock_timeout
         self._path = sqlite_path(url)
@@ -249,7 +91,7 @@ class SqliteStore(SqlStore):
         self._inline: Connection | None = None
         self._writer: Connection | None = None
         self._identity: FileIdentity = None  # of the file the writer opened
-        self._lock = _WriterLock(self._path.with_name(self._path.name + ".writer-lock"), wait=lock_wait)
+        self._lock = WriterLock(self._path.with_name(self._path.name + ".writer-lock"), wait=lock_wait)
         self._pending: list[Waiting] = []
         self._committer: asyncio.Task[None] | None = None
         self._closed = False
@@ -361,7 +203,7 @@ class SqliteStore(SqlStore):
         try:
             if self._writer is None:
                 self._writer = self._writer_engine.connect()
-                self._identity = _identity_of(self._path)
+                self._identity = identity_of(self._path)
             return self._writer, self._writer.begin()
         except BaseException:
             self._lock.release()
@@ -369,7 +211,7 @@ class SqliteStore(SqlStore):
 
     def _commit(self, transaction: RootTransaction) -> None:
         """In a thread: commit, unless the file at the database's path is no longer the one written to."""
-        if _identity_of(self._path) != self._identity:
+        if identity_of(self._path) != self._identity:
             raise StorageUnavailable("The database file was replaced or removed while in use")
         transaction.commit()
 
@@ -393,7 +235,7 @@ class SqliteStore(SqlStore):
         if writer is not None:
             with contextlib.suppress(Exception):
                 writer.invalidate()
-        if _identity_of(self._path) != self._identity:
+        if identity_of(self._path) != self._identity:
             self._discard_readers()
         self._identity = None  # the next writer records the file it opens
 
@@ -453,7 +295,7 @@ class SqliteStore(SqlStore):
         under way, every connection is closed before any is opened on the new file, because a connection opened
         while the old ones are still open would read the old file's WAL as the new file's.
         """
-        if self._identity is not None and _identity_of(self._path) != self._identity and self._idle():
+        if self._identity is not None and identity_of(self._path) != self._identity and self._idle():
             self._discard_writer()
         await self._read(lambda conn: conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar())
 
@@ -482,14 +324,6 @@ class SqliteStore(SqlStore):
         for engine in (self._writer_engine, self._reader_engine, self._inline_engine):
             engine.dispose()
         self._lock.close()
-
-
-def _identity_of(path: Path) -> FileIdentity:
-    try:
-        stat = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return stat.st_dev, stat.st_ino
 
 
 async def _off_loop(function: Callable[..., T], *args: Any) -> T:
