@@ -32,6 +32,7 @@ class IntercomWebhooks:
 class IntercomProvider:
     name = PROVIDER
     push_schema = IntercomConversation
+    puller = None  # issue 15: kbms sync
     webhooks = IntercomWebhooks()
     workspace_description = (
         "The Intercom app_id (a conversation object does not carry it); default: KBMS_DEFAULT_WORKSPACE"

@@ -35,6 +35,7 @@ class ZendeskWebhooks:
 class ZendeskProvider:
     name = PROVIDER
     push_schema = ZendeskPush
+    puller = None  # issue 15: kbms sync
     webhooks = ZendeskWebhooks()
     # Zendesk's redactions are not mapped yet (no public example of a redacted comment or its event).
     redactor = None
