@@ -26,6 +26,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 
@@ -70,6 +71,10 @@ conversations = Table(
     Column("detail", Text, nullable=False),
     Column("changed_at", BigInteger, nullable=False),
     Column("deleted_at", BigInteger),
+    # Completeness (issue 15): what the provider says the conversation has (None: no payload said), and whether
+    # the provider's count exceeds what its answer carried (Intercom returns at most the 500 newest parts).
+    Column("provider_count", Integer),
+    Column("truncated", Boolean, nullable=False, server_default=false()),
     UniqueConstraint("provider", "workspace", "external_id"),
 )
 # Keyset pagination, newest-updated first, over live conversations. The id breaks ties: it is the same on every
@@ -92,6 +97,15 @@ for _column in ("provider", "workspace", "state"):
         sqlite_where=text("deleted_at IS NULL"),
         postgresql_where=text("deleted_at IS NULL"),
     )
+# ``?truncated=true``: the few truncated live conversations, in the list's order. SQLite uses a partial index only
+# when the query repeats its condition term for term: filter with ``truncated = true()`` (rendered ``= 1`` there).
+Index(
+    "ix_conversations_live_truncated",
+    conversations.c.updated_at.desc(),
+    conversations.c.id.desc(),
+    sqlite_where=text("deleted_at IS NULL AND truncated = 1"),
+    postgresql_where=text("deleted_at IS NULL AND truncated"),
+)
 
 participants = Table(
     "participants",
@@ -205,6 +219,80 @@ changes = Table(
     Column("action", String(16), nullable=False),  # created | updated | deleted
     Column("revision", Integer, nullable=False),
     Column("changed_at", BigInteger, nullable=False),
+)
+
+# Pulling from providers (issue 15; storage/sync.py). No token is ever stored: sources are configured, not kept.
+# Per source: where its listing stands, its last pass, running totals, and the lease of its one lister.
+sync_sources = Table(
+    "sync_sources",
+    metadata,
+    Column("provider", String(64), nullable=False),
+    Column("workspace", Text, nullable=False),
+    Column("checkpoint", BigInteger),  # a watermark (microseconds): listed and queued up to here
+    Column("cursor", Text),  # the provider's opaque position of the last page whose items are all queued
+    Column("pass_started_at", BigInteger),
+    Column("pass_finished_at", BigInteger),
+    Column("pass_outcome", String(16)),
+    Column("last_error", Text),
+    Column("listed", BigInteger, nullable=False, server_default=text("0")),
+    Column("fetched", BigInteger, nullable=False, server_default=text("0")),
+    Column("stored", BigInteger, nullable=False, server_default=text("0")),
+    Column("requests", BigInteger, nullable=False, server_default=text("0")),
+    Column("rate_limit_waits", BigInteger, nullable=False, server_default=text("0")),
+    Column("lease_owner", Text),
+    Column("lease_until", BigInteger),
+    PrimaryKeyConstraint("provider", "workspace"),
+    sqlite_with_rowid=False,
+)
+
+# Conversations to fetch. A job is pending, or running under a lease (a crashed process's jobs come back when it
+# expires); finished jobs are deleted by pk, so that one queued meanwhile for the same conversation survives.
+sync_jobs = Table(
+    "sync_jobs",
+    metadata,
+    Column("pk", PrimaryKey, primary_key=True, autoincrement=True),
+    Column("provider", String(64), nullable=False),
+    Column("workspace", Text, nullable=False),
+    Column("external_id", Text, nullable=False),
+    Column("reason", String(16), nullable=False),  # backfill | sweep | webhook | completeness
+    Column("state", String(16), nullable=False),  # pending | running
+    Column("attempts", Integer, nullable=False),  # claims so far: counted when claimed, so a crash counts too
+    Column("next_attempt_at", BigInteger, nullable=False),
+    Column("lease_owner", Text),
+    Column("lease_until", BigInteger),
+    Column("listed_updated_at", BigInteger),  # the version the listing saw; None: unknown (always fetch)
+    Column("prefetched", LargeBinary),  # the listing's own copy, when it saves a request (a Zendesk ticket)
+    Column("last_error", Text),
+    Column("first_failed_at", BigInteger),
+    Column("created_at", BigInteger, nullable=False),
+)
+# At most one pending job per conversation (and one running beside it, queued by a webhook during its fetch): the
+# upsert ``ON CONFLICT (provider, workspace, external_id) WHERE state = 'pending'`` targets this index.
+Index(
+    "ix_sync_jobs_pending",
+    sync_jobs.c.provider,
+    sync_jobs.c.workspace,
+    sync_jobs.c.external_id,
+    unique=True,
+    sqlite_where=text("state = 'pending'"),
+    postgresql_where=text("state = 'pending'"),
+)
+Index("ix_sync_jobs_due", sync_jobs.c.provider, sync_jobs.c.workspace, sync_jobs.c.next_attempt_at, sync_jobs.c.pk)
+
+# Conversations whose fetch failed too often: kept apart (they do not hold a source's checkpoint) until retried.
+sync_dead_letters = Table(
+    "sync_dead_letters",
+    metadata,
+    Column("provider", String(64), nullable=False),
+    Column("workspace", Text, nullable=False),
+    Column("external_id", Text, nullable=False),
+    Column("reason", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", Text),
+    Column("first_failed_at", BigInteger, nullable=False),
+    Column("dead_at", BigInteger, nullable=False),
+    PrimaryKeyConstraint("provider", "workspace", "external_id"),
+    sqlite_with_rowid=False,
 )
 
 # Full-text search lives outside this metadata, because each engine has its own: an FTS5 table ``search_index`` on
