@@ -53,9 +53,10 @@ def reader(providers: Mapping[str, Provider]) -> Reader:
             return refused("body", "invalid_json", exc.message)
 
     def _read(provider: Provider, entry: LedgerEntry) -> Reading:
-        if entry.kind == "push":
+        if entry.kind in ("push", "pull"):
             # Decided as the push did: the workspace the caller named, else the payload's, else the one the
-            # ledger filed it under (the default of the time).
+            # ledger filed it under (the default of the time). A pull's body is what parse_push reads, and names
+            # its source's workspace.
             named = entry.named_workspace
             return Reading(provider.parse_push(entry.body, workspace=named, default_workspace=entry.workspace))
         if provider.webhooks is None:

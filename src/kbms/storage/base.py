@@ -19,6 +19,13 @@ from kbms.deliveries import (
 )
 from kbms.errors import FieldIssue, ValidationFailed
 from kbms.model import Change, Conversation, ConversationSummary, Redactor
+from kbms.storage.syncstate import KEEP as KEEP
+from kbms.storage.syncstate import DeadLetter as DeadLetter
+from kbms.storage.syncstate import JobReason as JobReason
+from kbms.storage.syncstate import Keep as Keep
+from kbms.storage.syncstate import SourceState as SourceState
+from kbms.storage.syncstate import SyncCounts as SyncCounts
+from kbms.storage.syncstate import SyncJob as SyncJob
 from kbms.storage.syncstate import SyncStore
 
 

@@ -165,7 +165,7 @@ ledger = Table(
     # The workspace the request named (``?workspace=``), if any: re-reading the payload (kbms reprocess) decides
     # its workspace the way the request did, where a provider may read it from the payload.
     Column("named_workspace", Text),
-    Column("kind", String(16), nullable=False),  # push | webhook
+    Column("kind", String(16), nullable=False),  # push | webhook | pull
     # False only for webhooks accepted unsigned (KBMS_ALLOW_UNSIGNED_WEBHOOKS): they cannot be told apart otherwise.
     Column("verified", Boolean, nullable=False),
     Column("topic", Text),
