@@ -278,6 +278,8 @@ Index(
     postgresql_where=text("state = 'pending'"),
 )
 Index("ix_sync_jobs_due", sync_jobs.c.provider, sync_jobs.c.workspace, sync_jobs.c.next_attempt_at, sync_jobs.c.pk)
+# A conversation's jobs, pending or running (a claim passes over a pending job while its conversation's runs).
+Index("ix_sync_jobs_conversation", sync_jobs.c.provider, sync_jobs.c.workspace, sync_jobs.c.external_id)
 
 # Conversations whose fetch failed too often: kept apart (they do not hold a source's checkpoint) until retried.
 sync_dead_letters = Table(

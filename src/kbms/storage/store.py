@@ -261,7 +261,7 @@ class SqlStore(abc.ABC):
 
     async def retry_dead_letters(self, provider: str, workspace: str, external_ids: Sequence[str] | None = None) -> int:
         now = micros(self._clock())
-        job = partial(sync.retry_dead_letters, self._sync, provider=provider, workspace=workspace, now=now)
+        job = partial(sync_sources.retry_dead_letters, self._sync, provider=provider, workspace=workspace, now=now)
         return await self._write(partial(job, external_ids=external_ids))
 
     async def record_pass(

@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, case, delete, func, or_, select, text, update
+from sqlalchemy import Connection, and_, bindparam, case, delete, exists, func, or_, select, text, update
 
 from kbms.storage.schema import sync_dead_letters, sync_jobs, sync_sources
 from kbms.storage.statements import SqlFlavor
-from kbms.storage.syncstate import KEEP, DeadLetter, JobReason, Keep, Queued, SyncJob
+from kbms.storage.syncstate import KEEP, JobReason, Keep, Queued, SyncJob
 
 KEYS_PER_QUERY = 1000  # ids per IN (...) list: well under both engines' parameter limits
 COUNTERS = ("listed", "fetched", "stored", "requests", "rate_limit_waits")
@@ -57,13 +57,21 @@ class SyncSql:
                 "first_failed_at": _least(new.first_failed_at, j.first_failed_at),
             },
         )
+        # A conversation is fetched by one claimer at a time: its pending job waits while another job of it runs.
+        other = sync_jobs.alias("other")
+        running = exists().where(
+            other.c.provider == j.provider,
+            other.c.workspace == j.workspace,
+            other.c.external_id == j.external_id,
+            other.c.state == "running",
+        )
         self.due = (
             select(j.pk)
             .where(
                 j.provider == bindparam("b_provider"),
                 j.workspace == bindparam("b_workspace"),
                 or_(
-                    and_(j.state == "pending", j.next_attempt_at <= bindparam("b_now")),
+                    and_(j.state == "pending", j.next_attempt_at <= bindparam("b_now"), ~running),
                     and_(j.state == "running", j.lease_until < bindparam("b_now")),
                 ),
             )
@@ -149,10 +157,22 @@ def enqueue(
     position: str | Keep | None,
     checkpoint: int | None,
 ) -> None:
-    if items:
+    # One row per conversation, chosen as the upsert would: an upsert many rows at once may not touch one row twice.
+    newest: dict[str, Queued] = {}
+    for item in items:
+        kept = newest.get(item.external_id)
+        if (
+            kept is None
+            or item.updated_at is None
+            or (kept.updated_at is not None and item.updated_at >= kept.updated_at)
+        ):
+            newest[item.external_id] = item
+    if newest:
         rows = [
-            _pending(provider, workspace, i.external_id, reason, due, now, listed=i.updated_at, prefetched=i.prefetched)
-            for i in items
+            pending_row(
+                provider, workspace, i.external_id, reason, due, now, listed=i.updated_at, prefetched=i.prefetched
+            )
+            for i in newest.values()
         ]
         conn.execute(sql.queue, rows)
     advance(sql, conn, provider, workspace, position=position, checkpoint=checkpoint)
@@ -172,7 +192,7 @@ def advance(
     conn.execute(sql.advance[position is KEEP], values if position is KEEP else {**values, "cursor": position})
 
 
-def _pending(
+def pending_row(
     provider: str,
     workspace: str,
     external_id: str,
@@ -234,7 +254,7 @@ def retry_later(sql: SyncSql, conn: Connection, job: SyncJob, error: str, *, due
         return False
     provider, workspace, external_id, reason, listed, prefetched, first_failed_at = row
     first = first_failed_at if first_failed_at is not None else now
-    values = _pending(
+    values = pending_row(
         provider,
         workspace,
         external_id,
@@ -270,31 +290,6 @@ def bury(sql: SyncSql, conn: Connection, job: SyncJob, error: str, *, now: int) 
     return True
 
 
-def retry_dead_letters(
-    sql: SyncSql, conn: Connection, provider: str, workspace: str, external_ids: Sequence[str] | None, *, now: int
-) -> int:
-    """Queue dead letters again, due now, and delete them (one transaction: each is in one place or the other)."""
-    source = and_(d.provider == provider, d.workspace == workspace)
-    if external_ids is None:
-        external_ids = list(conn.execute(select(d.external_id).where(source)).scalars())
-    moved = 0
-    for chunk in _chunks(external_ids):
-        scope = and_(source, d.external_id.in_(chunk))
-        dead = [DeadLetter(*row) for row in conn.execute(select(sync_dead_letters).where(scope))]
-        if not dead:
-            continue
-        rows = [
-            _pending(
-                provider, workspace, x.external_id, x.reason, now, now, listed=None, prefetched=None, error=x.last_error
-            )
-            for x in dead
-        ]
-        conn.execute(sql.queue, rows)
-        conn.execute(delete(sync_dead_letters).where(source, d.external_id.in_([x.external_id for x in dead])))
-        moved += len(dead)
-    return moved
-
-
-def _chunks(ids: Sequence[str]) -> list[list[str]]:
+def chunks(ids: Sequence[str]) -> list[list[str]]:
     unique = list(dict.fromkeys(ids))
     return [unique[start : start + KEYS_PER_QUERY] for start in range(0, len(unique), KEYS_PER_QUERY)]

@@ -1,14 +1,15 @@
 """The sync state of each source (see ``storage/syncstate.py``): its passes, totals, listing lease and dead letters,
-read and written on an open connection; the statements are ``sync.SyncSql``'s."""
+read and written on an open connection; the statements are ``sync.SyncSql``'s, the queue is ``sync``'s."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, and_, delete, func, select
 
 from kbms.storage.schema import sync_dead_letters, sync_jobs, sync_sources
-from kbms.storage.sync import COUNTERS, SyncSql
+from kbms.storage.sync import COUNTERS, SyncSql, chunks, pending_row
 from kbms.storage.syncstate import KEEP, DeadLetter, Keep, SourceState, SyncCounts
 
 j, d = sync_jobs.c, sync_dead_letters.c
@@ -101,3 +102,28 @@ def dead_letters(conn: Connection, provider: str, workspace: str, *, limit: int,
     if after is not None:
         query = query.where(d.external_id > after)
     return [DeadLetter(*row) for row in conn.execute(query.order_by(d.external_id).limit(limit))]
+
+
+def retry_dead_letters(
+    sql: SyncSql, conn: Connection, provider: str, workspace: str, external_ids: Sequence[str] | None, *, now: int
+) -> int:
+    """Queue dead letters again, due now, and delete them (one transaction: each is in one place or the other)."""
+    source = and_(d.provider == provider, d.workspace == workspace)
+    if external_ids is None:
+        external_ids = list(conn.execute(select(d.external_id).where(source)).scalars())
+    moved = 0
+    for chunk in chunks(external_ids):
+        scope = and_(source, d.external_id.in_(chunk))
+        dead = [DeadLetter(*row) for row in conn.execute(select(sync_dead_letters).where(scope))]
+        if not dead:
+            continue
+        rows = [
+            pending_row(
+                provider, workspace, x.external_id, x.reason, now, now, listed=None, prefetched=None, error=x.last_error
+            )
+            for x in dead
+        ]
+        conn.execute(sql.queue, rows)
+        conn.execute(delete(sync_dead_letters).where(source, d.external_id.in_([x.external_id for x in dead])))
+        moved += len(dead)
+    return moved

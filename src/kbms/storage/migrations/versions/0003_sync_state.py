@@ -80,6 +80,7 @@ def upgrade() -> None:
         postgresql_where=PENDING,
     )
     op.create_index("ix_sync_jobs_due", "sync_jobs", ["provider", "workspace", "next_attempt_at", "pk"], unique=False)
+    op.create_index("ix_sync_jobs_conversation", "sync_jobs", ["provider", "workspace", "external_id"], unique=False)
     op.create_table(
         "sync_dead_letters",
         sa.Column("provider", sa.String(length=64), nullable=False),
@@ -97,6 +98,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("sync_dead_letters")
+    op.drop_index("ix_sync_jobs_conversation", table_name="sync_jobs")
     op.drop_index("ix_sync_jobs_due", table_name="sync_jobs")
     op.drop_index("ix_sync_jobs_pending", table_name="sync_jobs", sqlite_where=PENDING, postgresql_where=PENDING)
     op.drop_table("sync_jobs")
