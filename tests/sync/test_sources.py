@@ -177,7 +177,7 @@ def test_sync_defaults_and_refusals() -> None:
     assert (settings.sources, settings.sources_file, settings.sync, settings.sync_interval) == ("", None, "on", 300.0)
     for bad in ({"sync": "maybe"}, {"sync_interval": 0}, {"sync_interval": -1}):
         with pytest.raises(ValueError, match="sync"):
-            Settings(**bad)
+            Settings.model_validate(bad)
 
 
 def hand_over(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,8 @@ engines return the bytes that were written.
 The unique keys are what make ingestion exact under concurrency; no read-then-write check in Python replaces them:
 - ``conversations (provider, workspace, external_id)``: one row per provider conversation;
 - ``messages``/``events``/``participants`` keyed by ``(conversation_pk, provider id)``;
-- ``ledger (provider, delivery_key)``: one row per delivery (a notification id, or the body's hash).
+- ``ledger (provider, delivery_key)``: one row per delivery (a notification id, or the body's hash);
+- ``sync_jobs (provider, workspace, external_id) WHERE state = 'pending'``: one queued fetch per conversation.
 """
 
 from __future__ import annotations
@@ -71,8 +72,7 @@ conversations = Table(
     Column("detail", Text, nullable=False),
     Column("changed_at", BigInteger, nullable=False),
     Column("deleted_at", BigInteger),
-    # Completeness (issue 15): what the provider says the conversation has (None: no payload said), and whether
-    # the provider's count exceeds what its answer carried (Intercom returns at most the 500 newest parts).
+    # Completeness (issue 15): the provider's count (None: no payload said); truncated: above what it answered.
     Column("provider_count", Integer),
     Column("truncated", Boolean, nullable=False, server_default=false()),
     UniqueConstraint("provider", "workspace", "external_id"),
@@ -97,8 +97,7 @@ for _column in ("provider", "workspace", "state"):
         sqlite_where=text("deleted_at IS NULL"),
         postgresql_where=text("deleted_at IS NULL"),
     )
-# ``?truncated=true``: the few truncated live conversations, in the list's order. SQLite uses a partial index only
-# when the query repeats its condition term for term: filter with ``truncated = true()`` (rendered ``= 1`` there).
+# ?truncated=true. SQLite uses a partial index only if the query repeats its terms: filter with ``== true()``.
 Index(
     "ix_conversations_live_truncated",
     conversations.c.updated_at.desc(),
@@ -221,8 +220,7 @@ changes = Table(
     Column("changed_at", BigInteger, nullable=False),
 )
 
-# Pulling from providers (issue 15; storage/sync.py). No token is ever stored: sources are configured, not kept.
-# Per source: where its listing stands, its last pass, running totals, and the lease of its one lister.
+# Per source pulled from (issue 15; storage/sync.py; never a token): its listing, last pass, totals, lister's lease.
 sync_sources = Table(
     "sync_sources",
     metadata,
@@ -234,19 +232,18 @@ sync_sources = Table(
     Column("pass_finished_at", BigInteger),
     Column("pass_outcome", String(16)),
     Column("last_error", Text),
-    Column("listed", BigInteger, nullable=False, server_default=text("0")),
-    Column("fetched", BigInteger, nullable=False, server_default=text("0")),
-    Column("stored", BigInteger, nullable=False, server_default=text("0")),
-    Column("requests", BigInteger, nullable=False, server_default=text("0")),
-    Column("rate_limit_waits", BigInteger, nullable=False, server_default=text("0")),
+    *(
+        Column(name, BigInteger, nullable=False, server_default=text("0"))
+        for name in ("listed", "fetched", "stored", "requests", "rate_limit_waits")
+    ),
     Column("lease_owner", Text),
     Column("lease_until", BigInteger),
     PrimaryKeyConstraint("provider", "workspace"),
     sqlite_with_rowid=False,
 )
 
-# Conversations to fetch. A job is pending, or running under a lease (a crashed process's jobs come back when it
-# expires); finished jobs are deleted by pk, so that one queued meanwhile for the same conversation survives.
+# Fetches to do: pending, or running under a lease (a crashed process's jobs come back when it expires). Done jobs
+# are deleted by pk, so that one queued meanwhile for the same conversation survives.
 sync_jobs = Table(
     "sync_jobs",
     metadata,
@@ -266,20 +263,12 @@ sync_jobs = Table(
     Column("first_failed_at", BigInteger),
     Column("created_at", BigInteger, nullable=False),
 )
-# At most one pending job per conversation (and one running beside it, queued by a webhook during its fetch): the
-# upsert ``ON CONFLICT (provider, workspace, external_id) WHERE state = 'pending'`` targets this index.
-Index(
-    "ix_sync_jobs_pending",
-    sync_jobs.c.provider,
-    sync_jobs.c.workspace,
-    sync_jobs.c.external_id,
-    unique=True,
-    sqlite_where=text("state = 'pending'"),
-    postgresql_where=text("state = 'pending'"),
-)
+# One pending job per conversation (the queue's upsert); a claim skips one while its conversation's job runs.
+_job_key = (sync_jobs.c.provider, sync_jobs.c.workspace, sync_jobs.c.external_id)
+_pending = text("state = 'pending'")
+Index("ix_sync_jobs_pending", *_job_key, unique=True, sqlite_where=_pending, postgresql_where=_pending)
+Index("ix_sync_jobs_conversation", *_job_key)
 Index("ix_sync_jobs_due", sync_jobs.c.provider, sync_jobs.c.workspace, sync_jobs.c.next_attempt_at, sync_jobs.c.pk)
-# A conversation's jobs, pending or running (a claim passes over a pending job while its conversation's runs).
-Index("ix_sync_jobs_conversation", sync_jobs.c.provider, sync_jobs.c.workspace, sync_jobs.c.external_id)
 
 # Conversations whose fetch failed too often: kept apart (they do not hold a source's checkpoint) until retried.
 sync_dead_letters = Table(

@@ -24,21 +24,12 @@ from kbms.deliveries import (
 )
 from kbms.errors import FieldIssue, StorageUnavailable, ValidationFailed
 from kbms.model import Change, Conversation, ConversationSnapshot, Redactor, micros
-from kbms.storage import feed, reads, rebuild, state, sync, sync_sources, writes
+from kbms.storage import feed, reads, rebuild, state, writes
 from kbms.storage.backend import driver_error
 from kbms.storage.base import ALL, ChangeRecord, Cursor, ExportBatch, Filters, Hit, Page
 from kbms.storage.statements import Sql
-from kbms.storage.syncstate import (
-    KEEP,
-    NO_COUNTS,
-    DeadLetter,
-    JobReason,
-    Keep,
-    Queued,
-    SourceState,
-    SyncCounts,
-    SyncJob,
-)
+from kbms.storage.sync import SyncSql
+from kbms.storage.sync_store import SyncStateStore
 
 T = TypeVar("T")
 Job = Callable[[Connection], T]
@@ -65,7 +56,7 @@ def unavailable(exc: BaseException) -> StorageUnavailable:
     return StorageUnavailable(f"Database unavailable ({type(exc.__cause__ or exc).__name__})")
 
 
-class SqlStore(abc.ABC):
+class SqlStore(SyncStateStore, abc.ABC):
     """Implements ``kbms.storage.base.Store`` with the statements of ``kbms.storage.statements``."""
 
     def __init__(
@@ -73,7 +64,7 @@ class SqlStore(abc.ABC):
     ) -> None:
         """``is_refused``: the engine's test for an error that is a value the database will not store."""
         self._sql = statements
-        self._sync = sync.SyncSql(statements.flavor)
+        self._sync = SyncSql(statements.flavor)
         self._is_refused = is_refused
         self._clock = clock
 
@@ -216,87 +207,3 @@ class SqlStore(abc.ABC):
 
     async def ping(self) -> None:
         await self._read(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
-
-    # The sync state (``storage.syncstate.SyncStore``): each a transaction of ``storage.sync``/``sync_sources``.
-
-    async def enqueue(
-        self,
-        provider: str,
-        workspace: str,
-        items: Sequence[Queued],
-        reason: JobReason,
-        *,
-        not_before: int | None = None,
-        position: str | Keep | None = KEEP,
-        checkpoint: int | None = None,
-    ) -> None:
-        now = micros(self._clock())
-        due = now if not_before is None else not_before
-        job = partial(sync.enqueue, self._sync, provider=provider, workspace=workspace, items=items, reason=reason)
-        await self._write(partial(job, due=due, now=now, position=position, checkpoint=checkpoint))
-
-    async def claim(
-        self, provider: str, workspace: str, *, owner: str, limit: int, now: int, lease: int
-    ) -> list[SyncJob]:
-        job = partial(sync.claim, self._sync, provider=provider, workspace=workspace, owner=owner, limit=limit)
-        return await self._write(partial(job, now=now, lease=lease))
-
-    async def finish(self, job: SyncJob) -> bool:
-        return await self._write(partial(sync.finish, self._sync, job=job))
-
-    async def retry_later(self, job: SyncJob, error: str, *, next_attempt_at: int) -> bool:
-        now = micros(self._clock())
-        return await self._write(
-            partial(sync.retry_later, self._sync, job=job, error=error, due=next_attempt_at, now=now)
-        )
-
-    async def bury(self, job: SyncJob, error: str) -> bool:
-        return await self._write(partial(sync.bury, self._sync, job=job, error=error, now=micros(self._clock())))
-
-    async def dead_letters(
-        self, provider: str, workspace: str, *, limit: int = 100, after: str | None = None
-    ) -> list[DeadLetter]:
-        job = partial(sync_sources.dead_letters, provider=provider, workspace=workspace, limit=limit, after=after)
-        return await self._read(job)
-
-    async def retry_dead_letters(self, provider: str, workspace: str, external_ids: Sequence[str] | None = None) -> int:
-        now = micros(self._clock())
-        job = partial(sync_sources.retry_dead_letters, self._sync, provider=provider, workspace=workspace, now=now)
-        return await self._write(partial(job, external_ids=external_ids))
-
-    async def record_pass(
-        self,
-        provider: str,
-        workspace: str,
-        *,
-        started_at: int,
-        finished_at: int | None = None,
-        outcome: str,
-        error: str | None = None,
-        counts: SyncCounts = NO_COUNTS,
-        position: str | Keep | None = KEEP,
-    ) -> None:
-        job = partial(sync_sources.record_pass, self._sync, provider=provider, workspace=workspace)
-        times = {"started_at": started_at, "finished_at": finished_at}
-        await self._write(partial(job, **times, outcome=outcome, error=error, counts=counts, position=position))
-
-    async def add_counts(self, provider: str, workspace: str, counts: SyncCounts) -> None:
-        job = partial(sync_sources.add_counts, self._sync, provider=provider, workspace=workspace, counts=counts)
-        await self._write(job)
-
-    async def sync_states(self) -> list[SourceState]:
-        return await self._read(sync_sources.sync_states)
-
-    async def lease_source(self, provider: str, workspace: str, *, owner: str, now: int, until: int) -> bool:
-        job = partial(sync_sources.lease_source, self._sync, provider=provider, workspace=workspace, owner=owner)
-        return await self._write(partial(job, now=now, until=until))
-
-    async def release_source(self, provider: str, workspace: str, *, owner: str) -> None:
-        job = partial(sync_sources.release_source, self._sync, provider=provider, workspace=workspace, owner=owner)
-        await self._write(job)
-
-    async def stored_versions(self, provider: str, workspace: str, external_ids: Sequence[str]) -> dict[str, int]:
-        if not external_ids:
-            return {}
-        job = partial(reads.stored_versions, provider=provider, workspace=workspace, external_ids=external_ids)
-        return await self._read(job)

@@ -60,7 +60,7 @@ def sync_states(conn: Connection) -> list[SourceState]:
             entry["oldest"] = oldest
     by_source = select(d.provider, d.workspace, func.count()).group_by(d.provider, d.workspace)
     dead = {(provider, workspace): count for provider, workspace, count in conn.execute(by_source)}
-    states = []
+    states: list[SourceState] = []
     for row in conn.execute(select(sync_sources)).mappings():
         key = (row["provider"], row["workspace"])
         entry = queued.get(key, {"pending": 0, "running": 0, "oldest": None})
