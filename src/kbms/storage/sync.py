@@ -168,11 +168,12 @@ def enqueue(
         ):
             newest[item.external_id] = item
     if newest:
+        # In key order: two writers queueing the same conversations take their index entries in one order.
         rows = [
             pending_row(
                 provider, workspace, i.external_id, reason, due, now, listed=i.updated_at, prefetched=i.prefetched
             )
-            for i in newest.values()
+            for _id, i in sorted(newest.items())
         ]
         conn.execute(sql.queue, rows)
     advance(sql, conn, provider, workspace, position=position, checkpoint=checkpoint)
