@@ -178,7 +178,7 @@ class SyncStore(Protocol):
         position: str | Keep | None = KEEP,
     ) -> None:
         """Record a pass as it starts or ends (its times, outcome and error as given), add ``counts`` to the
-        totals, and set the cursor to ``position``."""
+        totals, and set the cursor to ``position``. ``outcome``: a word of at most 16 characters."""
         ...
 
     async def add_counts(self, provider: str, workspace: str, counts: SyncCounts) -> None:
