@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
@@ -21,7 +21,7 @@ from kbms.providers.pull import (
     SourceConfig,
 )
 from kbms.storage.base import Store
-from kbms.sync.runner import Pass, SyncPolicy, SyncStores
+from kbms.sync.runner import Pass, SyncPolicy
 from tests.support.clock import VirtualClock
 from tests.support.helpers import intercom_payload
 
@@ -101,7 +101,7 @@ class Client:
 
 async def run(store: Store, provider: Provider, clock: VirtualClock, *, full: bool = False) -> Any:
     sync_pass = Pass(
-        cast(SyncStores, store),
+        store,
         get_provider("intercom"),
         SOURCE,
         Client(provider),
@@ -118,7 +118,7 @@ async def titles(store: Store) -> dict[str, str | None]:
 
 
 async def source_state(store: Store) -> Any:
-    (state,) = await cast(SyncStores, store).sync_states()
+    (state,) = await store.sync_states()
     return state
 
 
@@ -174,7 +174,7 @@ async def test_a_conversation_the_provider_no_longer_has_is_tombstoned(store: St
     await run(store, provider, clock)
     del provider.conversations["gone"]
     # Listings never show a deleted conversation; a hint (a webhook) queues its fetch.
-    await cast(SyncStores, store).enqueue("intercom", "w1", [Listed("gone", None)], "webhook", not_before=0)
+    await store.enqueue("intercom", "w1", [Listed("gone", None)], "webhook", not_before=0)
     report = await run(store, provider, clock)
     assert report.deleted == 1
     assert await titles(store) == {}
@@ -191,13 +191,13 @@ async def test_failed_fetches_are_retried_with_backoff_then_become_dead_letters(
     assert (report.created, report.dead, report.retried) == (1, 1, 4)
     state = await source_state(store)
     assert (state.pending, state.dead_letters, state.pass_outcome) == (0, 1, "dead_letters")
-    (letter,) = await cast(SyncStores, store).dead_letters("intercom", "w1")
+    (letter,) = await store.dead_letters("intercom", "w1")
     assert letter.external_id == "down"
     assert "503" in (letter.last_error or "")
     assert not any(delay > POLICY.retry_max for delay in clock.slept)
 
     provider.failing = {}
-    assert await cast(SyncStores, store).retry_dead_letters("intercom", "w1") == 1
+    assert await store.retry_dead_letters("intercom", "w1") == 1
     report = await run(store, provider, clock)
     assert report.created == 1
     assert set(await titles(store)) == {"flaky", "down"}
@@ -209,7 +209,7 @@ async def test_a_payload_the_mapper_refuses_is_kept_and_dead_lettered(store: Sto
     provider.garbage = {"bad"}
     report = await run(store, provider, clock)
     assert (report.rejected, report.dead, report.created) == (1, 1, 0)
-    (letter,) = await cast(SyncStores, store).dead_letters("intercom", "w1")
+    (letter,) = await store.dead_letters("intercom", "w1")
     assert (letter.last_error or "").startswith("refused:")
     kept = await store.unlinked_deliveries(provider="intercom", since=None, after=None, limit=10)
     assert [(entry.kind, entry.outcome) for entry in kept] == [("pull", "rejected")]

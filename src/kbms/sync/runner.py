@@ -25,13 +25,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
 
 from kbms.ingest import IngestOutcome, Refused
 from kbms.providers import Provider
 from kbms.providers.pull import Listed, ProviderUnreachable, PullClient, SourceConfig, Timing
 from kbms.storage.base import Store
-from kbms.storage.syncstate import JobReason, SourceState, SyncCounts, SyncJob, SyncStore
+from kbms.storage.syncstate import JobReason, SourceState, SyncCounts, SyncJob
 from kbms.sync.pulled import Tombstoned, store_pulled
 
 SECOND = 1_000_000  # microseconds
@@ -73,10 +72,6 @@ class PassReport:
         return self.created + self.updated + self.unchanged + self.deleted
 
 
-class SyncStores(Store, SyncStore, Protocol):
-    """A store that keeps sync state (both engines' stores are)."""
-
-
 def owner_name() -> str:
     """Who holds a lease: this process, told apart from a restart of it."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -87,7 +82,7 @@ class Pass:
 
     def __init__(
         self,
-        store: SyncStores,
+        store: Store,
         provider: Provider,
         source: SourceConfig,
         client: PullClient,
