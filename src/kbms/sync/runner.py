@@ -48,6 +48,9 @@ class SyncPolicy:
     lease: float = 300.0  # seconds a claim or the listing lease holds without being renewed
 
 
+DEFAULT_POLICY = SyncPolicy()
+
+
 @dataclass(slots=True)
 class PassReport:
     """What a pass did: ``kbms sync``'s summary and progress, and the source's totals."""
@@ -88,13 +91,14 @@ class Pass:
         client: PullClient,
         *,
         full: bool = False,
-        policy: SyncPolicy = SyncPolicy(),
+        listing: bool = True,
+        policy: SyncPolicy = DEFAULT_POLICY,
         timing: Timing = WALL_CLOCK,
         owner: str | None = None,
         progress: Callable[[PassReport], None] | None = None,
     ) -> None:
         self.store, self.provider, self.source, self.client = store, provider, source, client
-        self.full, self.policy, self.timing = full, policy, timing
+        self.full, self.listing, self.policy, self.timing = full, listing, policy, timing
         self.owner = owner or owner_name()
         self.report = PassReport(source.provider, source.workspace)
         self._progress = progress or (lambda _report: None)
@@ -106,17 +110,25 @@ class Pass:
         return int(self.timing.now() * SECOND)
 
     async def run(self) -> PassReport:
-        key = (self.source.provider, self.source.workspace)
+        """The pass: with ``listing``, a sweep (checked credentials, the listing, the queue, recorded on the
+        source); without, the queue's due jobs only (the service's work between sweeps)."""
+        if not self.listing:
+            self._listing.set()
+            before = self.client.stats.requests, self.client.stats.rate_limit_waits
+            try:
+                await self._fetch_all()
+            finally:
+                await asyncio.shield(self.store.add_counts(*self._key, self._counts(before)))
+            return self.report
         await self.client.check()
         started = self._now()
-        await self.store.record_pass(*key, started_at=started, outcome="running")
+        await self.store.record_pass(*self._key, started_at=started, outcome="running")
         before = self.client.stats.requests, self.client.stats.rate_limit_waits
         outcome, error = "failed", None
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._list(started))
-                for _ in range(self.policy.concurrency):
-                    group.create_task(self._fetch_queued())
+                group.create_task(self._fetch_all())
             outcome = "dead_letters" if self.report.dead else "ok"
         except* ProviderUnreachable as failures:
             outcome, error = "unreachable", str(failures.exceptions[0])
@@ -126,19 +138,35 @@ class Pass:
             outcome, error = "failed", type(first).__name__
             raise first from None
         finally:
-            counts = SyncCounts(
-                listed=self.report.listed,
-                fetched=self.report.fetched,
-                stored=self.report.stored,
-                requests=self.client.stats.requests - before[0],
-                rate_limit_waits=self.client.stats.rate_limit_waits - before[1],
+            finished = self._now()
+            record = self.store.record_pass(
+                *self._key,
+                started_at=started,
+                finished_at=finished,
+                outcome=outcome,
+                error=error,
+                counts=self._counts(before),
             )
-            await asyncio.shield(
-                self.store.record_pass(
-                    *key, started_at=started, finished_at=self._now(), outcome=outcome, error=error, counts=counts
-                )
-            )
+            await asyncio.shield(record)
         return self.report
+
+    @property
+    def _key(self) -> tuple[str, str]:
+        return self.source.provider, self.source.workspace
+
+    def _counts(self, before: tuple[int, int]) -> SyncCounts:
+        return SyncCounts(
+            listed=self.report.listed,
+            fetched=self.report.fetched,
+            stored=self.report.stored,
+            requests=self.client.stats.requests - before[0],
+            rate_limit_waits=self.client.stats.rate_limit_waits - before[1],
+        )
+
+    async def _fetch_all(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(self.policy.concurrency):
+                group.create_task(self._fetch_queued())
 
     async def _source_state(self) -> SourceState | None:
         key = (self.source.provider, self.source.workspace)
