@@ -77,6 +77,11 @@ class SyncService:
         self._wake[provider, workspace].set()
         return True
 
+    def wake(self, provider: str, workspace: str) -> None:
+        """Look at this source's queue now (dead letters were queued again)."""
+        if (provider, workspace) in self._wake:
+            self._wake[provider, workspace].set()
+
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """The service, for as long as the block runs (``kbms serve``'s lifespan)."""
