@@ -201,6 +201,8 @@ def test_sources_survive_the_hand_over_to_serve_workers(monkeypatch: pytest.Monk
     assert sources_of(received, providers=PROVIDERS)[0].token == TOKEN
     path = tmp_path / "sources.json"
     path.write_text(json.dumps([entry()]))
+    monkeypatch.delenv("KBMS_SOURCES")  # what the first hand-over set
     from_file = Settings(sources_file=path)
+    assert from_file.sources == ""  # and handed over as KBMS_SOURCES="", which counts as not set
     hand_over(from_file, monkeypatch)
     assert sources_of(Settings(), providers=PROVIDERS) == sources_of(from_file, providers=PROVIDERS)
