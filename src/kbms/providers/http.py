@@ -134,9 +134,11 @@ class Api:
         json_body: object = None,
         expect: Callable[[Any], bool] = is_json,
         allow: Collection[int] = (),
+        pacer: Pacer | None = None,
     ) -> Reply:
         """``method path`` (relative to the base URL), paced, retried; ``expect`` tells a 2xx's JSON from
-        something that is not the API's answer; ``allow``: non-2xx statuses the caller takes as answers."""
+        something that is not the API's answer; ``allow``: non-2xx statuses the caller takes as answers;
+        ``pacer``: the endpoint's own limit, paced on top of the source's (every attempt counts in both)."""
         wait = 0.0
         cause = ""
         try:
@@ -155,7 +157,7 @@ class Api:
                         self.stats.waited_seconds += wait
                         await self.timing.sleep(wait)
                     try:
-                        return await self._answer(method, path, params, json_body, expect, allow)
+                        return await self._answer(method, path, params, json_body, expect, allow, pacer)
                     except _Transient as exc:
                         cause = str(exc)
                         if stamina.is_active():
@@ -174,11 +176,12 @@ class Api:
         json_body: object,
         expect: Callable[[Any], bool],
         allow: Collection[int],
+        pacer: Pacer | None,
     ) -> Reply:
         """One attempt: the request, asked again after each 429 (waited out, not counted as an attempt)."""
         backoff = self.retry.rate_limit_backoff
         for _ in range(self.retry.max_rate_limited):
-            await self.pacer.acquire()
+            await self.pacer.acquire(*(() if pacer is None else (pacer,)))
             self.stats.requests += 1
             try:
                 response = await self._client.request(method, path, params=params, json=json_body)

@@ -10,6 +10,7 @@ until the provider's reset. All waiting goes through ``Timing``, so tests on a v
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 from collections import deque
 from collections.abc import Callable
@@ -97,17 +98,31 @@ class Pacer:
         self._hold_until = 0.0  # after a 429, nothing leaves before
         self._lock = asyncio.Lock()
 
-    async def acquire(self) -> None:
-        """Wait until a request may leave, and count it as gone."""
-        async with self._lock:
-            while (wait := self._wait(self._timing.now())) > 0:
+    async def acquire(self, *others: Pacer) -> None:
+        """Wait until a request may leave, and count it as gone. With ``others`` (an endpoint's own limit on top of
+        the source's: Zendesk's export allows 10 a minute), first until each of them lets it leave, holding their
+        locks (no other request of theirs leaves meanwhile, and waiting only widens their windows), then as alone;
+        counted in each when it leaves. The source's lock is not held while an endpoint's window is waited for:
+        the source's other requests go on."""
+        async with contextlib.AsyncExitStack() as locks:
+            for other in others:
+                await locks.enter_async_context(other._lock)
+            while (wait := max((other._wait(self._timing.now()) for other in others), default=0.0)) > 0:
                 self._stats.waited_seconds += wait
                 await self._timing.sleep(wait)
-            now = self._timing.now()
-            self._sent.append(now)
-            self._last = now
-            if self._remaining is not None:
-                self._remaining -= 1
+            async with self._lock:
+                while (wait := self._wait(self._timing.now())) > 0:
+                    self._stats.waited_seconds += wait
+                    await self._timing.sleep(wait)
+                now = self._timing.now()
+                for pacer in (self, *others):
+                    pacer._count(now)
+
+    def _count(self, now: float) -> None:
+        self._sent.append(now)
+        self._last = now
+        if self._remaining is not None:
+            self._remaining -= 1
 
     def learn(self, budget: Budget | None) -> None:
         """What an answer said of the budget."""
