@@ -6,7 +6,7 @@ How one ``Api.request`` ends:
 - a 2xx whose body is JSON of the expected kind, or a status the caller takes (``allow``, e.g. a 404): a ``Reply``;
 - 429: wait for the provider's reset (its ``Budget``), its ``Retry-After``, or else a backoff, and ask again. This
   spends no retry attempt, but ``RetryPolicy.max_rate_limited`` 429s in a row give up: ``ProviderUnreachable``;
-- 401, 403: ``ProviderRefused`` at once;
+- 401, 403: ``ProviderRefused`` at once (unless the caller takes it, to say what the refusal means);
 - 5xx, a timeout, a refused or reset connection, a 2xx that is not the API's JSON: retried with exponential backoff
   and jitter, then ``ProviderUnreachable``. stamina counts the attempts; the waits go through ``Timing``;
 - any other status: ``ProviderUnreachable`` at once (kbms asked something the API does not answer).
@@ -212,7 +212,7 @@ class Api:
         content = response.content
         data = _parse(content)
         what = f"HTTP {status}{self._code(data)}"
-        if status in (httpx2.codes.UNAUTHORIZED, httpx2.codes.FORBIDDEN):
+        if status in (httpx2.codes.UNAUTHORIZED, httpx2.codes.FORBIDDEN) and status not in allow:
             raise ProviderRefused(f"{self.host} refused the credentials: {what} to {method} {path}")
         if 200 <= status < 300:
             if data is _NOT_JSON or not expect(data):

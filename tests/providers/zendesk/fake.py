@@ -17,6 +17,7 @@ What it serves, and the page each rule comes from (developer.zendesk.com):
   (at most 100) and ``page[after]``, answered with ``meta.has_more``/``after_cursor``/``before_cursor`` and
   ``links.next``/``prev``; offset pagination without ``page[size]``; ``include=users`` side-loads the users the
   page's comments name; oldest first;
+- ``GET /api/v2/tickets/{id}.json`` (Tickets, Show Ticket): ``{"ticket": ...}``; 404 once deleted;
 - ``GET /api/v2/users/me.json`` (Users, Show Self): "allowed for anonymous users", so no credentials give an
   anonymous user with no id rather than a 401;
 - authentication by ``{email}/token:{api_token}`` basic auth or an OAuth ``Bearer`` token; anything else is 401

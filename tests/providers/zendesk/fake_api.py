@@ -94,6 +94,14 @@ def routes(zendesk: FakeZendesk) -> list[Route]:
             return answer(zendesk, NOT_FOUND, 404)
         return comment_page(zendesk, request, ticket["id"])
 
+    async def show(request: Request, how: str) -> Response:
+        if how == "anonymous":
+            return JSONResponse(UNAUTHENTICATED, status_code=401)
+        ticket = zendesk.tickets.get(request.path_params["ticket_id"])
+        if ticket is None or ticket["status"] == "deleted":  # deleted tickets are under /deleted_tickets
+            return answer(zendesk, NOT_FOUND, 404)
+        return answer(zendesk, {"ticket": {k: v for k, v in ticket.items() if k != "generated_timestamp"}})
+
     async def me(request: Request, how: str) -> Response:
         user = ANONYMOUS if how == "anonymous" else zendesk.users[zendesk.owner_id]
         return answer(zendesk, {"user": user})
@@ -103,6 +111,7 @@ def routes(zendesk: FakeZendesk) -> list[Route]:
         for base, endpoint in (
             (EXPORT, export),
             ("/api/v2/tickets/{ticket_id:int}/comments", comments),
+            ("/api/v2/tickets/{ticket_id:int}", show),
             ("/api/v2/users/me", me),
         )
         for path in (base, f"{base}.json")  # ".json" is optional throughout the API
