@@ -37,7 +37,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 
-from tests.providers.zendesk.fake_api import WINDOW, Fault, routes
+from tests.providers.zendesk.fake_api import WINDOW, Fault, Hit, routes
 from tests.support.clock import VirtualClock
 
 GARBAGE = Fault(200, b"<html><body>Down for maintenance</body></html>", "text/html")
@@ -62,9 +62,9 @@ class FakeZendesk:
     comments: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     users: dict[int, dict[str, Any]] = field(default_factory=dict)
     faults: list[tuple[str, Fault]] = field(default_factory=list)
-    # What the client did: every request (time, path, how it authenticated), the export requests answered, and
+    # What the client did: every request (time, path, query, how it authenticated), the export requests answered, and
     # the 429s the export's own limit gave.
-    requests: list[tuple[float, str, str]] = field(default_factory=list)
+    requests: list[Hit] = field(default_factory=list)
     export_times: list[float] = field(default_factory=list)
     export_limited: int = 0
     _next_comment: int = 10_000
@@ -128,6 +128,13 @@ class FakeZendesk:
         """Answer the next requests under ``path`` with ``faults``, one each, in order."""
         self.faults.extend((path, fault) for fault in faults)
 
+    def spend_exports(self, count: int) -> None:
+        """Another client of the account asks the export ``count`` times now (its limit is the account's)."""
+        self.export_times.extend([self.clock.now()] * count)
+
+    def hits(self, path: str) -> list[Hit]:
+        return [hit for hit in self.requests if hit.path.removesuffix(".json") == path]
+
     def max_exports_per_minute(self) -> int:
         """The most export requests answered in any 60 seconds (a sliding window: stricter than Zendesk's)."""
         times = self.export_times
@@ -156,7 +163,9 @@ class FakeZendesk:
 
     def account_used(self) -> int:
         minute = math.floor(self.clock.now() / WINDOW)
-        return sum(1 for t, _, how in self.requests if how in ("basic", "bearer") and math.floor(t / WINDOW) == minute)
+        return sum(
+            1 for hit in self.requests if hit.auth in ("basic", "bearer") and math.floor(hit.at / WINDOW) == minute
+        )
 
 
 def build_app(zendesk: FakeZendesk) -> Starlette:

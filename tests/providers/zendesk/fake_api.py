@@ -35,6 +35,16 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 @dataclass(frozen=True)
+class Hit:
+    """A request the fake received: when, where, with what query, and how it authenticated (None: it did not)."""
+
+    at: float
+    path: str
+    query: dict[str, str]
+    auth: str | None
+
+
+@dataclass(frozen=True)
 class Fault:
     """An answer to give instead of the real one: a status (5xx, or 429 with ``retry_after``) or a body that is
     not Zendesk's JSON."""
@@ -58,7 +68,7 @@ def routes(zendesk: FakeZendesk) -> list[Route]:
     def guarded(handler: Callable[[Request, str], Awaitable[Response]]) -> Handler:
         async def serve(request: Request) -> Response:
             how = zendesk.authenticate(request)
-            zendesk.requests.append((zendesk.clock.now(), request.url.path, how or "refused"))
+            zendesk.requests.append(Hit(zendesk.clock.now(), request.url.path, dict(request.query_params), how))
             if how is None:
                 return JSONResponse(UNAUTHENTICATED, status_code=401)
             if how != "anonymous" and zendesk.account_used() > zendesk.account_limit:
