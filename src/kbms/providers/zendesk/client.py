@@ -171,8 +171,10 @@ class ZendeskClient:
                 count = sum(len(page.comments) for page in pages)
                 body = assemble(ticket, pages)
                 return Fetched(external_id=ticket_id, body=body, provider_count=count, returned_count=count)
+            if page.after_cursor == after:
+                break
             after = page.after_cursor
-        raise ProviderUnreachable(f"{self.api.host} kept paging the comments of ticket {ticket_id}")
+        raise ProviderUnreachable(f"{self.api.host} kept paging the comments of ticket {ticket_id} in a circle")
 
 
 def read_budget(response: httpx2.Response, now: float) -> Budget | None:
