@@ -10,6 +10,7 @@ until the provider's reset. All waiting goes through ``Timing``, so tests on a v
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 from collections import deque
 from collections.abc import Callable
@@ -56,6 +57,24 @@ def clock_offset(response: httpx2.Response, now: float) -> float:
     except (TypeError, ValueError):
         return 0.0
     return offset if abs(offset) > CLOCK_TOLERANCE else 0.0
+
+
+class ServerClock:
+    """How far the provider's clock is ahead of ours, learnt from its ``Date`` headers, to read its absolute resets
+    on our clock. A ``Date`` is the provider's time floored to the second (and stamped before the answer travelled),
+    so each answer's ``Date - now`` is up to a second below the truth: the highest of the last ``keep`` is nearest
+    to it, and never above it (a reset read late is waited out a little long, never tripped). Only recent answers
+    count, so a clock that steps back is followed."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self._samples: deque[float] = deque(maxlen=keep)
+
+    def offset(self, response: httpx2.Response, now: float) -> float:
+        value = response.headers.get("date")
+        if value is not None:
+            with contextlib.suppress(TypeError, ValueError):
+                self._samples.append(email.utils.parsedate_to_datetime(value).timestamp() - now)
+        return max(self._samples, default=0.0)
 
 
 def retry_after(response: httpx2.Response, now: float) -> float | None:

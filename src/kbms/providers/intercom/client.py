@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import httpx2
 
-from kbms.providers.http import WALL_CLOCK, Api, Budget, Reply, clock_offset
+from kbms.providers.http import WALL_CLOCK, Api, Budget, Reply, ServerClock
 from kbms.providers.pull import (
     ClientStats,
     Fetched,
@@ -33,17 +33,24 @@ PER_PAGE = 150  # search's maximum (SPEC L11617)
 MICROS = 1_000_000
 
 
-def intercom_budget(response: httpx2.Response, now: float) -> Budget | None:
-    """``X-RateLimit-Limit`` requests per 10-second window, ``-Remaining`` in it, ``-Reset`` the unix time at which
-    it refills (on Intercom's clock, hence ``clock_offset``). Absent on answers to bad credentials."""
-    headers = response.headers
-    try:
-        limit = int(headers["x-ratelimit-limit"])
-        remaining = int(headers["x-ratelimit-remaining"])
-        reset = float(headers["x-ratelimit-reset"])
-    except (KeyError, ValueError):
-        return None
-    return Budget(limit=limit, remaining=remaining, reset_at=reset - clock_offset(response, now))
+class IntercomBudget:
+    """Reads ``X-RateLimit-Limit`` (requests per 10-second window), ``-Remaining`` (left in it) and ``-Reset`` (the
+    unix time at which it refills, on Intercom's clock: read on ours through its ``Date``). Intercom sends them on
+    every answer but those to bad credentials."""
+
+    def __init__(self) -> None:
+        self.server = ServerClock()
+
+    def __call__(self, response: httpx2.Response, now: float) -> Budget | None:
+        offset = self.server.offset(response, now)
+        headers = response.headers
+        try:
+            limit = int(headers["x-ratelimit-limit"])
+            remaining = int(headers["x-ratelimit-remaining"])
+            reset = float(headers["x-ratelimit-reset"])
+        except (KeyError, ValueError):
+            return None
+        return Budget(limit=limit, remaining=remaining, reset_at=reset - offset)
 
 
 def _is_list(data: Any) -> bool:
@@ -121,7 +128,7 @@ class IntercomClient:
                 "Accept": "application/json",
             },
             secrets=(source.token,),
-            budget=intercom_budget,
+            budget=IntercomBudget(),
             transport=transport,
             timing=timing,
         )
