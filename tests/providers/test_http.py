@@ -3,6 +3,7 @@ no credential in any message. Through ``httpx2.MockTransport`` on a virtual cloc
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import random
 from collections.abc import Callable
@@ -11,7 +12,7 @@ import httpx2
 import pytest
 import stamina
 
-from kbms.providers.http import Api, Budget, Pacer, RetryPolicy, retry_after
+from kbms.providers.http import Api, Budget, Pacer, RetryPolicy, ServerClock, retry_after
 from kbms.providers.pull import ClientStats, ProviderRefused, ProviderUnreachable
 from tests.support.clock import VirtualClock
 
@@ -231,3 +232,17 @@ async def test_a_base_url_with_credentials_is_named_by_its_host_only() -> None:
         await client.request("GET", "/thing")
     assert "api.example.test" in str(raised.value)
     assert TOKEN not in str(raised.value)
+
+
+def test_the_server_clock_approaches_the_providers_offset_from_below() -> None:
+    # A Date is the provider's time floored to the second: each answer alone is up to a second low.
+    server = ServerClock()
+    skew = 30.7
+    offsets = []
+    for k in range(20):
+        now = 1_700_000_000.0 + 0.37 * k
+        date = email.utils.formatdate(now + skew, usegmt=True)
+        offsets.append(server.offset(httpx2.Response(200, headers={"date": date}), now))
+    assert all(offset <= skew for offset in offsets)
+    assert offsets[-1] > skew - 0.1
+    assert ServerClock().offset(httpx2.Response(200), 1_700_000_000.0) == 0.0  # no Date: no offset

@@ -21,6 +21,7 @@ be served by uvicorn as it is.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email.utils
 import json
@@ -124,6 +125,7 @@ class FakeIntercom:
     windows: dict[int, Window] = field(default_factory=dict)
     faults: deque[str] = field(default_factory=deque)
     outage: str | None = None  # a fault every request meets, until cleared
+    hang_seconds: float = 60.0  # how late a "hang" answers (real time: for a fake served by uvicorn)
     app: Starlette = field(init=False)
 
     def __post_init__(self) -> None:
@@ -150,7 +152,8 @@ class FakeIntercom:
 
     def inject(self, *faults: str) -> None:
         """Faults the next requests meet, one each: "500", "503" (any 5xx), "garbage" (a 200 of HTML), "wrong"
-        (a 200 of JSON that is not the API's), and the network's "timeout", "reset", "refused"."""
+        (a 200 of JSON that is not the API's), "hang" (an answer ``hang_seconds`` late: a read timeout when served
+        by uvicorn), and, through ``transport()``, the network's "timeout", "reset", "refused"."""
         self.faults.extend(faults)
 
     def spend(self, requests: int) -> None:
@@ -228,6 +231,9 @@ async def _guard(fake: FakeIntercom, request: Request, handler: Handler) -> Resp
         response: Response = _error(int(fault), "server_error", "Something went wrong on our end")
     elif fault == "garbage":
         response = Response("<html><body>Welcome to the hotel network</body></html>", media_type="text/html")
+    elif fault == "hang":
+        await asyncio.sleep(fake.hang_seconds)
+        response = await handler(request)
     elif fault == "wrong":
         response = JSONResponse({"type": "something.else", "hello": "world"})
     else:
