@@ -27,7 +27,7 @@ from typing import Any
 import httpx2
 import stamina
 
-from kbms.providers.pacing import Budget, BudgetReader, Pacer, clock_offset, no_budget, retry_after
+from kbms.providers.pacing import Budget, BudgetReader, Pacer, ServerClock, clock_offset, no_budget, retry_after
 from kbms.providers.pull import ClientStats, ProviderRefused, ProviderUnreachable, Timing
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ __all__ = [
     "Pacer",
     "Reply",
     "RetryPolicy",
+    "ServerClock",
     "clock_offset",
     "is_json",
     "no_budget",

@@ -59,6 +59,24 @@ def clock_offset(response: httpx2.Response, now: float) -> float:
     return offset if abs(offset) > CLOCK_TOLERANCE else 0.0
 
 
+class ServerClock:
+    """How far the provider's clock is ahead of ours, learnt from its ``Date`` headers, to read its absolute resets
+    on our clock. A ``Date`` is the provider's time floored to the second (and stamped before the answer travelled),
+    so each answer's ``Date - now`` is up to a second below the truth: the highest of the last ``keep`` is nearest
+    to it, and never above it (a reset read late is waited out a little long, never tripped). Only recent answers
+    count, so a clock that steps back is followed."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self._samples: deque[float] = deque(maxlen=keep)
+
+    def offset(self, response: httpx2.Response, now: float) -> float:
+        value = response.headers.get("date")
+        if value is not None:
+            with contextlib.suppress(TypeError, ValueError):
+                self._samples.append(email.utils.parsedate_to_datetime(value).timestamp() - now)
+        return max(self._samples, default=0.0)
+
+
 def retry_after(response: httpx2.Response, now: float) -> float | None:
     """The seconds a response's ``Retry-After`` asks to wait (given in seconds or as an HTTP date); None without."""
     value = response.headers.get("retry-after")
