@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx2
 
-from kbms.providers.http import Api, Budget, Pacer
+from kbms.providers.http import WALL_CLOCK, Api, Budget, Pacer
 from kbms.providers.pull import (
     ClientStats,
     Fetched,
@@ -52,7 +52,6 @@ COMMENT_PAGE = 100  # page[size]: "most endpoints limit this to a maximum of 100
 # Zendesk keeps at most 5,000 comments a ticket (50 pages): far more pages means a cursor going round in circles.
 MAX_COMMENT_PAGES = 500
 DEFAULT_PER_MINUTE = 100  # well under the smallest plan's 200 requests a minute (Zendesk's rate limits page)
-WALL_CLOCK = Timing()
 ADMIN_HINT = "the incremental ticket export is for admins: use an admin's API token or OAuth token"
 
 
