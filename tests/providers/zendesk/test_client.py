@@ -295,3 +295,13 @@ async def test_the_token_is_never_in_messages_or_logs(zendesk: FakeZendesk, capl
     assert "503" in text  # the failures are there, named
     for secret in secrets:
         assert secret not in text
+
+
+async def test_a_comment_cursor_going_round_in_circles_is_unreachable(zendesk: FakeZendesk, client: PullClient) -> None:
+    tickets(zendesk, range(1, 2))
+    items, _ = await list_all(client)
+    same = Fault(200, b'{"comments": [], "meta": {"has_more": true, "after_cursor": "c2FtZQ=="}}')
+    zendesk.fail(same, same, same, path=COMMENTS.format(1))
+    with pytest.raises(ProviderUnreachable, match="circle"):
+        await client.fetch(items[0])
+    assert len(zendesk.hits(COMMENTS.format(1))) == 2
