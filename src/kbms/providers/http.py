@@ -142,6 +142,7 @@ class Api:
         ``pacer``: the endpoint's own limit, paced on top of the source's (every attempt counts in both)."""
         wait = 0.0
         cause = ""
+        tried = 0
         try:
             async for attempt in stamina.retry_context(
                 on=_retry_transient,
@@ -152,9 +153,10 @@ class Api:
                 wait_jitter=0.0,  # added below, from the injectable random source
             ):
                 with attempt:
-                    if attempt.num > 1:
+                    tried = attempt.num
+                    if tried > 1:
                         self.stats.retries += 1
-                        log.warning("%s; attempt %d in %.1f s", cause, attempt.num, wait)
+                        log.warning("%s; attempt %d in %.1f s", cause, tried, wait)
                         self.stats.waited_seconds += wait
                         await self.timing.sleep(wait)
                     try:
@@ -166,7 +168,7 @@ class Api:
                             wait = min(self.retry.wait_max, attempt.next_wait + jitter)
                         raise
         except _Transient as exc:
-            raise ProviderUnreachable(f"{exc}, after {self.retry.attempts} attempts") from None
+            raise ProviderUnreachable(f"{exc}, after {tried} attempts") from None
         raise AssertionError("stamina ended without an answer or an exception")  # pragma: no cover
 
     async def _answer(

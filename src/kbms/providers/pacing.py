@@ -94,7 +94,8 @@ def retry_after(response: httpx2.Response, now: float) -> float | None:
 
 class Pacer:
     """When each request of one source may leave: never more than ``max_per_minute`` in any 60 seconds (kbms's own
-    ceiling, well under the provider's), within the provider's budget, and never before a 429's reset.
+    ceiling, well under the provider's; spaced by ``60 / max_per_minute`` at least), within the provider's budget,
+    and never before a 429's reset.
 
     Requests take their turn one after another (a lock), so concurrent requests of a source share one pacer and
     are spaced, not burst. The budget is counted down as requests leave and corrected by every answer: the
@@ -152,7 +153,9 @@ class Pacer:
             return
         if budget.reset_at < self._latest_reset - SAME_WINDOW:
             return  # an answer from an earlier window, arriving late
-        same = self._reset_at is not None and abs(budget.reset_at - self._reset_at) <= SAME_WINDOW
+        # The same window, or the one the pacer assumed refilled when the last one ended (its count of what left
+        # since then includes requests still in flight, which this answer cannot know of): keep the lower count.
+        same = self._reset_at is None or abs(budget.reset_at - self._reset_at) <= SAME_WINDOW
         if same and self._remaining is not None:
             self._remaining = min(self._remaining, budget.remaining)
         else:
@@ -171,6 +174,9 @@ class Pacer:
             self._sent.popleft()
         if len(self._sent) >= self.max_per_minute:
             waits.append(self._sent[0] + CEILING_WINDOW - now)
+        if self._last is not None:
+            # At the ceiling's pace at most, so that a generous budget does not make a burst and then a pause.
+            waits.append(self._last + CEILING_WINDOW / self.max_per_minute - now)
         if self._reset_at is not None and now >= self._reset_at:
             # The window is over: the provider has refilled it; the next answer tells the new one.
             self._remaining, self._reset_at = self._limit, None

@@ -295,7 +295,7 @@ def _key(fake: FakeIntercom, body: dict[str, Any]) -> Callable[[dict[str, Any]],
 
 
 def _matches(fake: FakeIntercom, item: dict[str, Any], query: dict[str, Any]) -> bool:
-    operator = query["operator"]
+    operator: str = query["operator"]
     if operator in ("AND", "OR"):
         results = [_matches(fake, item, sub) for sub in query["value"]]
         return all(results) if operator == "AND" else any(results)
@@ -310,7 +310,7 @@ def _matches(fake: FakeIntercom, item: dict[str, Any], query: dict[str, Any]) ->
     if operator == "<":
         return bool(have < value)
     if operator in ("=", "!="):
-        return (have == value) == (operator == "=")
+        return bool(have == value) == (operator == "=")
     if operator in ("IN", "NIN"):
         return (have in value) == (operator == "IN")
     raise ValueError(operator)
