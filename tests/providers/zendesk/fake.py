@@ -42,6 +42,10 @@ from tests.support.clock import VirtualClock
 
 GARBAGE = Fault(200, b"<html><body>Down for maintenance</body></html>", "text/html")
 WRONG_SHAPE = Fault(200, b'{"results": []}')  # JSON, but not what any of these endpoints answers
+# What a start_time within the last minute gets: for a client whose clock runs ahead of Zendesk's.
+TOO_RECENT = Fault(
+    422, b'{"error":"InvalidValue","description":"Too recent start_time. Use a start_time older than 1 minute"}'
+)
 
 
 def iso(seconds: float) -> str:
