@@ -41,6 +41,10 @@ class PullableZendesk(ZendeskProvider):
     puller = StubPuller()  # type: ignore[assignment]
 
 
+class PushOnlyIntercom(IntercomProvider):
+    puller = None  # type: ignore[assignment]
+
+
 PROVIDERS: Mapping[str, Provider] = {"intercom": PullableIntercom(), "zendesk": PullableZendesk()}
 
 
@@ -123,7 +127,7 @@ def test_every_problem_is_named_at_once() -> None:
 
 
 def test_a_provider_without_a_puller_cannot_be_a_source() -> None:
-    message = refusal([entry()], providers={"intercom": IntercomProvider(), "zendesk": PullableZendesk()})
+    message = refusal([entry()], providers={"intercom": PushOnlyIntercom(), "zendesk": PullableZendesk()})
     assert "field provider: not a provider kbms can pull from (zendesk)" in message
 
 
