@@ -65,15 +65,14 @@ def sync(
         return reports
 
     reports = asyncio.run(run())
+    # A row per figure and a column per source: readable in 80 columns for a few sources.
     table = Table(title="kbms sync")
-    table.add_column("source")
-    for name in COLUMNS:
-        table.add_column(name, justify="right")
+    table.add_column("")
     for report in reports:
-        figures = (report.listed, report.skipped, report.fetched, report.created, report.updated, report.unchanged)
-        table.add_row(
-            f"{report.provider}/{report.workspace}", *map(str, (*figures, report.deleted, report.rejected, report.dead))
-        )
+        table.add_column(f"{report.provider}/{report.workspace}", justify="right")
+    for name in COLUMNS:
+        attribute = "dead" if name == "dead letters" else name
+        table.add_row(name, *(str(getattr(report, attribute)) for report in reports))
     out.print(table)
     dead = sum(report.dead for report in reports)
     if dead:

@@ -6,13 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, func, select
+from sqlalchemy import Connection, and_, delete, func, select, update
 
 from kbms.storage.schema import sync_dead_letters, sync_jobs, sync_sources
 from kbms.storage.sync import COUNTERS, SyncSql, chunks, pending_row
 from kbms.storage.syncstate import KEEP, DeadLetter, Keep, SourceState, SyncCounts
 
-j, d = sync_jobs.c, sync_dead_letters.c
+j, d, s = sync_jobs.c, sync_dead_letters.c, sync_sources.c
 
 
 def record_pass(
@@ -127,3 +127,18 @@ def retry_dead_letters(
         conn.execute(delete(sync_dead_letters).where(source, d.external_id.in_([x.external_id for x in dead])))
         moved += len(dead)
     return moved
+
+
+def lease_holders(conn: Connection, provider: str, workspace: str) -> set[str]:
+    jobs = select(j.lease_owner).where(j.provider == provider, j.workspace == workspace, j.state == "running")
+    lister = select(s.lease_owner).where(s.provider == provider, s.workspace == workspace)
+    return {owner for owner in conn.execute(jobs.union(lister)).scalars() if owner is not None}
+
+
+def expire_leases(conn: Connection, provider: str, workspace: str, owners: Sequence[str], *, now: int) -> None:
+    if not owners:
+        return
+    mine = (j.provider == provider, j.workspace == workspace, j.state == "running", j.lease_owner.in_(owners))
+    conn.execute(update(sync_jobs).where(*mine).values(lease_until=now - 1))  # claims take leases that ended before now
+    source = (s.provider == provider, s.workspace == workspace, s.lease_owner.in_(owners))
+    conn.execute(update(sync_sources).where(*source).values(lease_until=now))

@@ -126,6 +126,13 @@ class SyncStateStore(abc.ABC):
         job = partial(sync_sources.release_source, self._sync, provider=provider, workspace=workspace, owner=owner)
         await self._write(job)
 
+    async def lease_holders(self, provider: str, workspace: str) -> set[str]:
+        return await self._read(partial(sync_sources.lease_holders, provider=provider, workspace=workspace))
+
+    async def expire_leases(self, provider: str, workspace: str, owners: Sequence[str], *, now: int) -> None:
+        job = partial(sync_sources.expire_leases, provider=provider, workspace=workspace, owners=list(owners), now=now)
+        await self._write(job)
+
     async def stored_versions(self, provider: str, workspace: str, external_ids: Sequence[str]) -> dict[str, int]:
         if not external_ids:
             return {}

@@ -197,6 +197,15 @@ class SyncStore(Protocol):
         """Give the listing lease back, if ``owner`` holds it."""
         ...
 
+    async def lease_holders(self, provider: str, workspace: str) -> set[str]:
+        """Who holds a lease on the source now: the owners of its running jobs and of its listing lease."""
+        ...
+
+    async def expire_leases(self, provider: str, workspace: str, owners: Sequence[str], *, now: int) -> None:
+        """End these owners' leases on the source at ``now`` (they are gone: a killed process), so that their jobs
+        and the listing are taken up again at once rather than when the leases would have run out."""
+        ...
+
     async def stored_versions(self, provider: str, workspace: str, external_ids: Sequence[str]) -> dict[str, int]:
         """The stored version (the greatest ``updated_at`` merged) of each of these conversations that is stored and
         live: a listed conversation stored at that version or later needs no fetch. (A tombstone has no version:

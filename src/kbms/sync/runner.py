@@ -76,8 +76,24 @@ class PassReport:
 
 
 def owner_name() -> str:
-    """Who holds a lease: this process, told apart from a restart of it."""
+    """Who holds a lease: this process (host and pid), told apart from a restart of it."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def is_gone(owner: str) -> bool:
+    """Whether a lease's owner is a process of this host that no longer runs (a killed ``kbms sync``): its leases
+    can end now. Owners on other hosts are left to their leases' end."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # it runs, as another user
+    return False
 
 
 class Pass:
@@ -112,6 +128,7 @@ class Pass:
     async def run(self) -> PassReport:
         """The pass: with ``listing``, a sweep (checked credentials, the listing, the queue, recorded on the
         source); without, the queue's due jobs only (the service's work between sweeps)."""
+        await self._reclaim()
         if not self.listing:
             self._listing.set()
             before = self.client.stats.requests, self.client.stats.rate_limit_waits
@@ -149,6 +166,13 @@ class Pass:
             )
             await asyncio.shield(record)
         return self.report
+
+    async def _reclaim(self) -> None:
+        """Take up at once what a killed process of this host left leased: its fetches and the listing."""
+        holders = await self.store.lease_holders(*self._key)
+        gone = [owner for owner in holders if owner != self.owner and is_gone(owner)]
+        if gone:
+            await self.store.expire_leases(*self._key, gone, now=self._now())
 
     @property
     def _key(self) -> tuple[str, str]:
@@ -227,6 +251,11 @@ class Pass:
 
     async def _run(self, job: SyncJob) -> None:
         listed = Listed(job.external_id, job.listed_updated_at, job.prefetched)
+        if listed.updated_at is not None and not await self._not_stored((listed,)):
+            # Stored at the listed version meanwhile (a killed run stored it but did not finish its job).
+            self.report.skipped += 1
+            await self.store.finish(job)
+            return
         try:
             fetched = await self.client.fetch(listed)
         except ProviderUnreachable as exc:
