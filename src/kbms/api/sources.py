@@ -13,12 +13,17 @@ from pydantic import BaseModel, Field
 from kbms.api.deps import StoreDep
 from kbms.api.errors import ERROR_RESPONSES
 from kbms.api.responses import json_response
+from kbms.api.schemas import ErrorBody
 from kbms.errors import NotFound
 from kbms.model import from_micros
 from kbms.providers.pull import SourceConfig
 from kbms.storage.syncstate import DeadLetter, SourceState
 
 router = APIRouter(tags=["sources"])
+UNKNOWN_SOURCE = {
+    404: {"model": ErrorBody, "description": "No such source is configured (or, for a pass, syncing is off here)"},
+    **ERROR_RESPONSES,
+}
 
 
 class LastPass(BaseModel):
@@ -133,7 +138,7 @@ def _source(request: Request, provider: str, workspace: str) -> SourceConfig:
     for source in _sources(request):
         if (source.provider, source.workspace) == (provider, workspace):
             return source
-    raise NotFound(f"No source {provider}/{workspace} is configured")
+    raise NotFound("No such source is configured (GET /internal/sources lists them)")
 
 
 @router.get("/internal/sources", response_model=SourceList, summary="Every configured source and its sync state")
@@ -143,8 +148,10 @@ async def list_sources(request: Request, store: StoreDep) -> Response:
     return json_response(SourceList(items=items))
 
 
-Provider = Annotated[str, Path(max_length=64)]
-Workspace = Annotated[str, Path(max_length=128)]
+NO_NUL = r"^[^\x00]*$"  # a NUL is no name of anything kbms stores (a 422, as for every query parameter)
+# A path that names no configured source is a 404, whatever it holds (as for a conversation id).
+Provider = Annotated[str, Path()]
+Workspace = Annotated[str, Path()]
 
 
 @router.post(
@@ -152,7 +159,7 @@ Workspace = Annotated[str, Path(max_length=128)]
     response_model=Accepted,
     status_code=202,
     summary="Start a pass of this source now",
-    responses=ERROR_RESPONSES,
+    responses=UNKNOWN_SOURCE,
 )
 async def start_pass(request: Request, provider: Provider, workspace: Workspace) -> Response:
     _source(request, provider, workspace)
@@ -166,7 +173,7 @@ async def start_pass(request: Request, provider: Provider, workspace: Workspace)
     "/internal/sources/{provider}/{workspace}/dead-letters",
     response_model=DeadLetterList,
     summary="The source's conversations whose fetch failed for good",
-    responses=ERROR_RESPONSES,
+    responses=UNKNOWN_SOURCE,
 )
 async def list_dead_letters(
     request: Request,
@@ -174,7 +181,7 @@ async def list_dead_letters(
     provider: Provider,
     workspace: Workspace,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    after: Annotated[str | None, Query(max_length=256)] = None,
+    after: Annotated[str | None, Query(max_length=256, pattern=NO_NUL)] = None,
 ) -> Response:
     _source(request, provider, workspace)
     letters: list[DeadLetter] = await store.dead_letters(provider, workspace, limit=limit + 1, after=after)
@@ -198,7 +205,7 @@ async def list_dead_letters(
     "/internal/sources/{provider}/{workspace}/dead-letters/retry",
     response_model=Retried,
     summary="Queue the source's dead letters again",
-    responses=ERROR_RESPONSES,
+    responses=UNKNOWN_SOURCE,
 )
 async def retry_dead_letters(request: Request, store: StoreDep, provider: Provider, workspace: Workspace) -> Response:
     _source(request, provider, workspace)
