@@ -40,7 +40,7 @@ WALL_CLOCK = Timing()
 @dataclass(frozen=True, slots=True)
 class SyncPolicy:
     concurrency: int = 8  # fetches in flight
-    claim_batch: int = 16
+    claim_batch: int = 4  # jobs a fetcher claims at once (one transaction), then works one after the other
     max_attempts: int = 5  # claims of one job before it becomes a dead letter
     retry_after: float = 2.0  # seconds before a failed fetch is tried again; doubled per attempt
     retry_max: float = 300.0
@@ -237,9 +237,12 @@ class Pass:
         lease = int(self.policy.lease * SECOND)
         while True:
             self._queued.clear()
-            jobs = await self.store.claim(*key, owner=self.owner, limit=1, now=self._now(), lease=lease)
+            jobs = await self.store.claim(
+                *key, owner=self.owner, limit=self.policy.claim_batch, now=self._now(), lease=lease
+            )
             if jobs:
-                await self._run(jobs[0])
+                for job in jobs:
+                    await self._run(job)
                 continue
             if self._listing.is_set() and self._now() >= self._retry_due:
                 return
@@ -251,7 +254,9 @@ class Pass:
 
     async def _run(self, job: SyncJob) -> None:
         listed = Listed(job.external_id, job.listed_updated_at, job.prefetched)
-        if listed.updated_at is not None and not await self._not_stored((listed,)):
+        # A job claimed before (by a run that was killed) may have been stored meanwhile: look before fetching. A
+        # first claim needs not: the listing looked when it queued the job.
+        if job.attempts > 1 and listed.updated_at is not None and not await self._not_stored((listed,)):
             # Stored at the listed version meanwhile (a killed run stored it but did not finish its job).
             self.report.skipped += 1
             await self.store.finish(job)
