@@ -14,7 +14,7 @@ from typing import Literal, Protocol
 from kbms.errors import FieldIssue
 from kbms.model import Change, IngestResult
 
-DeliveryKind = Literal["push", "webhook"]
+DeliveryKind = Literal["push", "webhook", "pull"]  # pull: fetched from the provider's API (kbms.sync)
 Outcome = Literal["created", "updated", "unchanged", "ignored", "rejected"]
 
 

@@ -88,7 +88,7 @@ def accept(
     return snapshot
 
 
-def _keeps(error: InputError) -> bool:
+def keeps(error: InputError) -> bool:
     """Whether a refused push is kept in the ledger as rejected: a payload that is JSON but does not validate (a
     later mapper may read it); not one that is not JSON, nor one over a size limit, as for an oversized body."""
     return isinstance(error, ValidationFailed) and not isinstance(error, LimitExceeded)
@@ -162,7 +162,7 @@ async def ingest_push(
 
     accepted = await parse_by_size(parse, len(body))
     if isinstance(accepted, InputError):
-        if not _keeps(accepted):
+        if not keeps(accepted):
             return Refused(accepted)
         filed_under = workspace or default_workspace
         delivery = _push_delivery(
@@ -249,7 +249,7 @@ async def ingest_batch(
     for index, accepted in zip(fresh, parsed, strict=True):
         if isinstance(accepted, InputError):
             results[index] = Refused(accepted)  # kept=True once the ledger's rejection is committed, below
-            if not _keeps(accepted):
+            if not keeps(accepted):
                 continue
             filed_under = workspace or default_workspace
             issues: list[FieldIssue] | None = cast(ValidationFailed, accepted).issues

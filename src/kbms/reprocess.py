@@ -18,6 +18,7 @@ from kbms.lifecycle import ACCEPTED
 from kbms.providers import REGISTRY, Provider
 from kbms.providers.fields import reading_the_ledger
 from kbms.storage.base import Store
+from kbms.sync import pulled
 
 BATCH = 500
 ATTEMPTS = 3
@@ -53,9 +54,12 @@ def reader(providers: Mapping[str, Provider]) -> Reader:
             return refused("body", "invalid_json", exc.message)
 
     def _read(provider: Provider, entry: LedgerEntry) -> Reading:
-        if entry.kind == "push":
+        if entry.kind == "pull" and entry.topic == pulled.DELETED:
+            return Reading(pulled.read_deletion(entry.body))  # the provider said so when asked: kbms wrote the body
+        if entry.kind in ("push", "pull"):
             # Decided as the push did: the workspace the caller named, else the payload's, else the one the
-            # ledger filed it under (the default of the time).
+            # ledger filed it under (the default of the time). A pull's body is what parse_push reads, and names
+            # its source's workspace.
             named = entry.named_workspace
             return Reading(provider.parse_push(entry.body, workspace=named, default_workspace=entry.workspace))
         if provider.webhooks is None:

@@ -87,6 +87,22 @@ class Settings(BaseSettings):
     queue_timeout: float = Field(
         default=0.25, ge=0, le=30, description="Seconds a request waits for a slot before a 503 (bursts only)"
     )
+    # Pulling from providers (issue 15; kbms.sync). The sources hold tokens: kept out of reprs, and a plain str
+    # rather than a SecretStr, because `kbms serve --workers N` hands its settings to the workers as environment
+    # text (str(value)), where a SecretStr would arrive as its mask.
+    sources: str = Field(
+        default="",
+        repr=False,
+        description="Sources to pull from, as a JSON list of {provider, workspace, token, email?, base_url?, "
+        "max_requests_per_minute?}",
+    )
+    sources_file: Path | None = Field(default=None, description="A JSON file holding the sources instead, same format")
+    sync: Literal["on", "off"] = Field(
+        default="on", description="Whether kbms serve pulls from the configured sources (off: API-only processes)"
+    )
+    sync_interval: float = Field(
+        default=300.0, gt=0, description="Seconds between the incremental sweeps of each source by kbms serve"
+    )
     # Providers name their own secret variables (KBMS_INTERCOM_CLIENT_SECRET, ...): every KBMS_*_SECRET is kept.
     secrets: dict[str, SecretStr] = Field(default_factory=dict, exclude=True, repr=False)
     default_workspace: str = Field(
@@ -106,7 +122,7 @@ class Settings(BaseSettings):
         value = self.secrets.get(variable)
         return value.get_secret_value() if value is not None else ""
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "sync", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

@@ -43,6 +43,7 @@ class WebhookOutcome:
     conversation_id: str | None
     external_id: str | None
     deduplicated: bool
+    workspace: str | None = None  # the conversation's (kbms sync's hints need it)
 
 
 async def receive_webhook(
@@ -115,7 +116,14 @@ async def receive_webhook(
     if known is not None and known.outcome != "rejected":
         result: Literal["unchanged", "ignored"] = "ignored" if known.conversation_id is None else "unchanged"
         return WebhookOutcome(
-            provider.name, received.delivery_key, event.topic, result, known.conversation_id, known.external_id, True
+            provider.name,
+            received.delivery_key,
+            event.topic,
+            result,
+            known.conversation_id,
+            known.external_id,
+            True,
+            event.workspace,
         )
     applied = await store.ingest(received, event.change, redact=provider.redactor)
     return WebhookOutcome(
@@ -126,4 +134,5 @@ async def receive_webhook(
         conversation_id=applied.conversation_id,
         external_id=applied.external_id,
         deduplicated=applied.duplicate_delivery,
+        workspace=event.workspace,
     )

@@ -32,7 +32,7 @@ from tests.support.helpers import JSON_HEADERS, dumps, intercom_payload
 
 ERROR_KEYS = {"error_code", "message", "details"}
 # What a parameter this test is not probing is set to when the operation requires it.
-VALID = {"workspace": "acme", "conversation_id": str(uuid.uuid4())}
+VALID = {"workspace": "acme", "conversation_id": str(uuid.uuid4()), "provider": "intercom"}
 TEN_KB = 10 * 1024
 NUL = b"\x00"
 SURROGATE = "\ud800".encode("utf-8", "surrogatepass")  # b"\xed\xa0\x80": not UTF-8, as a client can still send it
@@ -67,6 +67,7 @@ class Probe:
     name: str
     where: str  # "path" or "query"
     required: tuple[str, ...]  # the operation's other required parameters
+    takes_body: bool = True  # whether the operation documents a request body
 
 
 def probes(document: dict[str, Any]) -> list[Probe]:
@@ -76,13 +77,14 @@ def probes(document: dict[str, Any]) -> list[Probe]:
             parameters = [p for p in operation.get("parameters", []) if p["in"] in ("path", "query")]
             for parameter in parameters:
                 others = tuple(p["name"] for p in parameters if p.get("required") and p is not parameter)
-                found.append(Probe(method.upper(), template, parameter["name"], parameter["in"], others))
+                takes_body = "requestBody" in operation
+                found.append(Probe(method.upper(), template, parameter["name"], parameter["in"], others, takes_body))
     return found
 
 
 def body_for(probe: Probe) -> tuple[bytes, str] | None:
     """A small valid body for the operation, so that only the parameter is wrong."""
-    if probe.method in ("GET", "HEAD"):
+    if probe.method in ("GET", "HEAD") or not probe.takes_body:
         return None
     provider = probe.template.split("/")[2]
     samples = SAMPLES.get(provider)

@@ -72,6 +72,7 @@ class FakeProvider:
     name = "fake"
     push_schema = FakeThread
     workspace_description = "The fake account; default: KBMS_DEFAULT_WORKSPACE"
+    puller = None
     webhooks = None
     redactor = None
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from kbms.api import create_app
 from kbms.cli import app as cli
+from kbms.deliveries import Delivery
 from kbms.model import ConversationSnapshot, WebhookEvent
 from kbms.providers import Provider
 from kbms.providers.intercom import IntercomProvider, IntercomWebhooks
@@ -24,7 +26,7 @@ from kbms.settings import Settings
 from kbms.storage import Store, admin_engine, open_store
 from kbms.storage.schema import ledger
 from tests.support import canary
-from tests.support.helpers import INTERCOM, intercom_conversations, intercom_payload, part
+from tests.support.helpers import INTERCOM, dumps, intercom_conversations, intercom_payload, part
 
 pytestmark = pytest.mark.anyio
 SECRET = canary.secret("reprocess")  # never to be logged (tests/support/canary.py)
@@ -313,3 +315,42 @@ async def test_a_webhook_refused_for_want_of_a_workspace_stays_refused(client: T
         await store.close()
     assert (report.conversations, report.deliveries_reclassified) == (0, 0)
     assert client.get("/internal/conversations").json()["items"] == []
+
+
+async def test_a_pulled_conversation_is_re_read_like_a_push_in_its_source_workspace(database_url: str) -> None:
+    """Ledger kind ``pull`` (kbms sync): the body is a retrieved conversation, which ``parse_push`` reads, and the
+    delivery names its source's workspace (an Intercom conversation does not carry it)."""
+    body = dumps(intercom_payload("pulled", parts=[part("p1"), part("p2", at=1_700_000_200)]))
+    digest = hashlib.sha256(body).hexdigest()
+    pulled = Delivery(
+        provider="intercom",
+        workspace="app1",
+        kind="pull",
+        topic="pull.retrieve",
+        delivery_key=f"pull:app1:{digest}",
+        body_hash=digest,
+        body=body,
+        received_at=datetime.now(UTC),
+        named_workspace="app1",
+    )
+    store: Store = open_store(Settings(database_url=database_url))
+    try:
+        snapshot = IntercomProvider().parse_push(body, workspace="app1", default_workspace="default")
+        applied = await store.ingest(pulled, snapshot)
+        assert applied.result == "created"
+        assert applied.conversation_id is not None
+        before = await store.get_conversation_json(applied.conversation_id)
+        same = await reprocess(store, providers=providers(IntercomProvider()))
+        assert (same.conversations, same.changed, same.deliveries_reclassified) == (1, 0, 0)
+        assert await store.get_conversation_json(applied.conversation_id) == before
+        assert ledger_outcomes(database_url) == [("created", None)]
+        loud = await reprocess(store, providers=providers(ShoutingIntercom()))  # read by the push mapper
+        assert (loud.changed, loud.deliveries_reclassified) == (1, 0)
+        after = await store.get_conversation_json(applied.conversation_id)
+    finally:
+        await store.close()
+    assert before is not None
+    assert after is not None
+    old, new = json.loads(before), json.loads(after)
+    assert new["workspace"] == old["workspace"] == "app1"
+    assert [m["content"] for m in new["messages"]] == [m["content"].upper() for m in old["messages"]]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from datetime import UTC, datetime
 
 from fastapi import FastAPI
 
 from kbms import __version__
-from kbms.api import conversations, health, integrations, metrics, webhooks
+from kbms.api import conversations, health, integrations, metrics, sources, webhooks
 from kbms.api.admission import Admission
 from kbms.api.auth import ApiKeyMiddleware, required_scope
 from kbms.api.docs import install_docs
@@ -23,6 +23,8 @@ from kbms.process import tune_garbage_collection
 from kbms.providers import REGISTRY, Provider
 from kbms.settings import Settings
 from kbms.storage import Store, open_store
+from kbms.sync.service import SyncService
+from kbms.sync.sources import sources_of
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +73,15 @@ def create_app(
         _warn_about_webhooks(settings, providers)
         app.state.store = store if store is not None else open_store(settings)
         tune_garbage_collection()
+        sync = None
+        if settings.sync == "on" and app.state.sources:
+            sync = SyncService(app.state.store, app.state.sources, providers, interval=settings.sync_interval)
+        app.state.sync = sync
         try:
-            async with app.state.metrics.sampling(app.state.store):
+            async with app.state.metrics.sampling(app.state.store), sync.running() if sync else nullcontext():
                 yield
         finally:
+            app.state.sync = None
             if store is None:
                 await app.state.store.close()
 
@@ -91,6 +98,10 @@ def create_app(
     app.state.limits = PayloadLimits.of(settings)
     app.state.clock = clock or (lambda: datetime.now(UTC))
     app.state.provider_filter = conversations.provider_filter(providers)
+    # The sources kbms pulls from (KBMS_SOURCES): refused here if unusable (kbms serve checks them first, to say so
+    # in one line); synced by the lifespan's SyncService unless KBMS_SYNC=off.
+    app.state.sources = sources_of(settings, providers=providers)
+    app.state.sync = None
     app.state.metrics = metrics.Metrics(providers, multiprocess_dir=metrics.multiprocess_dir())
     # The last added is the outermost: telemetry sees (and counts, with a request id) what auth refuses.
     keyring = Keyring.configured(settings.api_keys, settings.api_keys_file)
@@ -108,6 +119,7 @@ def create_app(
         integrations.router(providers.values()),
         webhooks.router(providers.values()),
         conversations.router(providers),
+        sources.router,
     )
     # What no route answered (a refused key, a 503) is labelled with the template its path matches, among the app's
     # own routes (the documentation pages, mounts) and the routers' (read on first need, when all are in place). The

@@ -21,6 +21,7 @@ from kbms.errors import Forbidden, KbmsError, Unauthenticated
 # Longest prefix first. Everything else (/health, /ready, /webhooks/* which providers sign, the OpenAPI document
 # and its pages) is open.
 PROTECTED: tuple[tuple[str, KeyScope], ...] = (
+    ("/internal/sources", "admin"),  # before /internal/: the sync state and its levers are the operator's
     ("/internal/", "read"),
     ("/integrations/", "ingest"),
     ("/metrics", "admin"),

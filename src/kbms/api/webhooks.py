@@ -48,6 +48,10 @@ def _endpoint(provider: Provider, secret_variable: str) -> Callable[[Request], A
             metrics.refused(provider.name, "webhook", outcome.error, kept=outcome.kept)
             raise outcome.error
         metrics.ingested(provider.name, "webhook", outcome.result)
+        sync = request.app.state.sync
+        if sync is not None and outcome.external_id is not None and not outcome.deduplicated:
+            # A hint: the provider's full, current copy of this conversation is fetched a few seconds later.
+            await sync.hint(provider.name, outcome.workspace, outcome.external_id)
         return json_response(WebhookResponse.of(outcome))
 
     return receive

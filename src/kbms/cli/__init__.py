@@ -1,4 +1,4 @@
-"""The ``kbms`` command: serve, migrate, ingest, reprocess, export, keys.
+"""The ``kbms`` command: serve, migrate, ingest, reprocess, export, sync, keys.
 
 Failures become exit codes here, and only here: a command raises ``kbms.cli.exits.Failure`` (or lets a database or
 input error through), and ``Group`` tells it in one line, with the exit code ``kbms.cli.exits`` gives it.
@@ -15,7 +15,7 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from kbms import __version__
-from kbms.cli import admin, export, ingest, reprocess, serve
+from kbms.cli import admin, export, ingest, reprocess, serve, sync
 from kbms.cli.common import DATABASE_KEY, out, say
 from kbms.cli.exits import USAGE, Failure, explain, without_secrets
 
@@ -146,7 +146,7 @@ def _options(
     """kbms: conversation ingestion service."""
 
 
-for run in (serve.serve, admin.migrate, ingest.ingest, reprocess.reprocess, export.export):
+for run in (serve.serve, admin.migrate, ingest.ingest, reprocess.reprocess, export.export, sync.sync):
     app.command(cls=Command)(run)
 keys_app = typer.Typer(cls=Group, no_args_is_help=True, help="API keys.")
 keys_app.command("create", cls=Command)(admin.create_key)

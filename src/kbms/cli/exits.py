@@ -7,6 +7,10 @@
        migrated, an address or port it cannot listen on, nothing to ingest, an unknown ``--conversation-id``
     3  the database failed: unreachable, credentials refused, unknown database, privileges missing, locked beyond
        KBMS_DB_TIMEOUT, not writable, an I/O error
+    4  ``kbms sync``: a provider refused a source's credentials (or their scope)
+    5  ``kbms sync``: a provider could not be reached, or kept answering something that is not its API
+
+``kbms sync`` also exits 1 when a conversation ended among the dead letters (the others are stored).
 
 A failure is told in one line on stderr that names the database (without its password; nor does a password in
 anything URL-like reach the line) and the next step; the traceback follows only with ``kbms --debug`` (or
@@ -23,12 +27,15 @@ from sqlalchemy import URL
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from kbms.errors import InputError, StorageUnavailable
+from kbms.providers.pull import ProviderRefused, ProviderUnreachable
 from kbms.storage import FailureKind, backend_of, failure_kind, failure_reason, is_database_failure
 
 OK = 0
 REJECTED = 1
 USAGE = 2
 DATABASE = 3
+PROVIDER_REFUSED = 4
+PROVIDER_UNREACHABLE = 5
 
 
 class Failure(Exception):
@@ -168,4 +175,8 @@ def explain(exc: BaseException, database: Database | None) -> Failure | None:
         return database_failure(failure_reason(exc), database, exc=exc)
     if isinstance(exc, InputError):
         return Failure(exc.message, USAGE)
+    if isinstance(exc, ProviderRefused):
+        return Failure(exc.message, PROVIDER_REFUSED)
+    if isinstance(exc, ProviderUnreachable):
+        return Failure(exc.message, PROVIDER_UNREACHABLE)
     return None

@@ -15,6 +15,7 @@ import typer
 from kbms.auth import Keyring, KeyringError
 from kbms.cli.common import DatabaseUrl, database_of, require_current_schema, settings_of
 from kbms.cli.exits import Failure
+from kbms.sync.sources import SourcesError, sources_of
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,10 @@ def serve(
     try:
         keyring = Keyring.configured(settings.api_keys, settings.api_keys_file)
     except KeyringError as exc:
+        raise Failure(str(exc)) from None
+    try:
+        sources_of(settings)  # unusable sources stop the start here, in one line (create_app would raise)
+    except SourcesError as exc:
         raise Failure(str(exc)) from None
     if not keyring and not _is_loopback(settings.host) and not insecure:
         raise Failure(

@@ -11,6 +11,7 @@ from pydantic_core import from_json
 
 from kbms.errors import FieldIssue, InvalidJson, NonFiniteNumber, ValidationFailed
 from kbms.model import ConversationSnapshot, Redactor, WebhookEvent
+from kbms.providers.pull import Puller
 
 MAX_ISSUES = 50
 MAX_DEPTH = 200  # pydantic-core's JSON parser refuses deeper nesting
@@ -78,6 +79,11 @@ class Provider(Protocol):
     @property
     def webhooks(self) -> WebhookReceiver | None:
         """The provider's webhooks, if it sends any."""
+        ...
+
+    @property
+    def puller(self) -> Puller | None:
+        """How kbms pulls the provider's conversations from its API (``kbms sync``), if it can."""
         ...
 
     @property

@@ -19,6 +19,14 @@ from kbms.deliveries import (
 )
 from kbms.errors import FieldIssue, ValidationFailed
 from kbms.model import Change, Conversation, ConversationSummary, Redactor
+from kbms.storage.syncstate import KEEP as KEEP
+from kbms.storage.syncstate import DeadLetter as DeadLetter
+from kbms.storage.syncstate import JobReason as JobReason
+from kbms.storage.syncstate import Keep as Keep
+from kbms.storage.syncstate import SourceState as SourceState
+from kbms.storage.syncstate import SyncCounts as SyncCounts
+from kbms.storage.syncstate import SyncJob as SyncJob
+from kbms.storage.syncstate import SyncStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +99,9 @@ class PoolUsage:
     waiting: int  # callers queued for one: requests waiting for a connection, writes waiting for the next commit
 
 
-class Store(Protocol):
+class Store(SyncStore, Protocol):
     """One storage interface; every backend passes the same contract suite (tests/storage/test_contract.py).
+    It keeps the sync state too (``storage.syncstate``; tests/storage/test_sync_state.py).
 
     A successful ``ingest`` or ``reject`` means the write is committed and durable. Failures to reach or write
     the database raise ``StorageUnavailable``.

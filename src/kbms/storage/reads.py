@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, func, select
+from sqlalchemy import Connection, RowMapping, and_, func, select
 
 from kbms import search
 from kbms.deliveries import KnownDelivery
@@ -132,3 +132,16 @@ def export_chunk(
     last = rows[-1]
     following = Cursor(updated_at=last[1], conversation_id=last[2]) if len(rows) == size else None
     return [row[0].encode() for row in rows], following
+
+
+def stored_versions(conn: Connection, provider: str, workspace: str, external_ids: Sequence[str]) -> dict[str, int]:
+    """The version of each of these conversations that is stored and live (see ``SyncStore.stored_versions``)."""
+    c = conversations.c
+    live = and_(c.provider == provider, c.workspace == workspace, c.deleted_at.is_(None))
+    unique = list(dict.fromkeys(external_ids))
+    found: dict[str, int] = {}
+    for start in range(0, len(unique), KEYS_PER_QUERY):
+        chunk = unique[start : start + KEYS_PER_QUERY]
+        rows = conn.execute(select(c.external_id, c.updated_at).where(live, c.external_id.in_(chunk)))
+        found.update((external_id, version) for external_id, version in rows)
+    return found

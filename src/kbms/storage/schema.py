@@ -7,7 +7,8 @@ engines return the bytes that were written.
 The unique keys are what make ingestion exact under concurrency; no read-then-write check in Python replaces them:
 - ``conversations (provider, workspace, external_id)``: one row per provider conversation;
 - ``messages``/``events``/``participants`` keyed by ``(conversation_pk, provider id)``;
-- ``ledger (provider, delivery_key)``: one row per delivery (a notification id, or the body's hash).
+- ``ledger (provider, delivery_key)``: one row per delivery (a notification id, or the body's hash);
+- ``sync_jobs (provider, workspace, external_id) WHERE state = 'pending'``: one queued fetch per conversation.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 
@@ -70,6 +72,9 @@ conversations = Table(
     Column("detail", Text, nullable=False),
     Column("changed_at", BigInteger, nullable=False),
     Column("deleted_at", BigInteger),
+    # Completeness (issue 15): the provider's count (None: no payload said); truncated: above what it answered.
+    Column("provider_count", Integer),
+    Column("truncated", Boolean, nullable=False, server_default=false()),
     UniqueConstraint("provider", "workspace", "external_id"),
 )
 # Keyset pagination, newest-updated first, over live conversations. The id breaks ties: it is the same on every
@@ -92,6 +97,14 @@ for _column in ("provider", "workspace", "state"):
         sqlite_where=text("deleted_at IS NULL"),
         postgresql_where=text("deleted_at IS NULL"),
     )
+# ?truncated=true. SQLite uses a partial index only if the query repeats its terms: filter with ``== true()``.
+Index(
+    "ix_conversations_live_truncated",
+    conversations.c.updated_at.desc(),
+    conversations.c.id.desc(),
+    sqlite_where=text("deleted_at IS NULL AND truncated = 1"),
+    postgresql_where=text("deleted_at IS NULL AND truncated"),
+)
 
 participants = Table(
     "participants",
@@ -151,7 +164,7 @@ ledger = Table(
     # The workspace the request named (``?workspace=``), if any: re-reading the payload (kbms reprocess) decides
     # its workspace the way the request did, where a provider may read it from the payload.
     Column("named_workspace", Text),
-    Column("kind", String(16), nullable=False),  # push | webhook
+    Column("kind", String(16), nullable=False),  # push | webhook | pull
     # False only for webhooks accepted unsigned (KBMS_ALLOW_UNSIGNED_WEBHOOKS): they cannot be told apart otherwise.
     Column("verified", Boolean, nullable=False),
     Column("topic", Text),
@@ -205,6 +218,72 @@ changes = Table(
     Column("action", String(16), nullable=False),  # created | updated | deleted
     Column("revision", Integer, nullable=False),
     Column("changed_at", BigInteger, nullable=False),
+)
+
+# Per source pulled from (issue 15; storage/sync.py; never a token): its listing, last pass, totals, lister's lease.
+sync_sources = Table(
+    "sync_sources",
+    metadata,
+    Column("provider", String(64), nullable=False),
+    Column("workspace", Text, nullable=False),
+    Column("checkpoint", BigInteger),  # a watermark (microseconds): listed and queued up to here
+    Column("cursor", Text),  # the provider's opaque position of the last page whose items are all queued
+    Column("pass_started_at", BigInteger),
+    Column("pass_finished_at", BigInteger),
+    Column("pass_outcome", String(16)),
+    Column("last_error", Text),
+    *(
+        Column(name, BigInteger, nullable=False, server_default=text("0"))
+        for name in ("listed", "fetched", "stored", "requests", "rate_limit_waits")
+    ),
+    Column("lease_owner", Text),
+    Column("lease_until", BigInteger),
+    PrimaryKeyConstraint("provider", "workspace"),
+    sqlite_with_rowid=False,
+)
+
+# Fetches to do: pending, or running under a lease (a crashed process's jobs come back when it expires). Done jobs
+# are deleted by pk, so that one queued meanwhile for the same conversation survives.
+sync_jobs = Table(
+    "sync_jobs",
+    metadata,
+    Column("pk", PrimaryKey, primary_key=True, autoincrement=True),
+    Column("provider", String(64), nullable=False),
+    Column("workspace", Text, nullable=False),
+    Column("external_id", Text, nullable=False),
+    Column("reason", String(16), nullable=False),  # backfill | sweep | webhook | completeness
+    Column("state", String(16), nullable=False),  # pending | running
+    Column("attempts", Integer, nullable=False),  # claims so far: counted when claimed, so a crash counts too
+    Column("next_attempt_at", BigInteger, nullable=False),
+    Column("lease_owner", Text),
+    Column("lease_until", BigInteger),
+    Column("listed_updated_at", BigInteger),  # the version the listing saw; None: unknown (always fetch)
+    Column("prefetched", LargeBinary),  # the listing's own copy, when it saves a request (a Zendesk ticket)
+    Column("last_error", Text),
+    Column("first_failed_at", BigInteger),
+    Column("created_at", BigInteger, nullable=False),
+)
+# One pending job per conversation (the queue's upsert); a claim skips one while its conversation's job runs.
+_job_key = (sync_jobs.c.provider, sync_jobs.c.workspace, sync_jobs.c.external_id)
+_pending = text("state = 'pending'")
+Index("ix_sync_jobs_pending", *_job_key, unique=True, sqlite_where=_pending, postgresql_where=_pending)
+Index("ix_sync_jobs_conversation", *_job_key)
+Index("ix_sync_jobs_due", sync_jobs.c.provider, sync_jobs.c.workspace, sync_jobs.c.next_attempt_at, sync_jobs.c.pk)
+
+# Conversations whose fetch failed too often: kept apart (they do not hold a source's checkpoint) until retried.
+sync_dead_letters = Table(
+    "sync_dead_letters",
+    metadata,
+    Column("provider", String(64), nullable=False),
+    Column("workspace", Text, nullable=False),
+    Column("external_id", Text, nullable=False),
+    Column("reason", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", Text),
+    Column("first_failed_at", BigInteger, nullable=False),
+    Column("dead_at", BigInteger, nullable=False),
+    PrimaryKeyConstraint("provider", "workspace", "external_id"),
+    sqlite_with_rowid=False,
 )
 
 # Full-text search lives outside this metadata, because each engine has its own: an FTS5 table ``search_index`` on

@@ -214,6 +214,10 @@ class Sql:
         self.feed_lock = flavor.feed_lock
         self._statements: dict[tuple[object, ...], Any] = {}
 
+    @property
+    def flavor(self) -> SqlFlavor:
+        return self._flavor
+
     def page(self, after: bool, filters: Filters, *, export: bool = False) -> Any:
         """The list (or export) statement for this combination of filters, built once per combination."""
         shape = ("export" if export else "page", after, *filter_shape(filters))

@@ -28,6 +28,8 @@ from kbms.storage import feed, reads, rebuild, state, writes
 from kbms.storage.backend import driver_error
 from kbms.storage.base import ALL, ChangeRecord, Cursor, ExportBatch, Filters, Hit, Page
 from kbms.storage.statements import Sql
+from kbms.storage.sync import SyncSql
+from kbms.storage.sync_store import SyncStateStore
 
 T = TypeVar("T")
 Job = Callable[[Connection], T]
@@ -54,7 +56,7 @@ def unavailable(exc: BaseException) -> StorageUnavailable:
     return StorageUnavailable(f"Database unavailable ({type(exc.__cause__ or exc).__name__})")
 
 
-class SqlStore(abc.ABC):
+class SqlStore(SyncStateStore, abc.ABC):
     """Implements ``kbms.storage.base.Store`` with the statements of ``kbms.storage.statements``."""
 
     def __init__(
@@ -62,6 +64,7 @@ class SqlStore(abc.ABC):
     ) -> None:
         """``is_refused``: the engine's test for an error that is a value the database will not store."""
         self._sql = statements
+        self._sync = SyncSql(statements.flavor)
         self._is_refused = is_refused
         self._clock = clock
 

@@ -1,4 +1,5 @@
-"""Intercom: conversations pushed directly (REST shape, API 1.x and 2.x) and signed webhooks."""
+"""Intercom: conversations pushed directly (REST shape, API 1.x and 2.x), signed webhooks, and pulled from its
+REST API (``client.py``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from kbms.model import ConversationSnapshot, Redactor, WebhookEvent
 from kbms.providers.base import validate_json
 from kbms.providers.intercom import signature
+from kbms.providers.intercom.client import IntercomPuller
 from kbms.providers.intercom.mapper import PROVIDER, to_snapshot
 from kbms.providers.intercom.redact import redact
 from kbms.providers.intercom.schema import IntercomConversation
@@ -32,6 +34,7 @@ class IntercomWebhooks:
 class IntercomProvider:
     name = PROVIDER
     push_schema = IntercomConversation
+    puller = IntercomPuller()
     webhooks = IntercomWebhooks()
     workspace_description = (
         "The Intercom app_id (a conversation object does not carry it); default: KBMS_DEFAULT_WORKSPACE"

@@ -1,4 +1,4 @@
-"""Zendesk: tickets pushed directly (Support REST API shapes) and signed event webhooks."""
+"""Zendesk: tickets pushed directly (Support REST API shapes), signed event webhooks, and pulled (``kbms sync``)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from kbms.model import WORKSPACE, ConversationSnapshot, WebhookEvent
 from kbms.providers.base import validate_json
 from kbms.providers.zendesk import signature
+from kbms.providers.zendesk.client import ZendeskPuller
 from kbms.providers.zendesk.mapper import PROVIDER, to_snapshot
 from kbms.providers.zendesk.schema import ZendeskPush
 from kbms.providers.zendesk.webhook import delivery_schema, parse_webhook
@@ -35,6 +36,7 @@ class ZendeskWebhooks:
 class ZendeskProvider:
     name = PROVIDER
     push_schema = ZendeskPush
+    puller = ZendeskPuller()
     webhooks = ZendeskWebhooks()
     # Zendesk's redactions are not mapped yet (no public example of a redacted comment or its event).
     redactor = None

@@ -1,0 +1,308 @@
+"""One sync pass over one source: list what changed, queue it, fetch and store each queued conversation.
+
+Listing and fetching run side by side: one lister walks the provider's listing page by page and queues each page's
+conversations in the same transaction that moves the source's cursor (``SyncStore.enqueue``), so a crash anywhere
+resumes from the last queued page and never leaves a gap; fetchers claim queued jobs under a lease, fetch, store
+(``sync.pulled``) and finish them. A listed conversation already stored at the listed version is not fetched:
+that, and the provider's own pagination, is what makes a second pass fetch only what changed despite the lookback.
+
+The checkpoint moves once a listing completes, to the time the pass started (everything updated before it has
+been listed by then); the next pass lists from ``lookback`` before it, so updates made within the same second as
+the checkpoint are listed again rather than lost.
+
+Failures: a provider that refuses the credentials ends the pass (``ProviderRefused``); one that cannot be reached
+ends it when listing (``ProviderUnreachable``), and puts a fetch back in the queue with backoff, until
+``max_attempts`` claims have failed and the job becomes a dead letter. A payload the mapper refuses is kept in the
+ledger as rejected (``kbms reprocess`` can recover it after a mapper fix) and its job is a dead letter at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from kbms.ingest import IngestOutcome, Refused
+from kbms.providers import Provider
+from kbms.providers.pull import Listed, ProviderUnreachable, PullClient, SourceConfig, Timing
+from kbms.storage.base import Store
+from kbms.storage.syncstate import JobReason, SourceState, SyncCounts, SyncJob
+from kbms.sync.pulled import Tombstoned, store_pulled
+
+SECOND = 1_000_000  # microseconds
+WALL_CLOCK = Timing()
+
+
+@dataclass(frozen=True, slots=True)
+class SyncPolicy:
+    concurrency: int = 8  # fetches in flight
+    claim_batch: int = 4  # jobs a fetcher claims at once (one transaction), then works one after the other
+    max_attempts: int = 5  # claims of one job before it becomes a dead letter
+    retry_after: float = 2.0  # seconds before a failed fetch is tried again; doubled per attempt
+    retry_max: float = 300.0
+    lookback: float = 120.0  # seconds listed again before the checkpoint
+    lease: float = 300.0  # seconds a claim or the listing lease holds without being renewed
+
+
+DEFAULT_POLICY = SyncPolicy()
+
+
+@dataclass(slots=True)
+class PassReport:
+    """What a pass did: ``kbms sync``'s summary and progress, and the source's totals."""
+
+    provider: str
+    workspace: str
+    listed: int = 0
+    skipped: int = 0  # listed, and already stored at that version
+    fetched: int = 0
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    rejected: int = 0  # refused by the mapper: kept in the ledger, the job a dead letter
+    retried: int = 0
+    dead: int = 0
+    listing_done: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def stored(self) -> int:
+        return self.created + self.updated + self.unchanged + self.deleted
+
+
+def owner_name() -> str:
+    """Who holds a lease: this process (host and pid), told apart from a restart of it."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def is_gone(owner: str) -> bool:
+    """Whether a lease's owner is a process of this host that no longer runs (a killed ``kbms sync``): its leases
+    can end now. Owners on other hosts are left to their leases' end."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # it runs, as another user
+    return False
+
+
+class Pass:
+    """One pass; ``run()`` once."""
+
+    def __init__(
+        self,
+        store: Store,
+        provider: Provider,
+        source: SourceConfig,
+        client: PullClient,
+        *,
+        full: bool = False,
+        listing: bool = True,
+        policy: SyncPolicy = DEFAULT_POLICY,
+        timing: Timing = WALL_CLOCK,
+        owner: str | None = None,
+        progress: Callable[[PassReport], None] | None = None,
+    ) -> None:
+        self.store, self.provider, self.source, self.client = store, provider, source, client
+        self.full, self.listing, self.policy, self.timing = full, listing, policy, timing
+        self.owner = owner or owner_name()
+        self.report = PassReport(source.provider, source.workspace)
+        self._progress = progress or (lambda _report: None)
+        self._listing = asyncio.Event()  # set when the listing is over (or is another process's)
+        self._queued = asyncio.Event()  # set when a page was queued: idle fetchers look again
+        self._retry_due = 0  # when the last fetch this pass put back in the queue falls due (microseconds)
+
+    def _now(self) -> int:
+        return int(self.timing.now() * SECOND)
+
+    async def run(self) -> PassReport:
+        """The pass: with ``listing``, a sweep (checked credentials, the listing, the queue, recorded on the
+        source); without, the queue's due jobs only (the service's work between sweeps)."""
+        await self._reclaim()
+        if not self.listing:
+            self._listing.set()
+            before = self.client.stats.requests, self.client.stats.rate_limit_waits
+            try:
+                await self._fetch_all()
+            finally:
+                await asyncio.shield(self.store.add_counts(*self._key, self._counts(before)))
+            return self.report
+        await self.client.check()
+        started = self._now()
+        await self.store.record_pass(*self._key, started_at=started, outcome="running")
+        before = self.client.stats.requests, self.client.stats.rate_limit_waits
+        outcome, error = "failed", None
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._list(started))
+                group.create_task(self._fetch_all())
+            outcome = "dead_letters" if self.report.dead else "ok"
+        except* ProviderUnreachable as failures:
+            outcome, error = "unreachable", str(failures.exceptions[0])
+            raise failures.exceptions[0] from None
+        except* Exception as failures:
+            first = failures.exceptions[0]
+            outcome, error = "failed", type(first).__name__
+            raise first from None
+        finally:
+            finished = self._now()
+            record = self.store.record_pass(
+                *self._key,
+                started_at=started,
+                finished_at=finished,
+                outcome=outcome,
+                error=error,
+                counts=self._counts(before),
+            )
+            await asyncio.shield(record)
+        return self.report
+
+    async def _reclaim(self) -> None:
+        """Take up at once what a killed process of this host left leased: its fetches and the listing."""
+        holders = await self.store.lease_holders(*self._key)
+        gone = [owner for owner in holders if owner != self.owner and is_gone(owner)]
+        if gone:
+            await self.store.expire_leases(*self._key, gone, now=self._now())
+
+    @property
+    def _key(self) -> tuple[str, str]:
+        return self.source.provider, self.source.workspace
+
+    def _counts(self, before: tuple[int, int]) -> SyncCounts:
+        return SyncCounts(
+            listed=self.report.listed,
+            fetched=self.report.fetched,
+            stored=self.report.stored,
+            requests=self.client.stats.requests - before[0],
+            rate_limit_waits=self.client.stats.rate_limit_waits - before[1],
+        )
+
+    async def _fetch_all(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(self.policy.concurrency):
+                group.create_task(self._fetch_queued())
+
+    async def _source_state(self) -> SourceState | None:
+        key = (self.source.provider, self.source.workspace)
+        return next((s for s in await self.store.sync_states() if (s.provider, s.workspace) == key), None)
+
+    async def _list(self, started: int) -> None:
+        key = (self.source.provider, self.source.workspace)
+        lease = int(self.policy.lease * SECOND)
+        try:
+            if not await self.store.lease_source(*key, owner=self.owner, now=self._now(), until=self._now() + lease):
+                return  # another process lists this source: this one only fetches what is queued
+            state = await self._source_state()
+            checkpoint = None if self.full or state is None else state.checkpoint
+            position = None if self.full or state is None else state.cursor
+            since = None if checkpoint is None else checkpoint - int(self.policy.lookback * SECOND)
+            reason: JobReason = "backfill" if checkpoint is None else "sweep"
+            while True:
+                page = await self.client.list_changed(since=since, position=position)
+                todo = await self._not_stored(page.items)
+                self.report.listed += len(page.items)
+                self.report.skipped += len(page.items) - len(todo)
+                await self.store.enqueue(*key, todo, reason, not_before=self._now(), position=page.position)
+                self._queued.set()
+                self._progress(self.report)
+                if page.done:
+                    break
+                position = page.position
+                await self.store.lease_source(*key, owner=self.owner, now=self._now(), until=self._now() + lease)
+            await self.store.enqueue(*key, [], reason, checkpoint=started)
+            self.report.listing_done = True
+        finally:
+            self._listing.set()
+            self._queued.set()
+            await asyncio.shield(self.store.release_source(*key, owner=self.owner))
+
+    async def _not_stored(self, items: tuple[Listed, ...]) -> list[Listed]:
+        """The listed conversations not already stored at the listed version (or later)."""
+        known = [item.external_id for item in items if item.updated_at is not None]
+        stored = await self.store.stored_versions(self.source.provider, self.source.workspace, known) if known else {}
+        return [item for item in items if item.updated_at is None or stored.get(item.external_id, -1) < item.updated_at]
+
+    async def _fetch_queued(self) -> None:
+        key = (self.source.provider, self.source.workspace)
+        lease = int(self.policy.lease * SECOND)
+        while True:
+            self._queued.clear()
+            jobs = await self.store.claim(
+                *key, owner=self.owner, limit=self.policy.claim_batch, now=self._now(), lease=lease
+            )
+            if jobs:
+                for job in jobs:
+                    await self._run(job)
+                continue
+            if self._listing.is_set() and self._now() >= self._retry_due:
+                return
+            if self._now() < self._retry_due and not self._queued.is_set():
+                # A fetch put back in the queue falls due soon: look again then (or when a page is queued).
+                await self.timing.sleep(min(self.policy.retry_after, (self._retry_due - self._now()) / SECOND))
+                continue
+            await self._queued.wait()
+
+    async def _run(self, job: SyncJob) -> None:
+        listed = Listed(job.external_id, job.listed_updated_at, job.prefetched)
+        # A job claimed before (by a run that was killed) may have been stored meanwhile: look before fetching. A
+        # first claim needs not: the listing looked when it queued the job.
+        if job.attempts > 1 and listed.updated_at is not None and not await self._not_stored((listed,)):
+            # Stored at the listed version meanwhile (a killed run stored it but did not finish its job).
+            self.report.skipped += 1
+            await self.store.finish(job)
+            return
+        try:
+            fetched = await self.client.fetch(listed)
+        except ProviderUnreachable as exc:
+            await self._failed(job, str(exc))
+            return
+        self.report.fetched += 1
+        workspace = self.source.workspace
+        outcome = await store_pulled(self.store, self.provider, fetched, workspace=workspace, clock=self._at)
+        if isinstance(outcome, Refused):
+            self.report.rejected += 1
+            self.report.dead += 1
+            await self.store.bury(job, f"refused: {outcome.error.message}"[:500])
+        else:
+            self._count(outcome)
+            await self.store.finish(job)
+        self._progress(self.report)
+
+    def _at(self) -> datetime:
+        return datetime.fromtimestamp(self.timing.now(), UTC)
+
+    def _count(self, outcome: IngestOutcome | Tombstoned) -> None:
+        if isinstance(outcome, Tombstoned):
+            if outcome.result == "deleted":
+                self.report.deleted += 1
+            else:
+                self.report.unchanged += 1
+            return
+        if outcome.result == "created":
+            self.report.created += 1
+        elif outcome.result == "updated":
+            self.report.updated += 1
+        else:
+            self.report.unchanged += 1
+
+    async def _failed(self, job: SyncJob, error: str) -> None:
+        if job.attempts >= self.policy.max_attempts:
+            self.report.dead += 1
+            self.report.errors.append(error)
+            await self.store.bury(job, error[:500])
+            return
+        wait = min(self.policy.retry_max, self.policy.retry_after * 2 ** (job.attempts - 1))
+        self.report.retried += 1
+        due = self._now() + int(wait * SECOND)
+        self._retry_due = max(self._retry_due, due)
+        await self.store.retry_later(job, error[:500], next_attempt_at=due)

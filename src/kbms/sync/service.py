@@ -1,0 +1,155 @@
+"""Syncing inside ``kbms serve``: a sweep of each source every ``KBMS_SYNC_INTERVAL`` seconds, the fetch queue worked
+in between, and webhooks turned into hints (``hint``): a verified webhook about a conversation of a configured
+source queues a fetch of it, due a few seconds later, so that several webhooks about one conversation make one
+fetch and the stored copy converges to the provider's full state.
+
+Every process of ``kbms serve --workers N`` runs one; the database shares the work out. Sweeps take the source's
+listing lease (``SyncStore.lease_source``), so one process lists a source at a time, and claims take jobs under a
+lease with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so each job runs once. On SQLite every write goes through the
+one writer's lock anyway.
+
+A pass that fails (a provider that refuses the token, or cannot be reached) is recorded on its source (``GET
+/internal/sources``) and logged without the token; the service tries again at the next sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from kbms.providers import Provider
+from kbms.providers.pull import ProviderRefused, ProviderUnreachable, PullClient, SourceConfig, Timing
+from kbms.storage.base import Store
+from kbms.sync.runner import DEFAULT_POLICY, SECOND, WALL_CLOCK, Pass, SyncPolicy, owner_name
+
+log = logging.getLogger(__name__)
+
+HINT_DELAY = 2.0  # seconds a hinted fetch waits, so that a burst of webhooks about one conversation makes one fetch
+POLL = 5.0  # seconds between looks at the queue when nothing wakes the service (hints taken by another process)
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    config: SourceConfig
+    provider: Provider
+
+
+class SyncService:
+    def __init__(
+        self,
+        store: Store,
+        sources: Sequence[SourceConfig],
+        providers: Mapping[str, Provider],
+        *,
+        interval: float,
+        policy: SyncPolicy = DEFAULT_POLICY,
+        timing: Timing = WALL_CLOCK,
+    ) -> None:
+        self.store = store
+        self.sources = {(s.provider, s.workspace): Source(s, providers[s.provider]) for s in sources}
+        self.interval = interval
+        self.policy = policy
+        self.timing = timing
+        self.owner = owner_name()
+        self._wake = {key: asyncio.Event() for key in self.sources}
+        self._sweep_now = {key: asyncio.Event() for key in self.sources}
+
+    def knows(self, provider: str, workspace: str) -> bool:
+        return (provider, workspace) in self.sources
+
+    async def hint(self, provider: str, workspace: str | None, external_id: str) -> bool:
+        """A webhook said this conversation changed: queue a fetch of it, if it is a configured source's."""
+        if workspace is None or (provider, workspace) not in self.sources:
+            return False
+        due = int((self.timing.now() + HINT_DELAY) * SECOND)
+        await self.store.enqueue(provider, workspace, [_Hinted(external_id)], "webhook", not_before=due)
+        self._wake[provider, workspace].set()
+        return True
+
+    def sweep(self, provider: str, workspace: str) -> bool:
+        """Start a pass of this source now (``POST /internal/sources/{provider}/{workspace}/sync``)."""
+        if (provider, workspace) not in self.sources:
+            return False
+        self._sweep_now[provider, workspace].set()
+        self._wake[provider, workspace].set()
+        return True
+
+    def wake(self, provider: str, workspace: str) -> None:
+        """Look at this source's queue now (dead letters were queued again)."""
+        if (provider, workspace) in self._wake:
+            self._wake[provider, workspace].set()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The service, for as long as the block runs (``kbms serve``'s lifespan)."""
+        tasks = [asyncio.create_task(self._source_loop(key), name=f"sync {key[0]}/{key[1]}") for key in self.sources]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _source_loop(self, key: tuple[str, str]) -> None:
+        source = self.sources[key]
+        puller = source.provider.puller
+        assert puller is not None  # sources are checked when configured
+        client = puller.client(source.config, timing=self.timing)
+        next_sweep = self.timing.now()
+        try:
+            while True:
+                sweeping = self.timing.now() >= next_sweep or self._sweep_now[key].is_set()
+                self._sweep_now[key].clear()
+                self._wake[key].clear()
+                await self._pass(source, client, listing=sweeping)
+                if sweeping:
+                    next_sweep = self.timing.now() + self.interval
+                wait = max(0.0, min(POLL, next_sweep - self.timing.now()))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake[key].wait(), timeout=wait)
+        finally:
+            await client.aclose()
+
+    async def _pass(self, source: Source, client: PullClient, *, listing: bool) -> None:
+        name = f"{source.config.provider}/{source.config.workspace}"
+        try:
+            report = await Pass(
+                self.store,
+                source.provider,
+                source.config,
+                client,
+                policy=self.policy,
+                timing=self.timing,
+                owner=self.owner,
+                listing=listing,
+            ).run()
+        except (ProviderRefused, ProviderUnreachable) as exc:
+            log.warning("sync of %s failed: %s", name, exc)  # messages name hosts and statuses, never tokens
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("sync of %s failed", name)
+        else:
+            if report.listed or report.fetched:
+                log.info(
+                    "sync of %s: %d listed, %d fetched, %d stored, %d dead letters",
+                    name,
+                    report.listed,
+                    report.fetched,
+                    report.stored,
+                    report.dead,
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class _Hinted:
+    """A conversation a webhook named: its version unknown, so its fetch is never skipped."""
+
+    external_id: str
+    updated_at: int | None = None
+    prefetched: bytes | None = None
