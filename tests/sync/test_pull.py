@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import httpx2
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
+from kbms.api.sync_metrics import SyncCollector
 from kbms.providers import get_provider
 from kbms.providers.pull import PullClient, SourceConfig
 from kbms.storage.base import Store
@@ -64,6 +66,18 @@ async def test_an_intercom_backfill_stores_exactly_the_fakes_conversations_then_
     assert sorted(retrieves(fake)) == ["1003", "2000"]
     assert (report.created, report.updated) == (1, 1)
     assert (await stored(store))["1003"] == 1 + 3 + 2
+
+    # The sources' totals as /metrics shows them: read from the database (every process adds to the same ones).
+    collector = SyncCollector()
+    registry = CollectorRegistry()
+    registry.register(collector)
+    collector.update(await store.sync_states())
+    text = generate_latest(registry).decode()
+    series = f'{{provider="intercom",workspace="{fake.app_id}"}}'
+    assert f"kbms_sync_fetched_total{series} 42.0" in text
+    assert f"kbms_sync_queue_depth{series} 0.0" in text
+    assert f"kbms_sync_failing{series} 0.0" in text
+    assert fake.token not in text
 
 
 async def test_a_conversation_over_500_parts_is_stored_with_what_intercom_returns(store: Store) -> None:

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from kbms.api.sync_metrics import SyncCollector
 from kbms.errors import ClientDisconnected, InputError, InvalidSignature
 from kbms.storage.base import Store
 
@@ -95,6 +96,10 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=into,
         )
+        # The sync state: read from the database at each scrape (see kbms.api.sync_metrics), not summed per worker.
+        self.sync = SyncCollector()
+        if into is not None:
+            into.register(self.sync)
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._ingest_children: dict[tuple[str, Channel, Outcome], Counter] = {}
         for provider in providers:  # every series exists from the start, at 0: rate() needs a first sample
@@ -175,6 +180,7 @@ class Metrics:
         _forget_dead_workers(self.multiprocess_dir)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        registry.register(self.sync)
         return generate_latest(registry)
 
 
@@ -216,13 +222,15 @@ router = APIRouter(tags=["operations"])
 @router.get(
     "/metrics",
     summary="Prometheus metrics",
-    description="Requests by route and status, latencies, ingest results, signature failures, ledger rejects and "
-    "database pool use, in the Prometheus text format; summed over all worker processes.",
+    description="Requests by route and status, latencies, ingest results, signature failures, ledger rejects, "
+    "database pool use and each source's sync state, in the Prometheus text format; summed over all worker processes.",
     response_class=Response,
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"}},
 )
 async def metrics(request: Request) -> Response:
     collected = metrics_of(request)
-    collected.sample(cast(Store, request.app.state.store))
+    store = cast(Store, request.app.state.store)
+    collected.sample(store)
+    collected.sync.update(await store.sync_states())
     body = await anyio.to_thread.run_sync(collected.render)
     return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)

@@ -241,8 +241,16 @@ class Pass:
                 *key, owner=self.owner, limit=self.policy.claim_batch, now=self._now(), lease=lease
             )
             if jobs:
+                # Stored at the listed version since it was queued (by another process that listed it too, or by
+                # a run killed before it finished the job): nothing to fetch. One read for the claimed batch.
+                listed = tuple(Listed(job.external_id, job.listed_updated_at, job.prefetched) for job in jobs)
+                wanted = {item.external_id for item in await self._not_stored(listed)}
                 for job in jobs:
-                    await self._run(job)
+                    if job.external_id in wanted:
+                        await self._run(job)
+                    else:
+                        self.report.skipped += 1
+                        await self.store.finish(job)
                 continue
             if self._listing.is_set() and self._now() >= self._retry_due:
                 return
@@ -254,13 +262,6 @@ class Pass:
 
     async def _run(self, job: SyncJob) -> None:
         listed = Listed(job.external_id, job.listed_updated_at, job.prefetched)
-        # A job claimed before (by a run that was killed) may have been stored meanwhile: look before fetching. A
-        # first claim needs not: the listing looked when it queued the job.
-        if job.attempts > 1 and listed.updated_at is not None and not await self._not_stored((listed,)):
-            # Stored at the listed version meanwhile (a killed run stored it but did not finish its job).
-            self.report.skipped += 1
-            await self.store.finish(job)
-            return
         try:
             fetched = await self.client.fetch(listed)
         except ProviderUnreachable as exc:

@@ -38,6 +38,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tests.support import canary
+
 PART_CAP = 500  # "we will return the 500 most recent conversation parts" (SPEC L10994)
 NETWORK_FAULTS = {"timeout": httpx2.ReadTimeout, "reset": httpx2.RemoteProtocolError, "refused": httpx2.ConnectError}
 Handler = Callable[[Request], Awaitable[Response]]
@@ -114,7 +116,7 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
 @dataclass
 class FakeIntercom:
     clock: Callable[[], float] = time.time
-    token: str = "fake-intercom-token"
+    token: str = f"fake-intercom-token-{canary.TAG}"  # a canary: the suite fails if a log line shows it
     app_id: str = "fakeapp"
     limit: int = 167  # requests per window: Intercom's example, 1,000 a minute
     window: float = 10.0

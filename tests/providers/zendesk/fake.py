@@ -38,6 +38,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 
 from tests.providers.zendesk.fake_api import WINDOW, Fault, Hit, routes
+from tests.support import canary
 from tests.support.clock import VirtualClock
 
 GARBAGE = Fault(200, b"<html><body>Down for maintenance</body></html>", "text/html")
@@ -57,8 +58,8 @@ class FakeZendesk:
     clock: VirtualClock
     subdomain: str = "acme"
     email: str = "owner@acme.example"
-    api_token: str = "zd-api-token-5f1b9c2e7a"
-    oauth_token: str = "zd-oauth-token-8c4d2a6e1f"
+    api_token: str = f"zd-api-token-{canary.TAG}"  # canaries: the suite fails if a log line shows one
+    oauth_token: str = f"zd-oauth-token-{canary.TAG}"
     role: str = "admin"  # the token owner's: an agent's token is refused the export
     owner_id: int = 900
     account_limit: int = 700  # X-Rate-Limit: the account's requests per minute
