@@ -15,7 +15,7 @@ from kbms.providers import get_provider
 from kbms.providers.pull import SourceConfig
 from kbms.settings import Settings
 from kbms.storage import open_store
-from kbms.storage.base import Store
+from kbms.storage.base import Filters, Store
 from kbms.sync.runner import Pass, SyncPolicy
 from kbms.webhooks import receive_webhook
 from tests.providers.intercom.fake import FakeIntercom
@@ -83,8 +83,8 @@ async def scenario(database_url: str, steps: list[tuple[Any, ...]], app_id: str)
         clock.advance(1)
         await run(listing=True)
         await run(listing=False)
-        page = await store.list_conversations(limit=100, cursor=None)
-        mine = {item.external_id: item.message_count for item in page.items if item.workspace == fake.app_id}
+        page = await store.list_conversations(limit=100, cursor=None, filters=Filters(workspace=fake.app_id))
+        mine = {item.external_id: item.message_count for item in page.items}
         parts = {key: item["conversation_parts"]["conversation_parts"] for key, item in fake.conversations.items()}
         expected = {key: 1 + len(their_parts) for key, their_parts in parts.items()}
         assert mine == expected, steps
