@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -59,6 +60,9 @@ async def scenario(database_url: str, steps: list[tuple[Any, ...]], app_id: str)
     client = provider.puller.client(source, transport=fake.transport(), timing=clock.timing)
     store: Store = open_store(Settings(database_url=database_url))
 
+    def at() -> datetime:
+        return datetime.fromtimestamp(clock.now(), UTC)
+
     async def run(*, listing: bool) -> None:
         await Pass(store, provider, source, client, listing=listing, policy=POLICY, timing=clock.timing).run()
 
@@ -68,7 +72,7 @@ async def scenario(database_url: str, steps: list[tuple[Any, ...]], app_id: str)
                 fake.update(action[1], updated_at=int(clock.now()), new_parts=action[2])
             elif action[0] == "webhook":
                 body = webhook_body(fake, action[1], number)
-                outcome = await receive_webhook(store, provider, body, {}, secret="", verify=False)
+                outcome = await receive_webhook(store, provider, body, {}, secret="", verify=False, clock=at)
                 named: str | None = getattr(outcome, "external_id", None)
                 if named is not None:  # the hint kbms serve's service queues
                     queued = [_Hint(named)]

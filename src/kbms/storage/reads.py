@@ -137,12 +137,14 @@ def export_chunk(
 
 def stored_versions(conn: Connection, provider: str, workspace: str, external_ids: Sequence[str]) -> dict[str, int]:
     """How far each of these conversations, stored and live, is known complete (see ``SyncStore.stored_versions``):
-    its version (the greatest ``updated_at`` merged), or just under it when no delivery of it arrived after that
-    second had ended. Providers' versions are whole seconds: a copy fetched within the second of its version may miss
-    an edit made later in that second, which the lookback lists again, and this sends to be fetched again."""
+    its version (the greatest ``updated_at`` merged) when a whole copy of it (pulled or pushed, not a webhook's,
+    which carries only the newest part) arrived after that second had ended; else just under it. Providers' versions
+    are whole seconds: a copy fetched within the second of its version may miss an edit made later in that second,
+    which the lookback lists again, and this sends to be fetched again."""
     c, ledger_c = conversations.c, ledger.c
     live = and_(c.provider == provider, c.workspace == workspace, c.deleted_at.is_(None))
-    joined = conversations.outerjoin(ledger, ledger_c.conversation_pk == c.pk)
+    whole = and_(ledger_c.conversation_pk == c.pk, ledger_c.kind.in_(("pull", "push")))
+    joined = conversations.outerjoin(ledger, whole)
     unique = list(dict.fromkeys(external_ids))
     found: dict[str, int] = {}
     for start in range(0, len(unique), KEYS_PER_QUERY):
