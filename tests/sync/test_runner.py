@@ -47,6 +47,7 @@ class Provider:
         self.listing_down = False
         self.refusing = False
         self.garbage: set[str] = set()
+        self.crashing: set[str] = set()  # fetches that fail as no provider error does (a bug, an id it cannot take)
 
     def put(self, external_id: str, updated_at: int, title: str = "hello") -> None:
         self.conversations[external_id] = (updated_at, title)
@@ -86,6 +87,8 @@ class Client:
         self.stats.requests += 1
         cid = listed.external_id
         self.provider.fetches.append(cid)
+        if cid in self.provider.crashing:
+            raise ValueError(f"cannot fetch {cid}")
         if self.provider.failing.get(cid, 0) > 0:
             self.provider.failing[cid] -= 1
             raise ProviderUnreachable("provider.test answered 503")
@@ -233,3 +236,25 @@ async def test_refused_credentials_end_the_pass_before_anything_is_stored(store:
     with pytest.raises(ProviderRefused):
         await run(store, provider, clock)
     assert await titles(store) == {}
+    state = await source_state(store)
+    assert (state.pass_outcome, state.last_error) == ("refused", "provider refused the credentials (401)")
+
+
+async def test_one_conversation_that_cannot_be_fetched_does_not_stop_the_others(store: Store) -> None:
+    provider, clock = Provider(), later_clock()
+    for i in range(5):
+        provider.put(f"c{i}", int(clock.now()) - 100 + i)
+    provider.crashing = {"c2"}
+    report = await run(store, provider, clock)
+    assert (report.created, report.dead) == (4, 1)
+    (letter,) = await store.dead_letters("intercom", "w1")
+    assert (letter.external_id, letter.last_error) == ("c2", "failed: ValueError")
+
+    # Later edited and listed again, it is stored, and its dead letter is over.
+    provider.crashing = set()
+    clock.advance(60)
+    provider.put("c2", int(clock.now()) - 1, "fixed")
+    report = await run(store, provider, clock)
+    assert report.created == 1
+    assert await store.dead_letters("intercom", "w1") == []
+    assert (await source_state(store)).dead_letters == 0

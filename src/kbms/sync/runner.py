@@ -19,6 +19,7 @@ ledger as rejected (``kbms reprocess`` can recover it after a mapper fix) and it
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import uuid
@@ -26,13 +27,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from kbms.errors import StorageUnavailable
 from kbms.ingest import IngestOutcome, Refused
 from kbms.providers import Provider
-from kbms.providers.pull import Listed, ProviderUnreachable, PullClient, SourceConfig, Timing
+from kbms.providers.pull import Listed, ProviderRefused, ProviderUnreachable, PullClient, SourceConfig, Timing
 from kbms.storage.base import Store
 from kbms.storage.syncstate import JobReason, SourceState, SyncCounts, SyncJob
 from kbms.sync.pulled import Tombstoned, store_pulled
 
+log = logging.getLogger(__name__)
 SECOND = 1_000_000  # microseconds
 WALL_CLOCK = Timing()
 
@@ -137,18 +140,21 @@ class Pass:
             finally:
                 await asyncio.shield(self.store.add_counts(*self._key, self._counts(before)))
             return self.report
-        await self.client.check()
         started = self._now()
         await self.store.record_pass(*self._key, started_at=started, outcome="running")
         before = self.client.stats.requests, self.client.stats.rate_limit_waits
         outcome, error = "failed", None
         try:
+            await self.client.check()  # inside the recorded pass: a refused token shows on the source
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._list(started))
                 group.create_task(self._fetch_all())
             outcome = "dead_letters" if self.report.dead else "ok"
         except* ProviderUnreachable as failures:
             outcome, error = "unreachable", str(failures.exceptions[0])
+            raise failures.exceptions[0] from None
+        except* ProviderRefused as failures:
+            outcome, error = "refused", str(failures.exceptions[0])
             raise failures.exceptions[0] from None
         except* Exception as failures:
             first = failures.exceptions[0]
@@ -267,16 +273,36 @@ class Pass:
         except ProviderUnreachable as exc:
             await self._failed(job, str(exc))
             return
+        except (ProviderRefused, StorageUnavailable):
+            raise  # the pass's, not this job's
+        except Exception as exc:
+            # This conversation's alone (an id the provider cannot take, a mapper's bug): it must not stop the
+            # others, nor come back to stop the next pass. Named by type: a message may quote the payload.
+            log.exception("sync of %s/%s: fetching one conversation failed", *self._key)
+            await self._bury(job, f"failed: {type(exc).__name__}")
+            return
         self.report.fetched += 1
         workspace = self.source.workspace
-        outcome = await store_pulled(self.store, self.provider, fetched, workspace=workspace, clock=self._at)
+        try:
+            outcome = await store_pulled(self.store, self.provider, fetched, workspace=workspace, clock=self._at)
+        except StorageUnavailable:
+            raise
+        except Exception as exc:
+            log.exception("sync of %s/%s: storing one conversation failed", *self._key)
+            await self._bury(job, f"failed: {type(exc).__name__}")
+            return
         if isinstance(outcome, Refused):
             self.report.rejected += 1
-            self.report.dead += 1
-            await self.store.bury(job, f"refused: {outcome.error.message}"[:500])
+            await self._bury(job, f"refused: {outcome.error.message}"[:500])
         else:
             self._count(outcome)
             await self.store.finish(job)
+        self._progress(self.report)
+
+    async def _bury(self, job: SyncJob, error: str) -> None:
+        self.report.dead += 1
+        self.report.errors.append(error)
+        await self.store.bury(job, error)
         self._progress(self.report)
 
     def _at(self) -> datetime:
