@@ -32,7 +32,7 @@ from kbms.ingest import IngestOutcome, Refused
 from kbms.providers import Provider
 from kbms.providers.pull import Listed, ProviderRefused, ProviderUnreachable, PullClient, SourceConfig, Timing
 from kbms.storage.base import Store
-from kbms.storage.syncstate import JobReason, SourceState, SyncCounts, SyncJob
+from kbms.storage.syncstate import KEEP, JobReason, SourceState, SyncCounts, SyncJob
 from kbms.sync.pulled import Tombstoned, store_pulled
 
 log = logging.getLogger(__name__)
@@ -138,9 +138,15 @@ class Pass:
             try:
                 await self._fetch_all()
             finally:
+                await asyncio.shield(self._release())
                 await asyncio.shield(self.store.add_counts(*self._key, self._counts(before)))
             return self.report
-        started = self._now()
+        # Resuming a listing an earlier pass did not finish, this pass continues it: it keeps that pass's start,
+        # to which the checkpoint moves when the listing completes (what changed since then is listed by now).
+        state = await self._source_state()
+        unfinished = state is not None and state.pass_outcome not in (None, "ok", "dead_letters")
+        resuming = not self.full and unfinished and state is not None and state.cursor is not None
+        started = state.pass_started_at if resuming and state is not None and state.pass_started_at else self._now()
         await self.store.record_pass(*self._key, started_at=started, outcome="running")
         before = self.client.stats.requests, self.client.stats.rate_limit_waits
         outcome, error = "failed", None
@@ -161,6 +167,7 @@ class Pass:
             outcome, error = "failed", type(first).__name__
             raise first from None
         finally:
+            await asyncio.shield(self._release())
             finished = self._now()
             record = self.store.record_pass(
                 *self._key,
@@ -172,6 +179,11 @@ class Pass:
             )
             await asyncio.shield(record)
         return self.report
+
+    async def _release(self) -> None:
+        """Give back what this pass claimed and did not finish (it ends by an error, or is cancelled): claimable at
+        once, by the next pass of this process or by another, rather than when the leases run out."""
+        await self.store.expire_leases(*self._key, [self.owner], now=self._now())
 
     async def _reclaim(self) -> None:
         """Take up at once what a killed process of this host left leased: its fetches and the listing."""
@@ -203,6 +215,10 @@ class Pass:
         return next((s for s in await self.store.sync_states() if (s.provider, s.workspace) == key), None)
 
     async def _list(self, started: int) -> None:
+        """List what changed and queue it. A cursor left by an interrupted pass is resumed (the queries are the same:
+        the checkpoint has not moved since); a full pass keeps its cursor to itself, so that a later sweep never
+        resumes a listing of another query. A cursor the provider no longer takes is dropped once, and the listing
+        starts again from the checkpoint's lookback."""
         key = (self.source.provider, self.source.workspace)
         lease = int(self.policy.lease * SECOND)
         try:
@@ -213,12 +229,24 @@ class Pass:
             position = None if self.full or state is None else state.cursor
             since = None if checkpoint is None else checkpoint - int(self.policy.lookback * SECOND)
             reason: JobReason = "backfill" if checkpoint is None else "sweep"
+            resumed = position is not None
             while True:
-                page = await self.client.list_changed(since=since, position=position)
+                try:
+                    page = await self.client.list_changed(since=since, position=position)
+                except ProviderUnreachable:
+                    if not resumed:
+                        raise
+                    log.warning("sync of %s/%s: the saved cursor was refused; listing again", *key)
+                    resumed, position = False, None
+                    await self.store.enqueue(*key, [], reason, position=None)
+                    continue
+                resumed = False
                 todo = await self._not_stored(page.items)
                 self.report.listed += len(page.items)
                 self.report.skipped += len(page.items) - len(todo)
-                await self.store.enqueue(*key, todo, reason, not_before=self._now(), position=page.position)
+                # A full pass's positions are not saved until it completes: they belong to its own query.
+                keep = KEEP if self.full and not page.done else page.position
+                await self.store.enqueue(*key, todo, reason, not_before=self._now(), position=keep)
                 self._queued.set()
                 self._progress(self.report)
                 if page.done:
