@@ -47,6 +47,8 @@ class Provider:
         self.listing_down = False
         self.refusing = False
         self.garbage: set[str] = set()
+        self.crashing: set[str] = set()  # fetches that fail as no provider error does (a bug, an id it cannot take)
+        self.pages_until_down: int | None = None  # listing pages served before the listing goes down
 
     def put(self, external_id: str, updated_at: int, title: str = "hello") -> None:
         self.conversations[external_id] = (updated_at, title)
@@ -72,8 +74,12 @@ class Client:
 
     async def list_changed(self, *, since: int | None, position: str | None) -> ListPage:
         self.stats.requests += 1
-        if self.provider.listing_down:
+        if self.provider.listing_down or (position is not None and not position.isdigit()):
             raise ProviderUnreachable("provider.test cannot be reached")
+        if self.provider.pages_until_down is not None:
+            if self.provider.pages_until_down == 0:
+                raise ProviderUnreachable("provider.test cannot be reached")
+            self.provider.pages_until_down -= 1
         rows = sorted((at, cid) for cid, (at, _) in self.provider.conversations.items())
         rows = [(at, cid) for at, cid in rows if since is None or at * SECOND >= since]
         start = int(position or 0)
@@ -86,6 +92,8 @@ class Client:
         self.stats.requests += 1
         cid = listed.external_id
         self.provider.fetches.append(cid)
+        if cid in self.provider.crashing:
+            raise ValueError(f"cannot fetch {cid}")
         if self.provider.failing.get(cid, 0) > 0:
             self.provider.failing[cid] -= 1
             raise ProviderUnreachable("provider.test answered 503")
@@ -233,3 +241,61 @@ async def test_refused_credentials_end_the_pass_before_anything_is_stored(store:
     with pytest.raises(ProviderRefused):
         await run(store, provider, clock)
     assert await titles(store) == {}
+    state = await source_state(store)
+    assert (state.pass_outcome, state.last_error) == ("refused", "provider refused the credentials (401)")
+
+
+async def test_one_conversation_that_cannot_be_fetched_does_not_stop_the_others(store: Store) -> None:
+    provider, clock = Provider(), later_clock()
+    for i in range(5):
+        provider.put(f"c{i}", int(clock.now()) - 100 + i)
+    provider.crashing = {"c2"}
+    report = await run(store, provider, clock)
+    assert (report.created, report.dead) == (4, 1)
+    (letter,) = await store.dead_letters("intercom", "w1")
+    assert (letter.external_id, letter.last_error) == ("c2", "failed: ValueError")
+
+    # Later edited and listed again, it is stored, and its dead letter is over.
+    provider.crashing = set()
+    clock.advance(60)
+    provider.put("c2", int(clock.now()) - 1, "fixed")
+    report = await run(store, provider, clock)
+    assert report.created == 1
+    assert await store.dead_letters("intercom", "w1") == []
+    assert (await source_state(store)).dead_letters == 0
+
+
+async def test_a_cursor_the_provider_no_longer_takes_is_dropped_and_the_listing_starts_again(store: Store) -> None:
+    provider, clock = Provider(), later_clock()
+    for i in range(4):
+        provider.put(f"c{i}", int(clock.now()) - 100 + i)
+    await store.enqueue("intercom", "w1", [], "sweep", position="expired-cursor")
+    report = await run(store, provider, clock)
+    assert (report.listed, report.created) == (4, 4)
+    state = await source_state(store)
+    assert (state.cursor, state.pass_outcome) == (None, "ok")
+
+
+async def test_an_interrupted_full_pass_leaves_no_cursor_for_a_sweep_and_a_resumed_sweep_keeps_its_start(
+    store: Store,
+) -> None:
+    provider, clock = Provider(), later_clock()
+    for i in range(7):
+        provider.put(f"c{i}", int(clock.now()) - 100 + i)
+    provider.pages_until_down = 1
+    with pytest.raises(ProviderUnreachable):
+        await run(store, provider, clock, full=True)
+    assert (await source_state(store)).cursor is None  # a full pass's cursor is its own
+
+    provider.pages_until_down = 1
+    first = clock.now()
+    with pytest.raises(ProviderUnreachable):
+        await run(store, provider, clock)  # a sweep (the first: a backfill) that stops after a page
+    assert (await source_state(store)).cursor == "3"
+    clock.advance(30)
+    provider.pages_until_down = None
+    report = await run(store, provider, clock)
+    assert report.listed == 4  # resumed after the first page
+    state = await source_state(store)
+    assert state.checkpoint == int(first * SECOND)  # the interrupted pass's start, not this one's
+    assert set(await titles(store)) == {f"c{i}" for i in range(7)}

@@ -27,7 +27,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from kbms.api.sync_metrics import SyncCollector
-from kbms.errors import ClientDisconnected, InputError, InvalidSignature
+from kbms.errors import ClientDisconnected, InputError, InvalidSignature, StorageUnavailable
 from kbms.storage.base import Store
 
 Channel = Literal["push", "batch", "webhook"]
@@ -231,6 +231,8 @@ async def metrics(request: Request) -> Response:
     collected = metrics_of(request)
     store = cast(Store, request.app.state.store)
     collected.sample(store)
-    collected.sync.update(await store.sync_states())
+    # While the database is down the sync series stay as last read: the others (the pools above all) matter most then.
+    with contextlib.suppress(StorageUnavailable):
+        collected.sync.update(await store.sync_states())
     body = await anyio.to_thread.run_sync(collected.render)
     return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)

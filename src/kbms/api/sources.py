@@ -29,7 +29,7 @@ UNKNOWN_SOURCE = {
 class LastPass(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None = Field(description="None while the pass runs")
-    outcome: str | None = Field(description="running, ok, dead_letters, unreachable or failed")
+    outcome: str | None = Field(description="running, ok, dead_letters, unreachable, refused or failed")
 
 
 class SourceStatus(BaseModel):
@@ -104,7 +104,7 @@ def status_of(state: SourceState | None, source: SourceConfig) -> SourceStatus:
     outcome = state.pass_outcome
     if outcome == "running":
         label = "syncing"
-    elif outcome in ("unreachable", "failed"):
+    elif outcome in ("unreachable", "refused", "failed"):
         label = "failing"
     elif state.dead_letters:
         label = "dead_letters"

@@ -58,6 +58,6 @@ class SyncCollector(Collector):
                 checkpoint.add_metric(labels, state.checkpoint / SECOND)
             if state.pass_finished_at is not None:
                 finished.add_metric(labels, state.pass_finished_at / SECOND)
-            failing.add_metric(labels, 1 if state.pass_outcome in ("unreachable", "failed") else 0)
+            failing.add_metric(labels, 1 if state.pass_outcome in ("unreachable", "refused", "failed") else 0)
         yield from counters.values()
         yield from (queue, dead, checkpoint, finished, failing)

@@ -5,6 +5,7 @@ Authenticated by the provider's signature only. Never answers 410: providers rea
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -21,6 +22,8 @@ from kbms.errors import InputError
 from kbms.ingest import Refused
 from kbms.providers import Provider
 from kbms.webhooks import receive_webhook
+
+log = logging.getLogger(__name__)
 
 
 def _endpoint(provider: Provider, secret_variable: str) -> Callable[[Request], Awaitable[Response]]:
@@ -49,9 +52,14 @@ def _endpoint(provider: Provider, secret_variable: str) -> Callable[[Request], A
             raise outcome.error
         metrics.ingested(provider.name, "webhook", outcome.result)
         sync = request.app.state.sync
-        if sync is not None and outcome.external_id is not None and not outcome.deduplicated:
-            # A hint: the provider's full, current copy of this conversation is fetched a few seconds later.
-            await sync.hint(provider.name, outcome.workspace, outcome.external_id)
+        if sync is not None and outcome.external_id is not None:
+            # A hint: the provider's full, current copy of this conversation is fetched a few seconds later. The
+            # webhook is stored whatever becomes of the hint: its sender must not hear a failure for it (Intercom
+            # pauses a subscription after 1,000 errors), and a redelivery hints again (one pending fetch at most).
+            try:
+                await sync.hint(provider.name, outcome.workspace, outcome.external_id)
+            except Exception:
+                log.warning("no fetch queued for a %s conversation a webhook named", provider.name, exc_info=True)
         return json_response(WebhookResponse.of(outcome))
 
     return receive

@@ -14,10 +14,11 @@ from kbms.deliveries import KnownDelivery
 from kbms.model import Conversation, ConversationSummary, from_micros
 from kbms.storage.base import ChangeRecord, Cursor, Filters, Hit, Page
 from kbms.storage.filters import filter_conditions, filter_params
-from kbms.storage.schema import conversations
+from kbms.storage.schema import conversations, ledger
 from kbms.storage.statements import Sql
 
 # Keys per IN (...) list: well under SQLite's 32,766 variables and PostgreSQL's 65,535 parameters.
+SECOND = 1_000_000  # microseconds
 KEYS_PER_QUERY = 1000
 
 
@@ -135,13 +136,26 @@ def export_chunk(
 
 
 def stored_versions(conn: Connection, provider: str, workspace: str, external_ids: Sequence[str]) -> dict[str, int]:
-    """The version of each of these conversations that is stored and live (see ``SyncStore.stored_versions``)."""
-    c = conversations.c
+    """How far each of these conversations, stored and live, is known complete (see ``SyncStore.stored_versions``):
+    its version (the greatest ``updated_at`` merged) when a whole copy of it (pulled or pushed, not a webhook's,
+    which carries only the newest part) arrived after that second had ended; else just under it. Providers' versions
+    are whole seconds: a copy fetched within the second of its version may miss an edit made later in that second,
+    which the lookback lists again, and this sends to be fetched again."""
+    c, ledger_c = conversations.c, ledger.c
     live = and_(c.provider == provider, c.workspace == workspace, c.deleted_at.is_(None))
+    whole = and_(ledger_c.conversation_pk == c.pk, ledger_c.kind.in_(("pull", "push")))
+    joined = conversations.outerjoin(ledger, whole)
     unique = list(dict.fromkeys(external_ids))
     found: dict[str, int] = {}
     for start in range(0, len(unique), KEYS_PER_QUERY):
         chunk = unique[start : start + KEYS_PER_QUERY]
-        rows = conn.execute(select(c.external_id, c.updated_at).where(live, c.external_id.in_(chunk)))
-        found.update((external_id, version) for external_id, version in rows)
+        query = (
+            select(c.external_id, c.updated_at, func.max(ledger_c.received_at))
+            .select_from(joined)
+            .where(live, c.external_id.in_(chunk))
+            .group_by(c.pk, c.external_id, c.updated_at)
+        )
+        for external_id, version, received in conn.execute(query):
+            complete = received is not None and received >= version + SECOND
+            found[external_id] = version if complete else version - 1
     return found

@@ -244,7 +244,13 @@ def _drop(sql: SyncSql, conn: Connection, job: SyncJob) -> Any:
 
 
 def finish(sql: SyncSql, conn: Connection, job: SyncJob) -> bool:
-    return _drop(sql, conn, job) is not None
+    if _drop(sql, conn, job) is None:
+        return False
+    # Stored now: a dead letter left by an earlier failure of the same conversation is over.
+    d = sync_dead_letters.c
+    mine = (d.provider == job.provider, d.workspace == job.workspace, d.external_id == job.external_id)
+    conn.execute(delete(sync_dead_letters).where(*mine))
+    return True
 
 
 def retry_later(sql: SyncSql, conn: Connection, job: SyncJob, error: str, *, due: int, now: int) -> bool:

@@ -207,7 +207,8 @@ class SyncStore(Protocol):
         ...
 
     async def stored_versions(self, provider: str, workspace: str, external_ids: Sequence[str]) -> dict[str, int]:
-        """The stored version (the greatest ``updated_at`` merged) of each of these conversations that is stored and
-        live: a listed conversation stored at that version or later needs no fetch. (A tombstone has no version:
-        its ``updated_at`` is the deletion's server time.)"""
+        """How far each of these conversations that is stored and live is known complete: its version (the greatest
+        ``updated_at`` merged) once a delivery of it arrived after that second had ended, else just under it (an edit
+        later in the same second may be missing). A listed conversation complete at the listed version or later
+        needs no fetch. (A tombstone has no version: its ``updated_at`` is the deletion's server time.)"""
         ...

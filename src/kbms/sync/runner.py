@@ -19,6 +19,7 @@ ledger as rejected (``kbms reprocess`` can recover it after a mapper fix) and it
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import uuid
@@ -26,13 +27,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from kbms.errors import StorageUnavailable
 from kbms.ingest import IngestOutcome, Refused
 from kbms.providers import Provider
-from kbms.providers.pull import Listed, ProviderUnreachable, PullClient, SourceConfig, Timing
+from kbms.providers.pull import Listed, ProviderRefused, ProviderUnreachable, PullClient, SourceConfig, Timing
 from kbms.storage.base import Store
-from kbms.storage.syncstate import JobReason, SourceState, SyncCounts, SyncJob
+from kbms.storage.syncstate import KEEP, JobReason, SourceState, SyncCounts, SyncJob
 from kbms.sync.pulled import Tombstoned, store_pulled
 
+log = logging.getLogger(__name__)
 SECOND = 1_000_000  # microseconds
 WALL_CLOCK = Timing()
 
@@ -135,14 +138,20 @@ class Pass:
             try:
                 await self._fetch_all()
             finally:
+                await asyncio.shield(self._release())
                 await asyncio.shield(self.store.add_counts(*self._key, self._counts(before)))
             return self.report
-        await self.client.check()
-        started = self._now()
+        # Resuming a listing an earlier pass did not finish, this pass continues it: it keeps that pass's start,
+        # to which the checkpoint moves when the listing completes (what changed since then is listed by now).
+        state = await self._source_state()
+        unfinished = state is not None and state.pass_outcome not in (None, "ok", "dead_letters")
+        resuming = not self.full and unfinished and state is not None and state.cursor is not None
+        started = state.pass_started_at if resuming and state is not None and state.pass_started_at else self._now()
         await self.store.record_pass(*self._key, started_at=started, outcome="running")
         before = self.client.stats.requests, self.client.stats.rate_limit_waits
         outcome, error = "failed", None
         try:
+            await self.client.check()  # inside the recorded pass: a refused token shows on the source
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._list(started))
                 group.create_task(self._fetch_all())
@@ -150,11 +159,15 @@ class Pass:
         except* ProviderUnreachable as failures:
             outcome, error = "unreachable", str(failures.exceptions[0])
             raise failures.exceptions[0] from None
+        except* ProviderRefused as failures:
+            outcome, error = "refused", str(failures.exceptions[0])
+            raise failures.exceptions[0] from None
         except* Exception as failures:
             first = failures.exceptions[0]
             outcome, error = "failed", type(first).__name__
             raise first from None
         finally:
+            await asyncio.shield(self._release())
             finished = self._now()
             record = self.store.record_pass(
                 *self._key,
@@ -166,6 +179,11 @@ class Pass:
             )
             await asyncio.shield(record)
         return self.report
+
+    async def _release(self) -> None:
+        """Give back what this pass claimed and did not finish (it ends by an error, or is cancelled): claimable at
+        once, by the next pass of this process or by another, rather than when the leases run out."""
+        await self.store.expire_leases(*self._key, [self.owner], now=self._now())
 
     async def _reclaim(self) -> None:
         """Take up at once what a killed process of this host left leased: its fetches and the listing."""
@@ -197,6 +215,10 @@ class Pass:
         return next((s for s in await self.store.sync_states() if (s.provider, s.workspace) == key), None)
 
     async def _list(self, started: int) -> None:
+        """List what changed and queue it. A cursor left by an interrupted pass is resumed (the queries are the same:
+        the checkpoint has not moved since); a full pass keeps its cursor to itself, so that a later sweep never
+        resumes a listing of another query. A cursor the provider no longer takes is dropped once, and the listing
+        starts again from the checkpoint's lookback."""
         key = (self.source.provider, self.source.workspace)
         lease = int(self.policy.lease * SECOND)
         try:
@@ -207,12 +229,24 @@ class Pass:
             position = None if self.full or state is None else state.cursor
             since = None if checkpoint is None else checkpoint - int(self.policy.lookback * SECOND)
             reason: JobReason = "backfill" if checkpoint is None else "sweep"
+            resumed = position is not None
             while True:
-                page = await self.client.list_changed(since=since, position=position)
+                try:
+                    page = await self.client.list_changed(since=since, position=position)
+                except ProviderUnreachable:
+                    if not resumed:
+                        raise
+                    log.warning("sync of %s/%s: the saved cursor was refused; listing again", *key)
+                    resumed, position = False, None
+                    await self.store.enqueue(*key, [], reason, position=None)
+                    continue
+                resumed = False
                 todo = await self._not_stored(page.items)
                 self.report.listed += len(page.items)
                 self.report.skipped += len(page.items) - len(todo)
-                await self.store.enqueue(*key, todo, reason, not_before=self._now(), position=page.position)
+                # A full pass's positions are not saved until it completes: they belong to its own query.
+                keep = KEEP if self.full and not page.done else page.position
+                await self.store.enqueue(*key, todo, reason, not_before=self._now(), position=keep)
                 self._queued.set()
                 self._progress(self.report)
                 if page.done:
@@ -267,16 +301,36 @@ class Pass:
         except ProviderUnreachable as exc:
             await self._failed(job, str(exc))
             return
+        except (ProviderRefused, StorageUnavailable):
+            raise  # the pass's, not this job's
+        except Exception as exc:
+            # This conversation's alone (an id the provider cannot take, a mapper's bug): it must not stop the
+            # others, nor come back to stop the next pass. Named by type: a message may quote the payload.
+            log.exception("sync of %s/%s: fetching one conversation failed", *self._key)
+            await self._bury(job, f"failed: {type(exc).__name__}")
+            return
         self.report.fetched += 1
         workspace = self.source.workspace
-        outcome = await store_pulled(self.store, self.provider, fetched, workspace=workspace, clock=self._at)
+        try:
+            outcome = await store_pulled(self.store, self.provider, fetched, workspace=workspace, clock=self._at)
+        except StorageUnavailable:
+            raise
+        except Exception as exc:
+            log.exception("sync of %s/%s: storing one conversation failed", *self._key)
+            await self._bury(job, f"failed: {type(exc).__name__}")
+            return
         if isinstance(outcome, Refused):
             self.report.rejected += 1
-            self.report.dead += 1
-            await self.store.bury(job, f"refused: {outcome.error.message}"[:500])
+            await self._bury(job, f"refused: {outcome.error.message}"[:500])
         else:
             self._count(outcome)
             await self.store.finish(job)
+        self._progress(self.report)
+
+    async def _bury(self, job: SyncJob, error: str) -> None:
+        self.report.dead += 1
+        self.report.errors.append(error)
+        await self.store.bury(job, error)
         self._progress(self.report)
 
     def _at(self) -> datetime:

@@ -298,3 +298,19 @@ async def test_a_comment_cursor_going_round_in_circles_is_unreachable(zendesk: F
     with pytest.raises(ProviderUnreachable, match="circle"):
         await client.fetch(items[0])
     assert len(zendesk.hits(COMMENTS.format(1))) == 2
+
+
+async def test_a_404_that_is_not_zendesks_own_is_no_deletion() -> None:
+    # A proxy's 404 (or a base URL with a wrong path) must not tombstone the ticket: tombstones are for good.
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(404, json={"message": "no route"})
+
+    source = SourceConfig(provider="zendesk", workspace="acme", token="zd-token", email="owner@acme.example")
+    puller = get_provider("zendesk").puller
+    assert puller is not None
+    client = puller.client(source, transport=httpx2.MockTransport(answer), timing=VirtualClock().timing)
+    try:
+        with pytest.raises(ProviderUnreachable, match="RecordNotFound"):
+            await client.fetch(Listed("12", None))
+    finally:
+        await client.aclose()

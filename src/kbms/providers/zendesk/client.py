@@ -138,6 +138,13 @@ class ZendeskClient:
             raise ProviderUnreachable(f"{self.api.host} answered something that is not its API: {exc}") from None
         return ListPage(items=page.items, position=page.after_cursor or position, done=page.end_of_stream)
 
+    def _gone(self, ticket_id: str, data: object, content: bytes) -> Fetched:
+        # A tombstone is for good: only Zendesk's own "no such record" makes one, not any 404 (a proxy's, a path
+        # prefix gone wrong in a base URL).
+        if not _not_found(data):
+            raise ProviderUnreachable(f"{self.api.host} answered 404 without Zendesk's RecordNotFound")
+        return Fetched(external_id=ticket_id, body=content, deleted=True)
+
     async def fetch(self, listed: Listed) -> Fetched:
         ticket_id = listed.external_id
         if not (ticket_id.isascii() and ticket_id.isdigit()):
@@ -147,7 +154,7 @@ class ZendeskClient:
             path = f"/api/v2/tickets/{ticket_id}.json"
             reply = await self.api.request("GET", path, expect=_has("ticket"), allow=(404,))
             if reply.status == 404:
-                return Fetched(external_id=ticket_id, body=reply.content, deleted=True)
+                return self._gone(ticket_id, reply.data, reply.content)
             ticket = dumps(reply.data["ticket"])
         if is_deleted(ticket):
             return Fetched(external_id=ticket_id, body=ticket, deleted=True)
@@ -160,7 +167,7 @@ class ZendeskClient:
                 params["page[after]"] = after
             reply = await self.api.request("GET", path, params=params, expect=_has("comments"), allow=(404,))
             if reply.status == 404:  # deleted since it was listed: the next export says so too
-                return Fetched(external_id=ticket_id, body=reply.content, deleted=True)
+                return self._gone(ticket_id, reply.data, reply.content)
             try:
                 page = read_comments(reply.data)
             except NotZendesk as exc:
@@ -188,6 +195,11 @@ def read_budget(response: httpx2.Response, now: float) -> Budget | None:
 
 def _number(value: str | None) -> int | None:
     return int(value) if value is not None and value.strip().isascii() and value.strip().isdigit() else None
+
+
+def _not_found(data: object) -> bool:
+    """Zendesk's own answer for a record it does not have (``{"error": "RecordNotFound", ...}``)."""
+    return _field(data, "error") == "RecordNotFound"
 
 
 def _has(key: str) -> Callable[[Any], bool]:
