@@ -17,7 +17,8 @@ from kbms.providers.pull import SourceConfig
 from kbms.settings import Settings
 from kbms.storage import open_store
 from kbms.storage.base import Filters, Store
-from kbms.sync.runner import Pass, SyncPolicy
+from kbms.sync.policy import SyncPolicy
+from kbms.sync.runner import Pass
 from kbms.webhooks import receive_webhook
 from tests.providers.intercom.fake import FakeIntercom
 from tests.support.clock import VirtualClock

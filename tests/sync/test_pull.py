@@ -12,7 +12,8 @@ from kbms.api.sync_metrics import SyncCollector
 from kbms.providers import get_provider
 from kbms.providers.pull import PullClient, SourceConfig
 from kbms.storage.base import Store
-from kbms.sync.runner import Pass, PassReport, SyncPolicy
+from kbms.sync.policy import PassReport, SyncPolicy
+from kbms.sync.runner import Pass
 from kbms.sync.service import SyncService
 from tests.providers.intercom.fake import FakeIntercom
 from tests.providers.zendesk.fake import FakeZendesk, build_app

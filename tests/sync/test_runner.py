@@ -21,7 +21,8 @@ from kbms.providers.pull import (
     SourceConfig,
 )
 from kbms.storage.base import Store
-from kbms.sync.runner import Pass, SyncPolicy
+from kbms.sync.policy import SyncPolicy
+from kbms.sync.runner import Pass
 from tests.support.clock import VirtualClock
 from tests.support.helpers import intercom_payload
 

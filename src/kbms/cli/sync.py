@@ -15,7 +15,8 @@ from kbms.providers import get_provider
 from kbms.providers.pull import SourceConfig
 from kbms.storage import open_store
 from kbms.storage.base import Store
-from kbms.sync.runner import Pass, PassReport
+from kbms.sync.policy import PassReport
+from kbms.sync.runner import Pass
 from kbms.sync.sources import SourcesError, sources_of
 
 COLUMNS = ("listed", "skipped", "fetched", "created", "updated", "unchanged", "deleted", "rejected", "dead letters")

@@ -20,11 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from kbms.errors import StorageUnavailable
@@ -33,70 +29,10 @@ from kbms.providers import Provider
 from kbms.providers.pull import Listed, ProviderRefused, ProviderUnreachable, PullClient, SourceConfig, Timing
 from kbms.storage.base import Store
 from kbms.storage.syncstate import KEEP, JobReason, SourceState, SyncCounts, SyncJob
+from kbms.sync.policy import DEFAULT_POLICY, SECOND, WALL_CLOCK, PassReport, SyncPolicy, is_gone, owner_name
 from kbms.sync.pulled import Tombstoned, store_pulled
 
 log = logging.getLogger(__name__)
-SECOND = 1_000_000  # microseconds
-WALL_CLOCK = Timing()
-
-
-@dataclass(frozen=True, slots=True)
-class SyncPolicy:
-    concurrency: int = 8  # fetches in flight
-    claim_batch: int = 4  # jobs a fetcher claims at once (one transaction), then works one after the other
-    max_attempts: int = 5  # claims of one job before it becomes a dead letter
-    retry_after: float = 2.0  # seconds before a failed fetch is tried again; doubled per attempt
-    retry_max: float = 300.0
-    lookback: float = 120.0  # seconds listed again before the checkpoint
-    lease: float = 300.0  # seconds a claim or the listing lease holds without being renewed
-
-
-DEFAULT_POLICY = SyncPolicy()
-
-
-@dataclass(slots=True)
-class PassReport:
-    """What a pass did: ``kbms sync``'s summary and progress, and the source's totals."""
-
-    provider: str
-    workspace: str
-    listed: int = 0
-    skipped: int = 0  # listed, and already stored at that version
-    fetched: int = 0
-    created: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    deleted: int = 0
-    rejected: int = 0  # refused by the mapper: kept in the ledger, the job a dead letter
-    retried: int = 0
-    dead: int = 0
-    listing_done: bool = False
-    errors: list[str] = field(default_factory=list)
-
-    @property
-    def stored(self) -> int:
-        return self.created + self.updated + self.unchanged + self.deleted
-
-
-def owner_name() -> str:
-    """Who holds a lease: this process (host and pid), told apart from a restart of it."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def is_gone(owner: str) -> bool:
-    """Whether a lease's owner is a process of this host that no longer runs (a killed ``kbms sync``): its leases
-    can end now. Owners on other hosts are left to their leases' end."""
-    host, _, rest = owner.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # it runs, as another user
-    return False
 
 
 class Pass:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from kbms.providers import Provider
 from kbms.providers.pull import ProviderRefused, ProviderUnreachable, PullClient, SourceConfig, Timing
 from kbms.storage.base import Store
-from kbms.sync.runner import DEFAULT_POLICY, SECOND, WALL_CLOCK, Pass, SyncPolicy, owner_name
+from kbms.sync.policy import DEFAULT_POLICY, SECOND, WALL_CLOCK, SyncPolicy, owner_name
+from kbms.sync.runner import Pass
 
 log = logging.getLogger(__name__)
 
