@@ -300,3 +300,26 @@ async def test_an_interrupted_full_pass_leaves_no_cursor_for_a_sweep_and_a_resum
     state = await source_state(store)
     assert state.checkpoint == int(first * SECOND)  # the interrupted pass's start, not this one's
     assert set(await titles(store)) == {f"c{i}" for i in range(7)}
+
+
+async def test_a_draining_pass_waits_for_the_sources_fetches_due_later(store: Store) -> None:
+    provider, clock = Provider(), later_clock()
+    provider.put("now", int(clock.now()) - 10)
+    provider.put("later", int(clock.now()) - 3600)
+    await run(store, provider, clock)
+    # Edited at a time the next listing does not reach back to (before the lookback): only the queued job brings it.
+    provider.put("later", int(clock.now()) - 200, "edited")
+    due = int((clock.now() + 30) * SECOND)
+    await store.enqueue("intercom", "w1", [Listed("later", None)], "webhook", not_before=due)
+    intercom, client = get_provider("intercom"), Client(provider)
+    report = await Pass(store, intercom, SOURCE, client, policy=SyncPolicy(drain=True), timing=clock.timing).run()
+    assert (report.listed, report.updated, report.left_queued) == (1, 1, 0)
+    assert (await titles(store))["later"] == "edited"
+
+    # Without draining, a pass ends with what is not yet due left in the queue.
+    provider.put("later", int(clock.now()) - 300, "edited again")
+    due = int((clock.now() + 30) * SECOND)
+    await store.enqueue("intercom", "w1", [Listed("later", None)], "webhook", not_before=due)
+    report = await run(store, provider, clock)
+    assert report.updated == 0
+    assert (await source_state(store)).pending == 1

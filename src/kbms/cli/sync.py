@@ -15,7 +15,7 @@ from kbms.providers import get_provider
 from kbms.providers.pull import SourceConfig
 from kbms.storage import open_store
 from kbms.storage.base import Store
-from kbms.sync.policy import PassReport
+from kbms.sync.policy import PassReport, SyncPolicy
 from kbms.sync.runner import Pass
 from kbms.sync.sources import SourcesError, sources_of
 
@@ -75,6 +75,13 @@ def sync(
         attribute = "dead" if name == "dead letters" else name
         table.add_row(name, *(str(getattr(report, attribute)) for report in reports))
     out.print(table)
+    left = sum(report.left_queued for report in reports)
+    if left:
+        raise Failure(
+            f"{left} conversation(s) are still queued (claimed by another kbms process, or due later): run kbms sync "
+            "again, or let kbms serve take them up",
+            REJECTED,
+        )
     dead = sum(report.dead for report in reports)
     if dead:
         raise Failure(
@@ -103,7 +110,8 @@ async def _one(store: Store, source: SourceConfig, *, full: bool, bar: Progress)
         )
 
     try:
-        return await Pass(store, provider, source, client, full=full, progress=progress).run()
+        policy = SyncPolicy(drain=True)  # "done" means every listed conversation is stored, or a dead letter
+        return await Pass(store, provider, source, client, full=full, policy=policy, progress=progress).run()
     finally:
         await client.aclose()
         bar.remove_task(task)

@@ -23,6 +23,10 @@ class SyncPolicy:
     retry_max: float = 300.0
     lookback: float = 120.0  # seconds listed again before the checkpoint
     lease: float = 300.0  # seconds a claim or the listing lease holds without being renewed
+    # Whether a pass that has listed everything waits for the source's other queued fetches too (jobs due later,
+    # or claimed by another process), for at most ``lease`` seconds: ``kbms sync``, which says "all stored" only
+    # when it is so. The service's passes do not wait: the next one takes them up.
+    drain: bool = False
 
 
 DEFAULT_POLICY = SyncPolicy()
@@ -45,6 +49,7 @@ class PassReport:
     retried: int = 0
     dead: int = 0
     listing_done: bool = False
+    left_queued: int = 0  # the source's fetches still queued when the pass ended (see ``SyncPolicy.drain``)
     errors: list[str] = field(default_factory=list)
 
     @property

@@ -60,6 +60,7 @@ class Pass:
         self._listing = asyncio.Event()  # set when the listing is over (or is another process's)
         self._queued = asyncio.Event()  # set when a page was queued: idle fetchers look again
         self._retry_due = 0  # when the last fetch this pass put back in the queue falls due (microseconds)
+        self._drain_until: int | None = None  # with ``drain``: how long to wait for the source's other fetches
 
     def _now(self) -> int:
         return int(self.timing.now() * SECOND)
@@ -115,6 +116,17 @@ class Pass:
             )
             await asyncio.shield(record)
         return self.report
+
+    async def _others_queued(self) -> bool:
+        """With ``drain``, whether the source still has fetches queued (and the wait has not run out); the count is
+        left in the report."""
+        if not self.policy.drain or not self.report.listing_done:
+            return False
+        state = await self._source_state()
+        self.report.left_queued = 0 if state is None else state.pending + state.running
+        if self._drain_until is None:
+            self._drain_until = self._now() + int(self.policy.lease * SECOND)
+        return self.report.left_queued > 0 and self._now() < self._drain_until
 
     async def _release(self) -> None:
         """Give back what this pass claimed and did not finish (it ends by an error, or is cancelled): claimable at
@@ -223,6 +235,9 @@ class Pass:
                         await self.store.finish(job)
                 continue
             if self._listing.is_set() and self._now() >= self._retry_due:
+                if await self._others_queued():
+                    await self.timing.sleep(1.0)  # due later, or another process's claim: look again
+                    continue
                 return
             if self._now() < self._retry_due and not self._queued.is_set():
                 # A fetch put back in the queue falls due soon: look again then (or when a page is queued).
