@@ -4,7 +4,6 @@ engines: once the provider is quiet and a last sweep has run, every stored conve
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +18,7 @@ from kbms.storage import open_store
 from kbms.storage.base import Filters, Store
 from kbms.sync.policy import SyncPolicy
 from kbms.sync.runner import Pass
+from kbms.sync.service import HINT_DELAY, SyncService
 from kbms.webhooks import receive_webhook
 from tests.providers.intercom.fake import FakeIntercom
 from tests.support.clock import VirtualClock
@@ -36,20 +36,6 @@ step = st.one_of(
 )
 
 
-def webhook_body(fake: FakeIntercom, external_id: str, number: int) -> bytes:
-    """Intercom's ``conversation.admin.replied``: the conversation with only its newest part."""
-    item = json.loads(json.dumps(fake.conversations[external_id]))
-    item["conversation_parts"]["conversation_parts"] = item["conversation_parts"]["conversation_parts"][-1:]
-    notification = {
-        "type": "notification_event",
-        "app_id": fake.app_id,
-        "id": f"notif-{external_id}-{number}",
-        "topic": "conversation.admin.replied",
-        "data": {"type": "notification_event_data", "item": item},
-    }
-    return json.dumps(notification).encode()
-
-
 async def scenario(database_url: str, steps: list[tuple[Any, ...]], app_id: str) -> None:
     clock = VirtualClock(start=float(T0))
     fake = FakeIntercom(clock=clock.now, app_id=app_id, limit=1_000_000)
@@ -60,6 +46,8 @@ async def scenario(database_url: str, steps: list[tuple[Any, ...]], app_id: str)
     assert provider.puller is not None
     client = provider.puller.client(source, transport=fake.transport(), timing=clock.timing)
     store: Store = open_store(Settings(database_url=database_url))
+
+    service = SyncService(store, [source], {"intercom": provider}, interval=3600, timing=clock.timing)
 
     def at() -> datetime:
         return datetime.fromtimestamp(clock.now(), UTC)
@@ -72,37 +60,27 @@ async def scenario(database_url: str, steps: list[tuple[Any, ...]], app_id: str)
             if action[0] == "edit":
                 fake.update(action[1], updated_at=int(clock.now()), new_parts=action[2])
             elif action[0] == "webhook":
-                body = webhook_body(fake, action[1], number)
+                body = fake.webhook(action[1], f"notif-{action[1]}-{number}")
                 outcome = await receive_webhook(store, provider, body, {}, secret="", verify=False, clock=at)
                 named: str | None = getattr(outcome, "external_id", None)
-                if named is not None:  # the hint kbms serve's service queues
-                    queued = [_Hint(named)]
-                    await store.enqueue("intercom", fake.app_id, queued, "webhook", not_before=int(clock.now() * 1e6))
+                if named is not None:  # as kbms serve does: the webhook hints the sync service
+                    assert await service.hint("intercom", fake.app_id, named)
             elif action[0] == "sweep":
                 await run(listing=True)
             elif action[0] == "queue":
                 await run(listing=False)
             else:
                 clock.advance(action[1])
-        # The provider is quiet now: a second later, a sweep and the queue bring everything.
-        clock.advance(1)
+        # The provider is quiet now: a little later (past a hint's delay), a sweep and the queue bring everything.
+        clock.advance(HINT_DELAY + 1)
         await run(listing=True)
         await run(listing=False)
         page = await store.list_conversations(limit=100, cursor=None, filters=Filters(workspace=fake.app_id))
         mine = {item.external_id: item.message_count for item in page.items}
-        parts = {key: item["conversation_parts"]["conversation_parts"] for key, item in fake.conversations.items()}
-        expected = {key: 1 + len(their_parts) for key, their_parts in parts.items()}
-        assert mine == expected, steps
+        assert mine == fake.messages(), steps
     finally:
         await client.aclose()
         await store.close()
-
-
-class _Hint:
-    def __init__(self, external_id: str) -> None:
-        self.external_id = external_id
-        self.updated_at: int | None = None
-        self.prefetched: bytes | None = None
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

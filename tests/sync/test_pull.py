@@ -46,10 +46,6 @@ async def stored(store: Store) -> dict[str, int]:
     return {item.external_id: item.message_count for item in page.items}
 
 
-def retrieves(fake: FakeIntercom) -> list[str]:
-    return [hit.path.rsplit("/", 1)[1] for hit in fake.hits if hit.method == "GET" and "/conversations/" in hit.path]
-
-
 async def test_an_intercom_backfill_stores_exactly_the_fakes_conversations_then_only_changes(store: Store) -> None:
     clock = VirtualClock(start=T0 + 86_400)
     fake = FakeIntercom(clock=clock.now)
@@ -64,7 +60,7 @@ async def test_an_intercom_backfill_stores_exactly_the_fakes_conversations_then_
     fake.update("1003", updated_at=int(clock.now()) - 60, new_parts=2)
     fake.add("2000", updated_at=int(clock.now()) - 30, parts=1)
     report = await sync_intercom(store, fake, clock)
-    assert sorted(retrieves(fake)) == ["1003", "2000"]
+    assert sorted(fake.retrieved()) == ["1003", "2000"]
     assert (report.created, report.updated) == (1, 1)
     assert (await stored(store))["1003"] == 1 + 3 + 2
 
@@ -109,7 +105,7 @@ async def test_a_webhook_hint_fetches_the_whole_conversation_and_a_deleted_one_i
         await Pass(store, provider, source, client, listing=False, policy=POLICY, timing=clock.timing).run()
     finally:
         await client.aclose()
-    assert retrieves(fake).count("1") == 1
+    assert fake.retrieved()["1"] == 1
     assert await stored(store) == {"1": 4}
 
 

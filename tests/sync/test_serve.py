@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,16 +21,6 @@ from tests.support.served import served
 pytestmark = pytest.mark.slow
 T0 = 1_650_000_000
 SECRET = "serve-sync-webhook-secret"
-
-
-def retrieves(fake: FakeIntercom) -> Counter[str]:
-    paths = [hit.path for hit in fake.hits if hit.method == "GET" and "/conversations/" in hit.path]
-    return Counter(path.rsplit("/", 1)[1] for path in paths)
-
-
-def in_fake(fake: FakeIntercom, external_id: str) -> int:
-    """The messages of a conversation as the fake holds it: the opening one and a comment per part."""
-    return 1 + len(fake.conversations[external_id]["conversation_parts"]["conversation_parts"])
 
 
 def wait_until(condition: Callable[[], bool], *, timeout: float = 60) -> None:
@@ -63,36 +52,21 @@ def test_two_servers_on_one_postgresql_fetch_each_conversation_once_per_change(
         }
         servers = [fork_server.spawn(database_url, tmp_path / f"serve-{n}.log", env=env) for n in range(2)]
         try:
-            wait_until(lambda: messages(servers[0].url) == {key: in_fake(fake, key) for key in fake.conversations})
-            assert set(retrieves(fake).values()) == {1}
+            wait_until(lambda: messages(servers[0].url) == fake.messages())
+            assert set(fake.retrieved().values()) == {1}
 
             now = int(time.time())
             fake.update("7005", updated_at=now - 5, new_parts=2)
             fake.update("7006", updated_at=now - 5, new_parts=1)
-            wait_until(lambda: messages(servers[1].url) == {key: in_fake(fake, key) for key in fake.conversations})
+            wait_until(lambda: messages(servers[1].url) == fake.messages())
             time.sleep(3)  # a few more sweeps by both: nothing is fetched again
-            counts = retrieves(fake)
+            counts = fake.retrieved()
             assert (counts["7005"], counts["7006"]) == (2, 2)
             assert {count for key, count in counts.items() if key not in ("7005", "7006")} == {1}
 
         finally:
             for server in servers:
                 server.kill()
-
-
-def webhook(fake: FakeIntercom, external_id: str) -> bytes:
-    """A signed-to-be ``conversation.admin.replied`` about it, carrying only its newest part, as Intercom sends."""
-    item = dict(fake.conversations[external_id])
-    newest = item["conversation_parts"]["conversation_parts"][-1:]
-    item["conversation_parts"] = {"type": "conversation_part.list", "conversation_parts": newest}
-    notification = {
-        "type": "notification_event",
-        "app_id": fake.app_id,
-        "id": f"notif_{external_id}",
-        "topic": "conversation.admin.replied",
-        "data": {"type": "notification_event_data", "item": item},
-    }
-    return json.dumps(notification).encode()
 
 
 def test_a_webhooks_hint_brings_the_whole_conversation(
@@ -110,15 +84,15 @@ def test_a_webhooks_hint_brings_the_whole_conversation(
         }
         server = fork_server.spawn(database_url, tmp_path / "serve.log", env=env)
         try:
-            wait_until(lambda: messages(server.url) == {key: in_fake(fake, key) for key in fake.conversations})
+            wait_until(lambda: messages(server.url) == fake.messages())
             fake.update("7003", updated_at=int(time.time()), new_parts=3)
-            body = webhook(fake, "7003")
+            body = fake.webhook("7003", "notif_7003")
             headers = {"Content-Type": "application/json", "X-Hub-Signature": sign(body, SECRET)}
             for _ in range(3):  # redelivered: still one fetch
                 answer = httpx2.post(f"{server.url}/webhooks/intercom", content=body, headers=headers, timeout=10)
                 assert answer.status_code == 200, answer.text
             assert messages(server.url)["7003"] == 1 + 2 + 1  # the webhook's part, merged at once
-            wait_until(lambda: messages(server.url)["7003"] == in_fake(fake, "7003"))  # then the whole of it
-            assert retrieves(fake)["7003"] == 2
+            wait_until(lambda: messages(server.url)["7003"] == fake.messages()["7003"])  # then the whole of it
+            assert fake.retrieved()["7003"] == 2
         finally:
             server.kill()

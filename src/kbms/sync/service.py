@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from kbms.providers import Provider
-from kbms.providers.pull import ProviderRefused, ProviderUnreachable, PullClient, SourceConfig, Timing
+from kbms.providers.pull import Listed, ProviderRefused, ProviderUnreachable, PullClient, SourceConfig, Timing
 from kbms.storage.base import Store
 from kbms.sync.policy import DEFAULT_POLICY, SECOND, WALL_CLOCK, SyncPolicy, owner_name
 from kbms.sync.runner import Pass
@@ -58,15 +58,13 @@ class SyncService:
         self._wake = {key: asyncio.Event() for key in self.sources}
         self._sweep_now = {key: asyncio.Event() for key in self.sources}
 
-    def knows(self, provider: str, workspace: str) -> bool:
-        return (provider, workspace) in self.sources
-
     async def hint(self, provider: str, workspace: str | None, external_id: str) -> bool:
         """A webhook said this conversation changed: queue a fetch of it, if it is a configured source's."""
         if workspace is None or (provider, workspace) not in self.sources:
             return False
         due = int((self.timing.now() + HINT_DELAY) * SECOND)
-        await self.store.enqueue(provider, workspace, [_Hinted(external_id)], "webhook", not_before=due)
+        hinted = Listed(external_id, None)  # its version unknown: its fetch is never skipped
+        await self.store.enqueue(provider, workspace, [hinted], "webhook", not_before=due)
         self._wake[provider, workspace].set()
         return True
 
@@ -145,12 +143,3 @@ class SyncService:
                     report.stored,
                     report.dead,
                 )
-
-
-@dataclass(frozen=True, slots=True)
-class _Hinted:
-    """A conversation a webhook named: its version unknown, so its fetch is never skipped."""
-
-    external_id: str
-    updated_at: int | None = None
-    prefetched: bytes | None = None

@@ -27,7 +27,7 @@ import email.utils
 import json
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,6 +173,30 @@ class FakeIntercom:
 
     def next_fault(self) -> str | None:
         return self.faults.popleft() if self.faults else self.outage
+
+    def retrieved(self) -> Counter[str]:
+        """How many times each conversation was retrieved (``GET /conversations/{id}``)."""
+        paths = [hit.path for hit in self.hits if hit.method == "GET" and "/conversations/" in hit.path]
+        return Counter(path.rsplit("/", 1)[1] for path in paths)
+
+    def messages(self) -> dict[str, int]:
+        """Each conversation's messages as kbms stores them: the opening one and a comment per part."""
+        items = self.conversations.items()
+        return {key: 1 + len(item["conversation_parts"]["conversation_parts"]) for key, item in items}
+
+    def webhook(self, conversation_id: str, notification_id: str) -> bytes:
+        """A ``conversation.admin.replied`` about it, carrying only its newest part, as Intercom sends them."""
+        item = json.loads(json.dumps(self.conversations[conversation_id]))
+        parts = item["conversation_parts"]
+        parts["conversation_parts"] = parts["conversation_parts"][-1:]
+        notification = {
+            "type": "notification_event",
+            "app_id": self.app_id,
+            "id": notification_id,
+            "topic": "conversation.admin.replied",
+            "data": {"type": "notification_event_data", "item": item},
+        }
+        return json.dumps(notification).encode()
 
 
 class _Network(httpx2.AsyncBaseTransport):
