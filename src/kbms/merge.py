@@ -35,7 +35,17 @@ from kbms.model import (
     micros,
 )
 
-HEADER_FIELDS = ("subject", "state", "tags", "assignee_participant_id", "channel", "opening_message_id")
+HEADER_FIELDS = (
+    "subject",
+    "state",
+    "tags",
+    "assignee_participant_id",
+    "channel",
+    "opening_message_id",
+    "provider_count",
+    "truncated",
+    "counted",
+)
 
 
 def _canonical(value: Any) -> tuple[int, str]:

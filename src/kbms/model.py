@@ -117,6 +117,20 @@ class Event(_Frozen):
     occurred_at: UtcDatetime
 
 
+class Completeness(_Frozen):
+    """How much of the conversation kbms holds, against what the provider says it has."""
+
+    provider_count: int | None = Field(
+        description="How many items the provider says the conversation has (Intercom: the opening message and every "
+        "part; Zendesk: its comments); null when no payload said"
+    )
+    stored_count: int = Field(description="How many of those items kbms holds")
+    truncated: bool = Field(
+        description="A payload held fewer items than the provider counted (Intercom returns at most the 500 newest "
+        "parts of a conversation): kbms cannot get the rest from the provider"
+    )
+
+
 class Conversation(_Frozen):
     """The conversation detail served by ``GET /internal/conversations/{id}``."""
 
@@ -135,6 +149,7 @@ class Conversation(_Frozen):
     channel: Text | None = None
     events: tuple[Event, ...] = ()
     revision: int = Field(ge=1)
+    completeness: Completeness
 
 
 class ConversationSummary(_Frozen):
@@ -177,6 +192,12 @@ class ConversationHeader(_Frozen):
     assignee_participant_id: Text | None = None
     channel: Text | None = None
     opening_message_id: Text | None = None
+    # Completeness, as one payload states it: the provider's count of the conversation's items, whether this
+    # payload held fewer than that, and which stored items the count is of: "messages" (a Zendesk comment is one
+    # message), or "items" (an Intercom part is a message, an event or both, under the part's id).
+    provider_count: int | None = None
+    truncated: bool = False
+    counted: Literal["messages", "items"] = "messages"
 
 
 class ConversationSnapshot(_Frozen):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from kbms.merge import ConversationState
-from kbms.model import Conversation, ConversationSummary, Message, from_micros, micros
+from kbms.model import Completeness, Conversation, ConversationSummary, Message, from_micros, micros
 
 PREVIEW_CHARS = 120
 
@@ -62,6 +62,24 @@ def render(state: ConversationState) -> Conversation:
         channel=value("channel"),
         events=tuple(sorted(state.events.values(), key=lambda e: (micros(e.occurred_at), id_order(e.id)))),
         revision=state.revision,
+        completeness=completeness(state),
+    )
+
+
+def completeness(state: ConversationState) -> Completeness:
+    """What the newest payload that said so counts, against what is stored, in the unit that payload counted."""
+    registers = state.header
+    count = registers.get("provider_count")
+    truncated = registers.get("truncated")
+    counted = registers.get("counted")
+    if counted is not None and counted.value == "items":
+        stored = len(state.messages.keys() | state.events.keys())
+    else:
+        stored = len(state.messages)
+    return Completeness(
+        provider_count=count.value if count is not None else None,
+        stored_count=stored,
+        truncated=bool(truncated.value) if truncated is not None else False,
     )
 
 

@@ -4,6 +4,8 @@ pass fetches only what changed, a deletion tombstones, a webhook's hint leads to
 
 from __future__ import annotations
 
+import json
+
 import httpx2
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -11,10 +13,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from kbms.api.sync_metrics import SyncCollector
 from kbms.providers import get_provider
 from kbms.providers.pull import PullClient, SourceConfig
-from kbms.storage.base import Store
+from kbms.storage.base import Filters, Store
 from kbms.sync.policy import PassReport, SyncPolicy
 from kbms.sync.runner import Pass
 from kbms.sync.service import SyncService
+from kbms.webhooks import receive_webhook
 from tests.providers.intercom.fake import FakeIntercom
 from tests.providers.zendesk.fake import FakeZendesk, build_app
 from tests.support.clock import VirtualClock
@@ -77,13 +80,37 @@ async def test_an_intercom_backfill_stores_exactly_the_fakes_conversations_then_
     assert fake.token not in text
 
 
-async def test_a_conversation_over_500_parts_is_stored_with_what_intercom_returns(store: Store) -> None:
+async def completeness(store: Store, external_id: str) -> dict[str, object]:
+    page = await store.list_conversations(limit=500, cursor=None)
+    [item] = [item for item in page.items if item.external_id == external_id]
+    body = await store.get_conversation_json(item.id)
+    assert body is not None
+    return dict(json.loads(body)["completeness"])
+
+
+async def test_a_conversation_over_500_parts_is_stored_with_what_intercom_returns_and_says_so(store: Store) -> None:
     clock = VirtualClock(start=T0 + 86_400)
     fake = FakeIntercom(clock=clock.now)
     fake.add("big", updated_at=T0, parts=620)
+    fake.add("small", updated_at=T0, parts=3)
     report = await sync_intercom(store, fake, clock)
-    assert report.created == 1
-    assert await stored(store) == {"big": 501}  # the 500 newest parts and the opening message
+    assert report.created == 2
+    assert await stored(store) == {"big": 501, "small": 4}  # the 500 newest parts and the opening message
+    # Intercom counts 620 parts and the opening message; kbms holds the opening message and the 500 it returned.
+    assert await completeness(store, "big") == {"provider_count": 621, "stored_count": 501, "truncated": True}
+    assert await completeness(store, "small") == {"provider_count": 4, "stored_count": 4, "truncated": False}
+    cut = await store.list_conversations(limit=10, cursor=None, filters=Filters(truncated=True))
+    whole = await store.list_conversations(limit=10, cursor=None, filters=Filters(truncated=False))
+    assert ([i.external_id for i in cut.items], [i.external_id for i in whole.items]) == (["big"], ["small"])
+
+    # A webhook about a newer reply counts in its statistics (its conversation_parts count only the new part):
+    # the count follows it, and the conversation stays cut short of its oldest parts.
+    clock.advance(60)
+    fake.update("big", updated_at=int(clock.now()), new_parts=1)
+    body = fake.webhook("big", "notif-1")
+    outcome = await receive_webhook(store, get_provider("intercom"), body, {}, secret="", verify=False)
+    assert getattr(outcome, "result", None) == "updated"
+    assert await completeness(store, "big") == {"provider_count": 622, "stored_count": 502, "truncated": True}
 
 
 async def test_a_webhook_hint_fetches_the_whole_conversation_and_a_deleted_one_is_tombstoned(store: Store) -> None:
@@ -139,6 +166,8 @@ async def test_a_zendesk_backfill_and_a_sweep_store_tickets_with_all_their_comme
     assert (report.created, report.dead) == (12, 0)
     expected = {str(t): t % 3 + (150 if t == 7 else 0) for t in range(1, 13)}
     assert await stored(store) == expected
+    # Every comment, over several pages for ticket 7: the count is what kbms holds, and nothing is cut short.
+    assert await completeness(store, "7") == {"provider_count": 151, "stored_count": 151, "truncated": False}
 
     fake.add_comment(4, 2, "a reply")
     fake.put_ticket(4, status="open")

@@ -46,6 +46,7 @@ CURSOR = TypeAdapter(Annotated[str, Field(max_length=256)])
 STATE: TypeAdapter[State] = TypeAdapter(State)
 TAG = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=255)])
 Q = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=512)])
+TRUNCATED = TypeAdapter(bool)
 # Each parameter is read and documented from its validator (``Query``).
 LIMIT_PARAMETER = Query("limit", LIMIT, DEFAULT_LIMIT, "Page size")
 FEED_LIMIT_PARAMETER = Query("limit", FEED_LIMIT, DEFAULT_FEED_LIMIT, "Page size")
@@ -53,6 +54,12 @@ CURSOR_PARAMETER = Query("cursor", CURSOR, None, "next_cursor of the previous pa
 Q_PARAMETER = Query("q", Q, None, "Full-text search")
 STATE_PARAMETER = Query("state", STATE, None, "Only conversations in this state")
 TAG_PARAMETER = Query("tag", TAG, None, "Only conversations with this tag")
+TRUNCATED_PARAMETER = Query(
+    "truncated",
+    TRUNCATED,
+    None,
+    "true: only conversations the provider returned cut short (completeness.truncated); false: only the others",
+)
 AFTER_PARAMETER = Query(
     "updated_after", TIME, None, "Only conversations updated after this time (ISO-8601, or unix seconds; exclusive)"
 )
@@ -68,7 +75,7 @@ def detail_link(conversation_id: str) -> dict[str, Any]:
     return link(PREFIX + DETAIL_PATH, "get", "The conversation", conversation_id=conversation_id)
 
 
-FILTERS = ("provider", "workspace", "state", "tag", "updated_after", "updated_before")
+FILTERS = ("provider", "workspace", "state", "tag", "updated_after", "updated_before", "truncated")
 # The provider filter's parameter is the app's (see ``router``); these are the same for every app.
 OTHER_FILTER_PARAMETERS = [
     WORKSPACE_QUERY.openapi("Only this workspace's (a provider account)"),
@@ -76,6 +83,7 @@ OTHER_FILTER_PARAMETERS = [
     TAG_PARAMETER.openapi(),
     AFTER_PARAMETER.openapi(),
     BEFORE_PARAMETER.openapi(),
+    TRUNCATED_PARAMETER.openapi(),
 ]
 
 
@@ -108,6 +116,7 @@ def filters_of(request: Request) -> Filters:
         tag=TAG_PARAMETER.read(request),
         updated_after=micros(after) if after is not None else None,
         updated_before=micros(before) if before is not None else None,
+        truncated=TRUNCATED_PARAMETER.read(request),
     )
 
 

@@ -107,6 +107,13 @@ def _optional_text(value: Any) -> Any:
     return value
 
 
+def _count(value: Any) -> int | None:
+    """A count the provider reports about itself: informative, never a reason to refuse a payload, so anything
+    but a non-negative integer reads as "not said"."""
+    number = integral(value)
+    return number if number is not None and 0 <= number < 2**31 else None
+
+
 def parse_timestamp(value: Any) -> datetime:
     """A UTC datetime from unix seconds (int or digit string) or an ISO-8601 string."""
     if not isinstance(value, str):
@@ -186,3 +193,4 @@ _INTEGER_SCHEMA = {"anyOf": [{"type": "integer"}, {"type": "string", "pattern": 
 Integer = Annotated[int, PlainValidator(_integer), WithJsonSchema(_INTEGER_SCHEMA)]
 Timestamp = Annotated[datetime, PlainValidator(parse_timestamp), WithJsonSchema(_TIMESTAMP_SCHEMA)]
 OptionalText = Annotated[str | None, BeforeValidator(_optional_text)]
+OptionalCount = Annotated[int | None, PlainValidator(_count), WithJsonSchema({"type": ["integer", "null"]})]

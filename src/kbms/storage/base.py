@@ -48,6 +48,7 @@ class Filters:
     updated_after: int | None = None
     updated_before: int | None = None
     within: frozenset[str] | None = None  # the workspaces the caller may see (an API key's); None: all
+    truncated: bool | None = None  # only conversations the provider cut short (True), or only the others (False)
 
 
 ALL = Filters()

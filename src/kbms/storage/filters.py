@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, false, select, true
 
 from kbms.storage.base import Filters
 from kbms.storage.schema import conversation_tags, conversations
@@ -14,8 +14,9 @@ from kbms.storage.schema import conversation_tags, conversations
 FILTERS = ("provider", "workspace", "state", "tag", "updated_after", "updated_before", "within")
 
 
-def filter_shape(filters: Filters) -> tuple[bool, ...]:
-    return tuple(getattr(filters, name) is not None for name in FILTERS)
+def filter_shape(filters: Filters) -> tuple[bool | None, ...]:
+    # ``truncated`` is written into the statement rather than bound (see below): its value is part of the shape.
+    return (*(getattr(filters, name) is not None for name in FILTERS), filters.truncated)
 
 
 def filter_conditions(filters: Filters) -> list[Any]:
@@ -36,6 +37,10 @@ def filter_conditions(filters: Filters) -> list[Any]:
         conditions.append(c.updated_at < bindparam("b_updated_before"))
     if filters.within is not None:
         conditions.append(c.workspace.in_(bindparam("b_within", expanding=True)))
+    if filters.truncated is not None:
+        # A literal, as the partial index ix_conversations_live_truncated is written: SQLite uses the index only
+        # for a query that repeats its condition.
+        conditions.append(c.truncated == (true() if filters.truncated else false()))
     return conditions
 
 

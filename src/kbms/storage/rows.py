@@ -47,6 +47,8 @@ def conversation_values(
         "last_message_at": micros(summary.last_message_at) if summary.last_message_at else None,
         "last_message_preview": summary.last_message_preview,
         "detail": detail.model_dump_json(),
+        "provider_count": detail.completeness.provider_count,
+        "truncated": detail.completeness.truncated,
         "changed_at": changed_at,
         "deleted_at": state.deleted_at,
     }

@@ -189,6 +189,7 @@ class FakeIntercom:
         item = json.loads(json.dumps(self.conversations[conversation_id]))
         parts = item["conversation_parts"]
         parts["conversation_parts"] = parts["conversation_parts"][-1:]
+        parts["total_count"] = len(parts["conversation_parts"])  # a webhook counts the parts it carries
         notification = {
             "type": "notification_event",
             "app_id": self.app_id,

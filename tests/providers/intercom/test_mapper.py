@@ -256,3 +256,34 @@ def test_a_payload_without_subject_or_title_says_nothing_about_the_subject() -> 
         json.dumps(payload).encode(), workspace="w", default_workspace="default"
     )
     assert "subject" not in snapshot.header.model_fields_set
+
+
+def completeness_of(payload: dict[str, Any]) -> dict[str, Any]:
+    return to_conversation(payload).completeness.model_dump()
+
+
+def test_a_retrieve_counts_its_opening_message_and_every_part_and_says_when_it_returned_fewer() -> None:
+    payload = load("01_rest_get_conversation_v2.16.json")  # 4 parts, all returned
+    assert completeness_of(payload) == {"provider_count": 5, "stored_count": 5, "truncated": False}
+    payload["conversation_parts"]["total_count"] = 620  # as Intercom counts a conversation it cut to 500 parts
+    assert completeness_of(payload) == {"provider_count": 621, "stored_count": 5, "truncated": True}
+
+
+def test_a_webhook_counts_with_its_statistics_never_with_its_parts_which_are_a_delta() -> None:
+    envelope = load("13_webhook_conversation_operator_replied_2026_zulip.json")
+    event = get_provider("intercom").webhooks.parse(json.dumps(envelope).encode(), workspace=None)  # type: ignore[union-attr]
+    assert event.change is not None
+    header = event.change.header  # type: ignore[union-attr]
+    assert envelope["data"]["item"]["conversation_parts"]["total_count"] == 1
+    assert (header.provider_count, header.counted) == (3, "items")
+    assert "truncated" not in header.model_fields_set  # a delta says nothing about what was cut
+
+
+@pytest.mark.parametrize("count", [-1, "12", 1.5, True, None, [], 2**40])
+def test_a_count_that_is_not_one_says_nothing_and_refuses_nothing(count: Any) -> None:
+    payload = load("01_rest_get_conversation_v2.16.json")
+    payload["conversation_parts"]["total_count"] = count
+    payload["statistics"] = {"count_conversation_parts": count}
+    assert completeness_of(payload)["provider_count"] is None
+    payload["statistics"] = "not an object"
+    assert completeness_of(payload)["provider_count"] is None

@@ -45,7 +45,8 @@ class IntercomProvider:
         return redact
 
     def parse_push(self, body: bytes, *, workspace: str | None, default_workspace: str) -> ConversationSnapshot:
-        return to_snapshot(validate_json(IntercomConversation, body), workspace=workspace or default_workspace)
+        conversation = validate_json(IntercomConversation, body)
+        return to_snapshot(conversation, workspace=workspace or default_workspace, retrieved=True)
 
 
 __all__ = ["IntercomProvider"]

@@ -66,8 +66,14 @@ CHANNELS = {"conversation": "messenger", OPENING_PROVIDER_TYPE: None}
 UNASSIGNED = frozenset(("0",))
 
 
-def to_snapshot(conversation: IntercomConversationItem, *, workspace: str) -> ConversationSnapshot:
-    """Map one Intercom conversation object (pushed, or a webhook's item) to what it says about the conversation."""
+def to_snapshot(
+    conversation: IntercomConversationItem, *, workspace: str, retrieved: bool = False
+) -> ConversationSnapshot:
+    """Map one Intercom conversation object (pushed, or a webhook's item) to what it says about the conversation.
+
+    ``retrieved``: the object is what ``GET /conversations/{id}`` returns (a push or a pull), whose
+    ``conversation_parts`` are the newest parts and count them all; a webhook's count only the parts it carries.
+    """
     created_at = conversation.created_at
     version = conversation.updated_at or created_at
     messages: list[Message] = []
@@ -100,7 +106,7 @@ def to_snapshot(conversation: IntercomConversationItem, *, workspace: str) -> Co
         external_id=conversation.id,
         created_at=created_at,
         version=version,
-        header=_header(conversation, opening_id),
+        header=_header(conversation, opening_id, retrieved=retrieved),
         participants=tuple(_participants(conversation, version)),
         messages=tuple(messages),
         events=tuple(events),
@@ -152,7 +158,7 @@ def _attachments(items: list[IntercomAttachment] | None) -> tuple[Attachment, ..
     return tuple(Attachment(name=a.name, url=a.url, content_type=a.content_type, size=a.filesize) for a in items or ())
 
 
-def _header(conversation: IntercomConversationItem, opening_id: str | None) -> ConversationHeader:
+def _header(conversation: IntercomConversationItem, opening_id: str | None, *, retrieved: bool) -> ConversationHeader:
     given = conversation.model_fields_set
     opening = conversation.opening
     fields: dict[str, Any] = {} if opening_id is None else {"opening_message_id": opening_id}
@@ -169,7 +175,21 @@ def _header(conversation: IntercomConversationItem, opening_id: str | None) -> C
     channel = _channel(conversation)
     if channel is not None:
         fields["channel"] = channel
+    fields.update(_completeness(conversation, retrieved=retrieved))
     return ConversationHeader(**fields)
+
+
+def _completeness(conversation: IntercomConversationItem, *, retrieved: bool) -> dict[str, Any]:
+    """The count of items (the opening message and every part) and, for a retrieve, whether it held them all."""
+    parts = conversation.conversation_parts
+    if retrieved and parts is not None and parts.total_count is not None:
+        count = parts.total_count + (1 if conversation.opening is not None else 0)
+        truncated = parts.total_count > len(parts.conversation_parts)
+        return {"provider_count": count, "truncated": truncated, "counted": "items"}
+    statistics = conversation.statistics
+    if statistics is not None and statistics.count_conversation_parts is not None:
+        return {"provider_count": statistics.count_conversation_parts, "counted": "items"}
+    return {}
 
 
 def _subject(conversation: IntercomConversationItem) -> str | None:

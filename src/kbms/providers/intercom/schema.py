@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from kbms.providers.fields import Id, Integer, OptionalId, OptionalText, Timestamp
+from kbms.providers.fields import Id, Integer, OptionalCount, OptionalId, OptionalText, Timestamp
 
 
 class _Tolerant(BaseModel):
@@ -72,6 +72,14 @@ class IntercomPart(_Tolerant):
 
 class IntercomPartList(_Tolerant):
     conversation_parts: list[IntercomPart] = Field(default_factory=list)
+    # A retrieve's count of all the conversation's parts, of which it returns at most the 500 newest; a webhook's
+    # counts only the parts it carries (fixtures/SOURCES.md).
+    total_count: OptionalCount = None
+
+
+class IntercomStatistics(_Tolerant):
+    # Every part and the opening message (fixtures/SOURCES.md); webhooks carry it too.
+    count_conversation_parts: OptionalCount = None
 
 
 class IntercomTag(_Tolerant):
@@ -101,6 +109,7 @@ class IntercomConversationItem(_Tolerant):
     source: IntercomOpeningMessage | None = None
     conversation_message: IntercomOpeningMessage | None = None
     conversation_parts: IntercomPartList | None = None
+    statistics: IntercomStatistics | None = None
     state: OptionalText = None
     open: bool | None = None
     title: str | None = None
@@ -113,6 +122,12 @@ class IntercomConversationItem(_Tolerant):
     contacts: IntercomContactList | None = None
     customers: list[IntercomPerson] | None = None
     user: IntercomPerson | None = None
+
+    @field_validator("statistics", mode="before")
+    @classmethod
+    def _statistics(cls, value: Any) -> Any:
+        # Only a count is read from it, and a count never refuses a payload (``OptionalCount``).
+        return value if isinstance(value, dict) else None
 
     @property
     def opening(self) -> IntercomOpeningMessage | None:

@@ -87,7 +87,11 @@ def to_snapshot(push: ZendeskPush, *, workspace: str) -> ConversationSnapshot:
         external_id=ticket.id,
         created_at=ticket.created_at,
         version=version,
-        header=header(ticket, opening_message_id=opening),
+        header=header(
+            ticket,
+            opening_message_id=opening,
+            comments=len(push.comments) if "comments" in push.model_fields_set else None,
+        ),
         participants=tuple(_participants(ticket, users, authors, ticket.created_at)),
         messages=tuple(messages),
     )
@@ -173,10 +177,18 @@ def messaging_message(
     )
 
 
-def header(ticket: ZendeskTicket | ZendeskTicketDetail, *, opening_message_id: str | None) -> ConversationHeader:
-    """Only what the payload carried: a field it omits (or sends as null, like a webhook's tags) says nothing."""
+def header(
+    ticket: ZendeskTicket | ZendeskTicketDetail, *, opening_message_id: str | None, comments: int | None = None
+) -> ConversationHeader:
+    """Only what the payload carried: a field it omits (or sends as null, like a webhook's tags) says nothing.
+
+    ``comments``: how many comments a push carried, which is all of them (a pull pages through every one; the
+    comments endpoint has no cap), so it is the ticket's count and nothing is cut off.
+    """
     given = ticket.model_fields_set
     fields: dict[str, Any] = {} if opening_message_id is None else {"opening_message_id": opening_message_id}
+    if comments is not None:
+        fields.update(provider_count=comments, truncated=False, counted="messages")
     subject = ticket.subject or ticket.raw_subject
     if subject is not None:
         fields["subject"] = " ".join(subject.split())
