@@ -131,6 +131,20 @@ async def test_claims_lease_jobs_count_attempts_and_expired_leases_come_back(sto
     assert (source.pending, source.running, source.dead_letters) == (0, 0, 0)
 
 
+async def test_a_renewed_claim_holds_past_its_first_lease_and_a_lost_one_is_not_renewed(store: Store) -> None:
+    await store.enqueue(P, W, [Listed(x, None) for x in "ab"], "backfill")
+    at = later()
+    mine = await claim(store, owner="a", limit=1, at=at)
+    assert await store.renew(mine, until=at + 3 * MINUTE) == 1
+    other = await claim(store, owner="b", at=at + 2 * MINUTE)
+    assert [j.external_id for j in other] == ["b"]  # not "a"
+    assert await store.finish(other[0])
+    theirs = await claim(store, owner="b", at=at + 3 * MINUTE + 1)  # the renewed lease ran out: taken over
+    assert [(j.external_id, j.attempts) for j in theirs] == [("a", 2)]
+    assert await store.renew(mine, until=at + 9 * MINUTE) == 0  # a lost claim stays lost
+    assert await store.finish(theirs[0])
+
+
 async def test_claims_are_per_source(store: Store) -> None:
     await store.enqueue(P, W, [Listed("a", None)], "sweep")
     await store.enqueue("zendesk", W, [Listed("a", None)], "sweep")

@@ -323,3 +323,44 @@ async def test_a_draining_pass_waits_for_the_sources_fetches_due_later(store: St
     report = await run(store, provider, clock)
     assert report.updated == 0
     assert (await source_state(store)).pending == 1
+
+
+async def test_claims_waiting_on_a_slow_pace_are_renewed_so_no_other_fetcher_takes_them(store: Store) -> None:
+    clock = later_clock()
+    provider = Provider()
+    for i in range(4):
+        provider.put(f"c{i}", int(clock.now()) - 600 + i)
+    policy = SyncPolicy(concurrency=1, claim_batch=4, lease=10.0)
+    taken: list[str] = []
+
+    class Paced(Client):
+        PAGE = 4  # listed at once: the fetcher claims all four in one batch
+
+        async def fetch(self, listed: Listed) -> Fetched:
+            # Each fetch waits on the provider's pace for 40 % of a lease, so the batch outlives its first lease;
+            # meanwhile another process claims whatever has expired.
+            await clock.timing.sleep(0.4 * policy.lease)
+            now = int(clock.now() * 1_000_000)
+            stolen = await store.claim("intercom", "w1", owner="another", limit=10, now=now, lease=10**9)
+            taken.extend(job.external_id for job in stolen)
+            return await super().fetch(listed)
+
+    report = await Pass(
+        store, get_provider("intercom"), SOURCE, Paced(provider), policy=policy, timing=clock.timing
+    ).run()
+    assert taken == []
+    assert provider.fetches == ["c0", "c1", "c2", "c3"]
+    assert (report.created, report.dead) == (4, 0)
+
+
+async def test_a_full_pass_waits_for_a_listing_another_process_holds_then_lists_everything(store: Store) -> None:
+    clock = later_clock()
+    provider = Provider()
+    for i in range(5):
+        provider.put(f"c{i}", int(clock.now()) - 600 + i)
+    now = int(clock.now() * 1_000_000)
+    assert await store.lease_source("intercom", "w1", owner="a server", now=now, until=now + 30_000_000)
+    report = await run(store, provider, clock, full=True)
+    assert report.listed == 5  # once the other listing's lease ran out (it would end sooner by finishing)
+    assert sorted(provider.fetches) == [f"c{i}" for i in range(5)]
+    assert clock.now() * 1_000_000 >= now + 30_000_000

@@ -22,7 +22,7 @@ from kbms.limits import PayloadLimits
 from kbms.process import tune_garbage_collection
 from kbms.providers import REGISTRY, Provider
 from kbms.settings import Settings
-from kbms.storage import Store, open_store
+from kbms.storage import Store, database_file, open_store, parse_database_url
 from kbms.sync.service import SyncService
 from kbms.sync.sources import sources_of
 
@@ -75,7 +75,12 @@ def create_app(
         tune_garbage_collection()
         sync = None
         if settings.sync == "on" and app.state.sources:
-            sync = SyncService(app.state.store, app.state.sources, providers, interval=settings.sync_interval)
+            # On SQLite one process syncs: the one holding a lock on a file beside the database.
+            database = database_file(parse_database_url(settings.database_url))
+            exclusive = database.with_name(database.name + ".sync-lock") if database is not None else None
+            sync = SyncService(
+                app.state.store, app.state.sources, providers, interval=settings.sync_interval, exclusive=exclusive
+            )
         app.state.sync = sync
         try:
             async with app.state.metrics.sampling(app.state.store), sync.running() if sync else nullcontext():

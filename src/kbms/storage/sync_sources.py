@@ -10,7 +10,7 @@ from sqlalchemy import Connection, and_, delete, func, select, update
 
 from kbms.storage.schema import sync_dead_letters, sync_jobs, sync_sources
 from kbms.storage.sync import COUNTERS, SyncSql, chunks, pending_row
-from kbms.storage.syncstate import KEEP, DeadLetter, Keep, SourceState, SyncCounts
+from kbms.storage.syncstate import KEEP, DeadLetter, Keep, SourceState, SyncCounts, SyncJob
 
 j, d, s = sync_jobs.c, sync_dead_letters.c, sync_sources.c
 
@@ -142,3 +142,12 @@ def expire_leases(conn: Connection, provider: str, workspace: str, owners: Seque
     conn.execute(update(sync_jobs).where(*mine).values(lease_until=now - 1))  # claims take leases that ended before now
     source = (s.provider == provider, s.workspace == workspace, s.lease_owner.in_(owners))
     conn.execute(update(sync_sources).where(*source).values(lease_until=now))
+
+
+def renew(conn: Connection, jobs: Sequence[SyncJob], *, until: int) -> int:
+    """Extend the leases of these claims that still hold (each its own owner and attempt) to ``until``."""
+    renewed = 0
+    for job in jobs:
+        held = (j.pk == job.pk, j.state == "running", j.lease_owner == job.owner, j.attempts == job.attempts)
+        renewed += conn.execute(update(sync_jobs).where(*held).values(lease_until=until)).rowcount
+    return renewed

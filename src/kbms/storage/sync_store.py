@@ -69,6 +69,9 @@ class SyncStateStore(abc.ABC):
         job = partial(sync.claim, self._sync, provider=provider, workspace=workspace, owner=owner, limit=limit)
         return await self._write(partial(job, now=now, lease=lease))
 
+    async def renew(self, jobs: Sequence[SyncJob], *, until: int) -> int:
+        return await self._write(partial(sync_sources.renew, jobs=list(jobs), until=until))
+
     async def finish(self, job: SyncJob) -> bool:
         return await self._write(partial(sync.finish, self._sync, job=job))
 

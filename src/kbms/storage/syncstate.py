@@ -142,6 +142,11 @@ class SyncStore(Protocol):
         running under ``owner``'s lease for ``lease`` microseconds. Concurrent claimers never get the same job."""
         ...
 
+    async def renew(self, jobs: Sequence[SyncJob], *, until: int) -> int:
+        """Extend these claims' leases to ``until`` (a fetcher whose batch waits on the provider's pace keeps
+        them); how many still held. A claim lost meanwhile stays lost."""
+        ...
+
     async def finish(self, job: SyncJob) -> bool:
         """Remove a done job (only that claim: a job queued meanwhile for the same conversation stays). False
         when the claim was lost (its lease expired and another claimer took the job)."""

@@ -58,17 +58,32 @@ class PassReport:
 
 
 def owner_name() -> str:
-    """Who holds a lease: this process (host and pid), told apart from a restart of it."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """Who holds a lease: this process (host, pid namespace and pid), told apart from a restart of it."""
+    return f"{socket.gethostname()}:{_pid_namespace()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _pid_namespace() -> str:
+    # Containers may share a host name (a fixed --hostname, host networking) while each counts its own pids: a
+    # pid means a process only within its namespace, which Linux names by this inode.
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "-"
 
 
 def is_gone(owner: str) -> bool:
-    """Whether a lease's owner is a process of this host that no longer runs (a killed ``kbms sync``): its leases
-    can end now. Owners on other hosts are left to their leases' end."""
-    host, _, rest = owner.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
+    """Whether a lease's owner is a process of this host and pid namespace that no longer runs (a killed
+    ``kbms sync``): its leases can end now. Other owners are left to their leases' end."""
+    host, namespace, pid, _ = [*owner.split(":", 3), "", "", ""][:4]
+    if host != socket.gethostname() or namespace != _pid_namespace() or not pid.isdigit():
         return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # it runs, as another user
+    return False
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

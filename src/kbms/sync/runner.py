@@ -170,8 +170,15 @@ class Pass:
         key = (self.source.provider, self.source.workspace)
         lease = int(self.policy.lease * SECOND)
         try:
-            if not await self.store.lease_source(*key, owner=self.owner, now=self._now(), until=self._now() + lease):
-                return  # another process lists this source: this one only fetches what is queued
+            waited = False
+            while not await self.store.lease_source(*key, owner=self.owner, now=self._now(), until=self._now() + lease):
+                if not self.full:
+                    return  # another process lists this source: this one only fetches what is queued
+                # A full pass was asked for: its listing starts once the other one ends (or its lease runs out).
+                if not waited:
+                    log.info("sync of %s/%s: another process is listing; the full listing waits for it", *key)
+                    waited = True
+                await self.timing.sleep(1.0)
             state = await self._source_state()
             checkpoint = None if self.full or state is None else state.checkpoint
             position = None if self.full or state is None else state.cursor
@@ -227,7 +234,13 @@ class Pass:
                 # a run killed before it finished the job): nothing to fetch. One read for the claimed batch.
                 listed = tuple(Listed(job.external_id, job.listed_updated_at, job.prefetched) for job in jobs)
                 wanted = {item.external_id for item in await self._not_stored(listed)}
-                for job in jobs:
+                until = min(job.lease_until for job in jobs)
+                for index, job in enumerate(jobs):
+                    if self._now() > until - lease // 2:
+                        # The batch waits on the provider's pace (a long Retry-After, a slow ceiling): keep the
+                        # claims that are left, so that no other fetcher takes them up meanwhile.
+                        until = self._now() + lease
+                        await self.store.renew(jobs[index:], until=until)
                     if job.external_id in wanted:
                         await self._run(job)
                     else:

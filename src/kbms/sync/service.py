@@ -3,10 +3,12 @@ in between, and webhooks turned into hints (``hint``): a verified webhook about 
 source queues a fetch of it, due a few seconds later, so that several webhooks about one conversation make one
 fetch and the stored copy converges to the provider's full state.
 
-Every process of ``kbms serve --workers N`` runs one; the database shares the work out. Sweeps take the source's
-listing lease (``SyncStore.lease_source``), so one process lists a source at a time, and claims take jobs under a
-lease with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so each job runs once. On SQLite every write goes through the
-one writer's lock anyway.
+Every process of ``kbms serve --workers N`` runs one. On PostgreSQL the database shares the work out: sweeps take
+the source's listing lease (``SyncStore.lease_source``), so one process lists a source at a time, and claims take
+jobs under a lease with ``FOR UPDATE SKIP LOCKED``, so each job runs once. On SQLite one process does the work
+(``exclusive``: it holds a lock on a file beside the database; the others take over when it ends): every write
+goes through the one writer's lock, so a second syncing process would only wait for it. A pass asked for
+(``sweep``) runs in the process asked, holder or not; the leases keep it exact.
 
 A pass that fails (a provider that refuses the token, or cannot be reached) is recorded on its source (``GET
 /internal/sources``) and logged without the token; the service tries again at the next sweep.
@@ -16,9 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
 
 from kbms.providers import Provider
 from kbms.providers.pull import Listed, ProviderRefused, ProviderUnreachable, PullClient, SourceConfig, Timing
@@ -48,7 +53,9 @@ class SyncService:
         interval: float,
         policy: SyncPolicy = DEFAULT_POLICY,
         timing: Timing = WALL_CLOCK,
+        exclusive: Path | None = None,
     ) -> None:
+        """``exclusive``: a lock file; only the process holding it sweeps and works the queue (SQLite)."""
         self.store = store
         self.sources = {(s.provider, s.workspace): Source(s, providers[s.provider]) for s in sources}
         self.interval = interval
@@ -57,6 +64,28 @@ class SyncService:
         self.owner = owner_name()
         self._wake = {key: asyncio.Event() for key in self.sources}
         self._sweep_now = {key: asyncio.Event() for key in self.sources}
+        self._exclusive = exclusive
+        self._lock: IO[bytes] | None = None
+
+    def holds_the_work(self) -> bool:
+        """Whether this process does the periodic work: always, unless another holds the ``exclusive`` lock."""
+        if self._exclusive is None or self._lock is not None:
+            return True
+        lock = self._exclusive.open("ab")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the OS lets go of it when this process ends
+        except OSError:
+            lock.close()
+            return False
+        self._lock = lock
+        log.info("sync: this process does the sync work for this SQLite database")
+        return True
+
+    def release_the_work(self) -> None:
+        """Let another process take the periodic work up (the service stops)."""
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None
 
     async def hint(self, provider: str, workspace: str | None, external_id: str) -> bool:
         """A webhook said this conversation changed: queue a fetch of it, if it is a configured source's."""
@@ -93,6 +122,7 @@ class SyncService:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            self.release_the_work()
 
     async def _source_loop(self, key: tuple[str, str]) -> None:
         source = self.sources[key]
@@ -102,10 +132,13 @@ class SyncService:
         next_sweep = self.timing.now()
         try:
             while True:
-                sweeping = self.timing.now() >= next_sweep or self._sweep_now[key].is_set()
+                working = self.holds_the_work()
+                asked = self._sweep_now[key].is_set()
+                sweeping = asked or (working and self.timing.now() >= next_sweep)
                 self._sweep_now[key].clear()
                 self._wake[key].clear()
-                await self._pass(source, client, listing=sweeping)
+                if working or asked:
+                    await self._pass(source, client, listing=sweeping)
                 if sweeping:
                     next_sweep = self.timing.now() + self.interval
                 wait = max(0.0, min(POLL, next_sweep - self.timing.now()))
