@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, nullcontext
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from fastapi import FastAPI
@@ -75,11 +76,14 @@ def create_app(
         tune_garbage_collection()
         sync = None
         if settings.sync == "on" and app.state.sources:
-            # On SQLite one process syncs: the one holding a lock on a file beside the database.
+            # On SQLite one process syncs: the one holding a lock on a file beside the database. On PostgreSQL
+            # every worker does, each keeping to its part of each source's ceiling.
             database = database_file(parse_database_url(settings.database_url))
             exclusive = database.with_name(database.name + ".sync-lock") if database is not None else None
+            share = 1 if exclusive is not None else settings.workers
+            sources = [replace(source, share=share) for source in app.state.sources]
             sync = SyncService(
-                app.state.store, app.state.sources, providers, interval=settings.sync_interval, exclusive=exclusive
+                app.state.store, sources, providers, interval=settings.sync_interval, exclusive=exclusive
             )
         app.state.sync = sync
         try:

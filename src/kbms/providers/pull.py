@@ -41,6 +41,13 @@ class SourceConfig:
     email: str | None = None
     base_url: str | None = None  # None: the provider's public API for that workspace
     max_requests_per_minute: int | None = None  # None: the client's default, well under the provider's
+    # How many processes sync this source at once, each keeping to its part of the ceiling (kbms serve's workers
+    # on PostgreSQL); not configured, but set by the process that syncs.
+    share: int = 1
+
+    def ceiling(self, default: int) -> int:
+        """The requests a minute this process may make to the source: its part of the source's ceiling."""
+        return max(1, (self.max_requests_per_minute or default) // self.share)
 
 
 @dataclass(frozen=True, slots=True)

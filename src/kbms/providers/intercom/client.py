@@ -121,7 +121,7 @@ class IntercomClient:
         self.workspace = source.workspace
         self.api = Api(
             base_url=source.base_url or BASE_URL,
-            max_requests_per_minute=source.max_requests_per_minute or MAX_REQUESTS_PER_MINUTE,
+            max_requests_per_minute=source.ceiling(MAX_REQUESTS_PER_MINUTE),
             headers={
                 "Authorization": f"Bearer {source.token}",
                 "Intercom-Version": VERSION,

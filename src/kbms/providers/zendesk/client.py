@@ -81,7 +81,7 @@ class ZendeskClient:
         transport: httpx2.AsyncBaseTransport | None = None,
         timing: Timing = WALL_CLOCK,
     ) -> None:
-        ceiling = source.max_requests_per_minute or DEFAULT_PER_MINUTE
+        ceiling = source.ceiling(DEFAULT_PER_MINUTE)
         auth: httpx2.Auth | None = None
         headers: dict[str, str] = {"Accept": "application/json"}
         if source.email:
