@@ -39,6 +39,8 @@ async def test_one_process_holds_the_sync_work_of_a_sqlite_database_and_another_
     assert second.holds_the_work()
     second.release_the_work()
     assert SyncService(store, [SOURCE], providers, interval=3600).holds_the_work()  # PostgreSQL: everyone works
+    nowhere = SyncService(store, [SOURCE], providers, interval=3600, exclusive=tmp_path / "no" / "such" / "lock")
+    assert nowhere.holds_the_work()  # a lock it cannot make: it syncs (alone, as on a laptop), and says so
 
 
 def test_only_an_ended_process_of_this_host_and_pid_namespace_is_gone() -> None:

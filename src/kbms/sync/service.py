@@ -71,7 +71,12 @@ class SyncService:
         """Whether this process does the periodic work: always, unless another holds the ``exclusive`` lock."""
         if self._exclusive is None or self._lock is not None:
             return True
-        lock = self._exclusive.open("ab")
+        try:
+            lock = self._exclusive.open("ab")
+        except OSError as exc:  # a directory kbms may not write to: no lock to share, so this process works
+            log.warning("sync: cannot open %s (%s); this process syncs without it", self._exclusive, exc.strerror)
+            self._exclusive = None
+            return True
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the OS lets go of it when this process ends
         except OSError:
