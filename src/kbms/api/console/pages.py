@@ -35,7 +35,7 @@ AGGREGATES_TTL = 15.0  # seconds
 FORM_FIELDS = ("q", "provider", "workspace", "state", "tag", "updated_after", "updated_before", "cursor")
 REJECT_FIELDS = ("provider", "workspace", "since", "cursor")
 SINCE = Query("since", TIME, None, "Received at or after this time")
-REJECT_CURSOR = TypeAdapter(Annotated[str, StringConstraints(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$")])
+REJECT_CURSOR = TypeAdapter(Annotated[str, StringConstraints(pattern=r"^[0-9]{1,18}-[0-9]{1,18}$")])
 
 
 def given(request: Request, names: tuple[str, ...]) -> Request:
