@@ -180,7 +180,7 @@ async def conversation(request: Request) -> Response:
     # Stable: messages before events at the same instant, each in the detail's own order.
     timeline.sort(key=lambda entry: entry["at"] or "")
     records = await store.conversation_deliveries(conversation_id, limit=DELIVERIES)
-    heading = detail.get("subject") or f"Conversation {detail['external_id']}"
+    heading = detail.get("subject") or f"Conversation {detail.get('external_id', conversation_id)}"
     context = base_context(request, heading, active="conversations")
     context.update(
         c=detail,
