@@ -278,3 +278,11 @@ def test_rejects_are_paged_newest_first(database_url: str) -> None:
     seen = rows.findall(first.text) + rows.findall(following.text)
     assert (len(rows.findall(first.text)), len(seen), len(set(seen))) == (50, 51, 51)
     assert 'rel="next"' not in following.text
+
+
+def test_overview_of_a_small_database_is_always_fresh(database_url: str) -> None:
+    with console(settings_for(database_url)) as client:
+        signed_in(client, ADMIN)
+        assert "No conversations stored yet." in client.get("/console").text
+        ingest(client, intercom_payload("fresh"), workspace="ws-a")
+        assert "No conversations stored yet." not in client.get("/console").text
