@@ -68,8 +68,8 @@ async def overview(request: Request) -> Response:
 
 async def aggregates(request: Request, within: frozenset[str] | None) -> tuple[Any, Any, int, int]:
     """Conversations per workspace and deliveries per minute. Both scan an index (storage/overview.py): at
-    1,000,000 live conversations and as many deliveries in the last 24 hours, about 0.2 s and 0.6 s on SQLite (a
-    shared 2-core machine). When they took longer than ``SLOW`` they are kept ``AGGREGATES_TTL`` seconds per
+    1,000,000 live conversations and as many deliveries in the last 24 hours, 0.1-0.2 s and 0.4-0.6 s on SQLite (a
+    busy 2-core machine). When they took longer than ``SLOW`` they are kept ``AGGREGATES_TTL`` seconds per
     process: a chart by the minute loses nothing by being some seconds old, and repeated views (a page left open,
     several operators) cost one scan per period. A small database is always read fresh."""
     cache = console_of(request).aggregates
