@@ -155,6 +155,12 @@ async def test_0004_gives_details_stored_before_it_the_completeness_kbms_renders
         upgrade(engine)
         with engine.connect() as conn:
             migrated = conn.execute(select(conversations.c.detail)).scalar_one()
+        with engine.begin() as conn:  # down and up again: the field is not added twice
+            config.attributes["connection"] = conn
+            command.downgrade(config, "0003")
+        upgrade(engine)
+        with engine.connect() as conn:
+            assert conn.execute(select(conversations.c.detail)).scalar_one() == migrated
     finally:
         engine.dispose()
     completeness = json.loads(migrated)["completeness"]

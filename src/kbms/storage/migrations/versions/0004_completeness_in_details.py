@@ -23,10 +23,17 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # Only where it is missing: the downgrade keeps the field, and an upgrade after it must not add it twice. The
+    # key, quotes unescaped, can only be the field itself: a quote inside a JSON string is written \".
     splice = sa.text(
         "UPDATE conversations SET detail = substr(detail, 1, length(detail) - 1)"
         " || :head || CAST(message_count AS TEXT) || :tail"
-    ).bindparams(head=',"completeness":{"provider_count":null,"stored_count":', tail=',"truncated":false}}')
+        " WHERE detail NOT LIKE :present"
+    ).bindparams(
+        head=',"completeness":{"provider_count":null,"stored_count":',
+        tail=',"truncated":false}}',
+        present='%,"completeness":{%',
+    )
     op.execute(splice)
 
 
