@@ -66,6 +66,7 @@ class Keyring:
 
     def __init__(self, keys: Iterable[KeyConfig]) -> None:
         self._by_hash: dict[str, ApiKey] = {}
+        self._by_name: dict[str, ApiKey] = {}
         names: set[str] = set()
         for key in keys:
             if key.name in names:
@@ -75,6 +76,7 @@ class Keyring:
             names.add(key.name)
             workspaces = frozenset(key.workspaces) if key.workspaces is not None else None
             self._by_hash[key.sha256] = ApiKey(key.name, frozenset(key.scopes), workspaces, key.revoked)
+            self._by_name[key.name] = self._by_hash[key.sha256]
 
     @classmethod
     def configured(cls, inline: str, file: Path | None) -> Keyring:
@@ -99,6 +101,10 @@ class Keyring:
     def lookup(self, token: str) -> ApiKey | None:
         """The key this token is, revoked or not; None for a token that is no configured key."""
         return self._by_hash.get(digest(token))
+
+    def named(self, name: str) -> ApiKey | None:
+        """The key of this name, revoked or not (a console session names its key, never holds it)."""
+        return self._by_name.get(name)
 
 
 def _parse(text: str, *, source: str) -> list[KeyConfig]:

@@ -118,6 +118,42 @@ async def reprocess(
     return report
 
 
+@dataclass(frozen=True)
+class DeliveryReprocessed:
+    """What reading one ledger delivery again did: its outcome now, and the reason when still rejected."""
+
+    outcome: Outcome
+    error: str | None
+    conversation_changed: bool
+
+
+async def reprocess_delivery(
+    store: Store, pk: int, *, providers: Mapping[str, Provider] = REGISTRY
+) -> DeliveryReprocessed | None:
+    """Read one ledger delivery again with today's mappers (the console's "Reprocess" of one reject). A delivery
+    that now reads as a change joins its conversation's rebuild from all its deliveries, exactly as in ``reprocess``;
+    one that still fails is marked with today's reason. None: no such delivery."""
+    entry = await store.ledger_entry(pk)
+    if entry is None:
+        return None
+    read = reader(providers)
+    reading = read(entry)
+    if reading.change is None:
+        outcome: Outcome = "rejected" if reading.error else "ignored"
+        if entry.conversation_pk is None and (outcome, reading.error) != (entry.outcome, entry.error):
+            await store.reclassify(entry.pk, outcome, reading.error)
+        return DeliveryReprocessed(outcome, reading.error, conversation_changed=False)
+    key = ConversationKey.of(reading.change)
+    extra = [entry.pk] if entry.conversation_pk is None else []
+    rebuilt = await _rebuild(store, key, extra, read, providers)
+    after = await store.ledger_entry(pk)
+    return DeliveryReprocessed(
+        after.outcome if after is not None else entry.outcome,
+        after.error if after is not None else None,
+        conversation_changed=rebuilt.changed,
+    )
+
+
 async def _rebuild(
     store: Store, key: ConversationKey, extra: list[int], read: Reader, providers: Mapping[str, Provider]
 ) -> Rebuilt:

@@ -103,6 +103,16 @@ class Settings(BaseSettings):
     sync_interval: float = Field(
         default=300.0, gt=0, description="Seconds between the incremental sweeps of each source by kbms serve"
     )
+    # The operator console (kbms.api.console). A plain str for the reason given for sources: kbms serve hands a
+    # secret it made to its workers as environment text.
+    console_secret: str = Field(
+        default="",
+        repr=False,
+        description="Key that signs console sessions (random per start when unset: sessions end with the process)",
+    )
+    console_session_ttl: int = Field(
+        default=28_800, ge=60, le=31 * 86_400, description="Seconds a console sign-in lasts"
+    )
     # Providers name their own secret variables (KBMS_INTERCOM_CLIENT_SECRET, ...): every KBMS_*_SECRET is kept.
     secrets: dict[str, SecretStr] = Field(default_factory=dict, exclude=True, repr=False)
     default_workspace: str = Field(

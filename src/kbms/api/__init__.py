@@ -13,6 +13,7 @@ from kbms import __version__
 from kbms.api import conversations, health, integrations, metrics, sources, webhooks
 from kbms.api.admission import Admission
 from kbms.api.auth import ApiKeyMiddleware, required_scope
+from kbms.api.console import install_console
 from kbms.api.docs import install_docs
 from kbms.api.errors import install_error_handlers
 from kbms.api.openapi import install_openapi
@@ -105,6 +106,8 @@ def create_app(
     app.state.metrics = metrics.Metrics(providers, multiprocess_dir=metrics.multiprocess_dir())
     # The last added is the outermost: telemetry sees (and counts, with a request id) what auth refuses.
     keyring = Keyring.configured(settings.api_keys, settings.api_keys_file)
+    # The operator console at /console: its own sign-in (a session cookie for an API key) and its own guard.
+    install_console(app, settings, keyring=keyring, providers=providers)
     if keyring:
         app.add_middleware(ApiKeyMiddleware, keyring=keyring)
     # Admission sits inside telemetry (whose cost is small) so that overload refusals are counted and carry a

@@ -6,6 +6,7 @@ import errno
 import ipaddress
 import logging
 import os
+import secrets
 import socket
 import sys
 from typing import Annotated
@@ -66,6 +67,9 @@ def serve(
         sock = listening_socket(settings.host, settings.port)
     except OSError as exc:
         raise Failure(_cannot_listen(settings.host, settings.port, exc)) from None
+    if not settings.console_secret:
+        # One secret for every worker, so that a console session signed by one is read by the others.
+        settings = settings.model_copy(update={"console_secret": secrets.token_urlsafe(32)})
     if not keyring:
         log.warning("no API keys configured: /internal and /integrations are open to whoever reaches %s", settings.host)
     if settings.workers == 1:

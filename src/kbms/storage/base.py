@@ -99,6 +99,39 @@ class PoolUsage:
     waiting: int  # callers queued for one: requests waiting for a connection, writes waiting for the next commit
 
 
+@dataclass(frozen=True, slots=True)
+class WorkspaceCount:
+    """How many live conversations one provider's workspace holds (the console's overview)."""
+
+    provider: str
+    workspace: str
+    conversations: int
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """Deliveries received in one minute (``minute``: its start, microseconds), and how many of them were refused."""
+
+    minute: int
+    received: int
+    rejected: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    """One ledger row as the console shows it, raw payload included."""
+
+    pk: int
+    provider: str
+    workspace: str
+    kind: str
+    topic: str | None
+    received_at: int
+    outcome: str
+    error: str | None
+    body: bytes
+
+
 class Store(SyncStore, Protocol):
     """One storage interface; every backend passes the same contract suite (tests/storage/test_contract.py).
     It keeps the sync state too (``storage.syncstate``; tests/storage/test_sync_state.py).
@@ -193,6 +226,37 @@ class Store(SyncStore, Protocol):
 
     async def count(self, filters: Filters) -> int:
         """How many live conversations match ``filters``."""
+        ...
+
+    async def workspace_counts(self, *, within: frozenset[str] | None = None) -> list[WorkspaceCount]:
+        """Live conversations per provider and workspace (``within``: only these workspaces), by provider and
+        workspace."""
+        ...
+
+    async def activity(self, *, since: int, until: int, within: frozenset[str] | None = None) -> list[Activity]:
+        """Deliveries received in ``[since, until)`` per minute, in order; minutes with none are left out."""
+        ...
+
+    async def conversation_deliveries(self, conversation_id: str, *, limit: int) -> list[DeliveryRecord]:
+        """The newest ``limit`` ledger deliveries of a conversation, in received order."""
+        ...
+
+    async def rejected_deliveries(
+        self,
+        *,
+        provider: str | None = None,
+        workspace: str | None = None,
+        within: frozenset[str] | None = None,
+        since: int | None = None,
+        before: tuple[int, int] | None = None,
+        limit: int,
+    ) -> list[DeliveryRecord]:
+        """Rejected deliveries, newest first (by received time, then ledger row), received at or after ``since``
+        and before the ``(received_at, pk)`` position ``before`` (a keyset page)."""
+        ...
+
+    async def ledger_entry(self, pk: int) -> LedgerEntry | None:
+        """One ledger delivery, as ``kbms reprocess`` reads it."""
         ...
 
     async def ping(self) -> None:

@@ -97,6 +97,14 @@ for _column in ("provider", "workspace", "state"):
         sqlite_where=text("deleted_at IS NULL"),
         postgresql_where=text("deleted_at IS NULL"),
     )
+# The console's overview: live conversations per provider and workspace, counted from this index alone.
+Index(
+    "ix_conversations_live_provider_workspace",
+    conversations.c.provider,
+    conversations.c.workspace,
+    sqlite_where=text("deleted_at IS NULL"),
+    postgresql_where=text("deleted_at IS NULL"),
+)
 # ?truncated=true. SQLite uses a partial index only if the query repeats its terms: filter with ``== true()``.
 Index(
     "ix_conversations_live_truncated",
@@ -179,6 +187,14 @@ ledger = Table(
 )
 Index("ix_ledger_received", ledger.c.received_at, ledger.c.pk)
 Index("ix_ledger_conversation", ledger.c.conversation_pk)
+# The console's rejects, newest first: the few rejected rows among the many accepted (storage/overview.py).
+Index(
+    "ix_ledger_rejected",
+    ledger.c.received_at,
+    ledger.c.pk,
+    sqlite_where=text("outcome = 'rejected'"),
+    postgresql_where=text("outcome = 'rejected'"),
+)
 
 # Redacted messages, by the conversation's provider key rather than its row: a deletion purges a conversation's
 # content, but the redaction must still be applied to every raw payload of it that arrives or is linked later.

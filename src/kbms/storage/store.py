@@ -24,9 +24,20 @@ from kbms.deliveries import (
 )
 from kbms.errors import FieldIssue, StorageUnavailable, ValidationFailed
 from kbms.model import Change, Conversation, ConversationSnapshot, Redactor, micros
-from kbms.storage import feed, reads, rebuild, state, writes
+from kbms.storage import feed, overview, reads, rebuild, state, writes
 from kbms.storage.backend import driver_error
-from kbms.storage.base import ALL, ChangeRecord, Cursor, ExportBatch, Filters, Hit, Page
+from kbms.storage.base import (
+    ALL,
+    Activity,
+    ChangeRecord,
+    Cursor,
+    DeliveryRecord,
+    ExportBatch,
+    Filters,
+    Hit,
+    Page,
+    WorkspaceCount,
+)
 from kbms.storage.statements import Sql
 from kbms.storage.sync import SyncSql
 from kbms.storage.sync_store import SyncStateStore
@@ -204,6 +215,40 @@ class SqlStore(SyncStateStore, abc.ABC):
     @abc.abstractmethod
     def _snapshot(self) -> AbstractAsyncContextManager[Callable[[Job[T]], Awaitable[T]]]:
         """One read transaction (one snapshot of the database) for a sequence of jobs, each run off the loop."""
+
+    async def workspace_counts(self, *, within: frozenset[str] | None = None) -> list[WorkspaceCount]:
+        return await self._read_long(partial(overview.workspace_counts, within=within))
+
+    async def activity(self, *, since: int, until: int, within: frozenset[str] | None = None) -> list[Activity]:
+        return await self._read_long(partial(overview.activity, since=since, until=until, within=within))
+
+    async def conversation_deliveries(self, conversation_id: str, *, limit: int) -> list[DeliveryRecord]:
+        job = partial(overview.conversation_deliveries, conversation_id=conversation_id, limit=limit)
+        return await self._read_long(job)
+
+    async def rejected_deliveries(
+        self,
+        *,
+        provider: str | None = None,
+        workspace: str | None = None,
+        within: frozenset[str] | None = None,
+        since: int | None = None,
+        before: tuple[int, int] | None = None,
+        limit: int,
+    ) -> list[DeliveryRecord]:
+        job = partial(
+            overview.rejected_deliveries,
+            provider=provider,
+            workspace=workspace,
+            within=within,
+            since=since,
+            before=before,
+            limit=limit,
+        )
+        return await self._read_long(job)
+
+    async def ledger_entry(self, pk: int) -> LedgerEntry | None:
+        return await self._read(partial(overview.ledger_entry, pk=pk))
 
     async def ping(self) -> None:
         await self._read(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
