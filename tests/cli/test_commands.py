@@ -32,9 +32,9 @@ def counts(output: str) -> list[str]:
 def test_migrate_is_idempotent(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'db' / 'kbms.db'}"
     code, output = kbms("migrate", "--database-url", url)
-    assert (code, "from empty to 0003" in output) == (0, True)
+    assert (code, "from empty to 0004" in output) == (0, True)
     code, output = kbms("migrate", "--database-url", url)
-    assert (code, "already at revision 0003" in output) == (0, True)
+    assert (code, "already at revision 0004" in output) == (0, True)
 
 
 def test_ingest_ndjson_reports_every_outcome_with_line_numbers(tmp_path: Path, database_url: str) -> None:

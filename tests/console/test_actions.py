@@ -126,6 +126,9 @@ def test_a_workspace_limited_admin_acts_only_on_its_workspace(database_url: str)
         (other,) = set(every) - set(mine)
         token = csrf_of(page)
         assert client.post("/console/rejects/reprocess", data={"csrf": token, "delivery": other}).status_code == 404
+        for bad in ("", "x", "²", "9" * 19, "-1"):
+            response = client.post("/console/rejects/reprocess", data={"csrf": token, "delivery": bad})
+            assert response.status_code == 422, bad
         assert "Reprocess all" not in page.text
         response = client.post("/console/rejects/reprocess-all", data={"csrf": token, "since": "2020-01-01"})
         assert response.status_code == 403

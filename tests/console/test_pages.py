@@ -189,7 +189,7 @@ CONSOLE_TAGS = {
     "pre",
     "time",
     "label",
-    "select",
+    "datalist",
     "option",
     "mark",
     "em",
@@ -238,6 +238,7 @@ def test_hostile_message_is_inert_text(database_url: str) -> None:
         "/console/conversations?tag=%00",
         "/console/rejects?since=soon",
         "/console/rejects?cursor=12",
+        "/console/rejects?cursor=99999999999999999999-1",
         "/console/rejects?provider=nope",
     ],
 )

@@ -7,10 +7,13 @@ from dataclasses import replace
 from datetime import timedelta
 
 import pytest
+from alembic import command
+from sqlalchemy import inspect
 
 from kbms.errors import FieldIssue
 from kbms.model import micros
-from kbms.storage import Store
+from kbms.storage import Store, admin_engine
+from kbms.storage.migrate import alembic_config, upgrade
 from tests.storage.test_contract import NOW, cid, delivery, put
 from tests.support.helpers import dumps, intercom_payload, part
 
@@ -86,3 +89,30 @@ async def test_ledger_entry(store: Store) -> None:
     assert entry is not None
     assert (entry.pk, entry.outcome, entry.body, entry.workspace) == (row.pk, "rejected", b'{"bad": 1}', "w1")
     assert await store.ledger_entry(row.pk + 1000) is None
+
+
+def test_0004_upgrades_and_downgrades(empty_database_url: str) -> None:
+    engine = admin_engine(empty_database_url)
+    config = alembic_config()
+    added = {("conversations", "ix_conversations_live_provider_workspace"), ("ledger", "ix_ledger_rejected")}
+
+    def indexes() -> set[tuple[str, str]]:
+        with engine.connect() as conn:
+            found = inspect(conn)
+            return {
+                (table, index["name"] or "")
+                for table in ("conversations", "ledger")
+                for index in found.get_indexes(table)
+            }
+
+    try:
+        upgrade(engine)
+        assert added <= indexes()
+        with engine.begin() as conn:
+            config.attributes["connection"] = conn
+            command.downgrade(config, "0003")
+        assert not added & indexes()
+        upgrade(engine)
+        assert added <= indexes()
+    finally:
+        engine.dispose()

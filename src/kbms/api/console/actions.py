@@ -34,6 +34,7 @@ from kbms.reprocess import reprocess, reprocess_delivery
 # Only a console path may be where sign-in leads: anything else (another host, //host, a backslash) is an open
 # redirect.
 SAFE_NEXT = re.compile(r"/console(?:[/?][^\\\s]*)?")
+ROW_NUMBER = re.compile(r"[0-9]{1,18}")  # a ledger row: within a BIGINT, whatever was sent
 REFUSED = "That key was not accepted: it is not a key of this server, it was revoked, or it may not read."
 
 
@@ -96,7 +97,7 @@ async def reprocess_one(request: Request) -> Response:
     form = await form_of(request)
     who = checked(request, form)
     text = form.get("delivery", "")
-    if not text.isdigit() or len(text) > 19:
+    if ROW_NUMBER.fullmatch(text) is None:
         raise ValidationFailed([FieldIssue("delivery", "int_parsing", "A ledger row number")], message="Bad delivery")
     store = store_of(request)
     entry = await store.ledger_entry(int(text))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import parse_qsl
 
@@ -32,6 +32,8 @@ class Console:
     ttl: int
     providers: Mapping[str, Provider]
     static: Mapping[str, tuple[bytes, str]]  # file name: (content, media type)
+    # The overview's aggregates by the workspaces a viewer may see: (monotonic expiry, value). See pages.overview.
+    aggregates: dict[frozenset[str] | None, tuple[float, Any]] = field(default_factory=dict)
 
 
 def console_of(request: Request) -> Console:

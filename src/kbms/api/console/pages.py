@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from datetime import UTC, datetime
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, cast, get_args
 from urllib.parse import urlencode
 
 from fastapi import Request, Response
@@ -30,10 +31,11 @@ DELIVERIES = 100
 PAYLOAD_CHARS = 64 * 1024  # of a raw payload shown on a page (the ledger keeps it whole)
 MINUTE = 60_000_000
 DAY = 24 * 60 * MINUTE
+AGGREGATES_TTL = 15.0  # seconds
 FORM_FIELDS = ("q", "provider", "workspace", "state", "tag", "updated_after", "updated_before", "cursor")
 REJECT_FIELDS = ("provider", "workspace", "since", "cursor")
 SINCE = Query("since", TIME, None, "Received at or after this time")
-REJECT_CURSOR = TypeAdapter(Annotated[str, StringConstraints(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$")])
+REJECT_CURSOR = TypeAdapter(Annotated[str, StringConstraints(pattern=r"^[0-9]{1,18}-[0-9]{1,18}$")])
 
 
 def given(request: Request, names: tuple[str, ...]) -> Request:
@@ -50,15 +52,36 @@ def _fields(record: DeliveryRecord, payload: str) -> dict[str, Any]:
 
 async def overview(request: Request) -> Response:
     who = viewer(request)
-    store = store_of(request)
-    counts = await store.workspace_counts(within=who.workspaces)
-    until = (micros(datetime.now(UTC)) // MINUTE + 1) * MINUTE
-    since = until - DAY
-    minutes = await store.activity(since=since, until=until, within=who.workspaces)
+    counts, minutes, since, until = await aggregates(request, who.workspaces)
     context = base_context(request, "Overview", active="overview")
     context.update(counts=counts, chart=chart(minutes, since=since), since=since, until=until)
     context["sources"] = await source_statuses(request)
     return render(console_of(request).env, "overview.html", context)
+
+
+async def aggregates(request: Request, within: frozenset[str] | None) -> tuple[Any, Any, int, int]:
+    """Conversations per workspace and deliveries per minute, kept ``AGGREGATES_TTL`` seconds per process. Both
+    scan an index (storage/overview.py): at 1,000,000 live conversations and as many deliveries in the last 24
+    hours, about 0.2 s and 0.6 s on SQLite (a shared 2-core machine). A chart by the minute loses nothing by being
+    some seconds old, and repeated views (a page left open, several operators) cost one scan per period."""
+    cache = console_of(request).aggregates
+    now = time.monotonic()
+    kept = cache.get(within)
+    if kept is not None and kept[0] > now:
+        return cast(tuple[Any, Any, int, int], kept[1])
+    store = store_of(request)
+    until = (micros(datetime.now(UTC)) // MINUTE + 1) * MINUTE
+    since = until - DAY
+    value = (
+        await store.workspace_counts(within=within),
+        await store.activity(since=since, until=until, within=within),
+        since,
+        until,
+    )
+    if len(cache) > 1000:  # one entry per distinct set of workspaces: bounded all the same
+        cache.clear()
+    cache[within] = (now + AGGREGATES_TTL, value)
+    return value
 
 
 async def source_statuses(request: Request) -> list[Any]:
@@ -157,7 +180,7 @@ async def conversation(request: Request) -> Response:
     # Stable: messages before events at the same instant, each in the detail's own order.
     timeline.sort(key=lambda entry: entry["at"] or "")
     records = await store.conversation_deliveries(conversation_id, limit=DELIVERIES)
-    heading = detail.get("subject") or f"Conversation {detail['external_id']}"
+    heading = detail.get("subject") or f"Conversation {detail.get('external_id', conversation_id)}"
     context = base_context(request, heading, active="conversations")
     context.update(
         c=detail,
