@@ -62,6 +62,12 @@ def test_a_read_key_signs_in_sees_and_has_no_actions(
     assert action_buttons(page) == []
     assert READER not in page.content()
     assert READER not in page.url
+    # Nor may it act by sending what an admin's button would, with its own session's CSRF token.
+    csrf = page.locator('input[name="csrf"]').first.get_attribute("value")
+    source = f"/console/sources/intercom/{console.fake.app_id}/sync"
+    refused = page.request.post(source, form={"csrf": csrf or ""}, max_redirects=0)
+    assert refused.status == 403
+    assert "admin scope" in refused.text()  # refused for the key's scope, not for a bad token
 
     page.get_by_role("button", name="Sign out").click()
     expect(page).to_have_url(re.compile(r"/console/login"))

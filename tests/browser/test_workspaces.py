@@ -42,3 +42,6 @@ def test_a_limited_key_sees_only_its_workspace(page_as: Callable[..., Page], con
     assert visit(page, f"/console/conversations/{console.ids['quokka']}").status == 404
     assert not [word for word in OTHERS if word in visible_text(page)]
     assert visit(page, f"/console/conversations/{console.ids['ws-b']}").status == 200
+    # Nor the source of another workspace.
+    visit(page, "/console/sources")
+    expect(page.locator("#sources")).not_to_contain_text(console.fake.app_id)
