@@ -2,10 +2,14 @@
 conversation's deliveries, the rejected ones, one ledger row. Not hot paths (an operator's page views), so
 statements are built per call; each is an indexed query with a limit or a bounded time window.
 
-What keeps them cheap at a million conversations (measured on SQLite, 1,000,000 conversations and deliveries):
-- counts per workspace scan ``ix_conversations_live_provider_workspace``, a covering index of live rows only;
-- deliveries per minute scan ``ix_ledger_received`` (received_at, pk) within 24 hours, index only;
-- rejections scan ``ix_ledger_rejected``, a partial index of rejected rows only (a few, where most are accepted).
+What keeps them cheap at a million conversations (measured on SQLite on a busy 2-core machine, with 1,000,000
+conversations in 20 workspaces and 1,000,000 deliveries, all in the last 24 hours, 0.5 % of them rejected):
+- counts per workspace scan ``ix_conversations_live_provider_workspace``, a covering index of live rows only
+  (0.1-0.2 s for all workspaces, 13 ms for two of them): the console keeps the result a while when it is slow;
+- deliveries per minute scan ``ix_ledger_received`` (received_at, pk) within 24 hours, index only: their cost
+  follows the day's traffic, not the table's size (0.4-0.6 s for a million in a day; kept a while, likewise);
+- rejections scan ``ix_ledger_rejected``, a partial index of rejected rows only (under 1 ms a page);
+- a conversation's deliveries are found by ``ix_ledger_conversation`` (under 1 ms).
   Both engines use a partial index only when the query repeats its condition as written, so ``REJECTED`` is
   literal SQL, never a bound parameter.
 """
