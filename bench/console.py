@@ -9,7 +9,9 @@ signs in once, then, page by page, warms it once and times ``--requests`` sequen
 
 - overview (``/console``), the conversations list's first page, a filtered list (state and tag), a search (a single
   word of the corpus, a different one each time), a conversation page (each of the first page's conversations in
-  turn), rejects, sources.
+  turn), rejects, sources;
+- the overview again, its aggregates computed: when they are slow to compute the process keeps them some seconds,
+  so the figures above are mostly of that copy; these are timed one per period, each after the copy expired.
 
 Writes ``bench/out/console.json`` and prints a table. Not part of the test suite (speed is measured, not asserted).
 
@@ -35,6 +37,7 @@ from selectolax.lexbor import LexborHTMLParser as HTMLParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is no package: scale.py is found beside this file
 import scale
+from kbms.api.console.pages import AGGREGATES_TTL
 from kbms.auth import digest, new_key
 
 OUT = scale.OUT
@@ -130,7 +133,7 @@ def timed(client: httpx2.Client, paths: Callable[[], str], requests: int) -> dic
     }
 
 
-def measure(server: Server, key: str, requests: int) -> dict[str, Any]:
+def measure(server: Server, key: str, requests: int, fresh: int) -> dict[str, Any]:
     with httpx2.Client(base_url=server.base, timeout=120) as client:
         refuse_some(client, key)
         sign_in(client, key)
@@ -149,7 +152,30 @@ def measure(server: Server, key: str, requests: int) -> dict[str, Any]:
         for name, paths in pages.items():
             results[name] = timed(client, paths, requests)
             print(f"{name}: {results[name]}", flush=True)
+        results["overview, aggregates computed"] = fresh_overview(client, samples=fresh)
+        print(f"overview, aggregates computed: {results['overview, aggregates computed']}", flush=True)
         return results
+
+
+def fresh_overview(client: httpx2.Client, *, samples: int) -> dict[str, Any]:
+    """The overview when its aggregates are computed, not taken from the process's short-lived copy (kept
+    ``AGGREGATES_TTL`` seconds when computing them was slow): one request per period, each after the copy expired."""
+    times, rows = [], []
+    for _ in range(samples):
+        time.sleep(AGGREGATES_TTL + 1)
+        started = time.perf_counter()
+        answer = client.get("/console")
+        times.append((time.perf_counter() - started) * 1000)
+        if answer.status_code != 200:
+            sys.exit(f"GET /console answered {answer.status_code}: {answer.text[:500]}")
+        rows.append(len(HTMLParser(answer.text).css("main table tbody tr")))
+    return {
+        "p50_ms": round(statistics.median(times), 2),
+        "p95_ms": round(scale.percentile(times, 0.95), 2),
+        "max_ms": round(max(times), 2),
+        "requests": samples,
+        "table_rows_min": min(rows),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -166,7 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     env = {"KBMS_API_KEYS": json.dumps(keys), "KBMS_SOURCES": json.dumps([SOURCE]), "KBMS_SYNC_INTERVAL": "86400"}
     server = Server(url, args.port, directory / "server.log", env)
     try:
-        pages = measure(server, key, args.requests)
+        pages = measure(server, key, args.requests, args.fresh)
     finally:
         server.stop()
     results = {
@@ -193,7 +219,9 @@ def table(results: dict[str, Any]) -> str:
     for name, page in results["pages"].items():
         lines.append(f"| {name} | {page['p50_ms']} | {page['p95_ms']} | {page['max_ms']} | {page['table_rows_min']} |")
     lines.append("")
-    lines.append(f"p50 under {results['target_p50_ms']} ms on every page: {'yes' if results['target_met'] else 'NO'}")
+    missed = [name for name, page in results["pages"].items() if page["p50_ms"] >= results["target_p50_ms"]]
+    verdict = "yes" if not missed else "NO: " + ", ".join(missed)
+    lines.append(f"p50 under {results['target_p50_ms']} ms on every page: {verdict}")
     return "\n".join(lines)
 
 
@@ -201,6 +229,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conversations", type=int, default=1_000_000)
     parser.add_argument("--requests", type=int, default=50)
+    parser.add_argument("--fresh", type=int, default=8, help="overviews timed with their aggregates computed")
     parser.add_argument("--keep", default=str(OUT / "console"), help="where the database is built and kept")
     parser.add_argument("--port", type=int, default=8766)
     print(table(run(parser.parse_args())))
