@@ -70,3 +70,13 @@ def test_pages_follow_one_another(page_as: Callable[..., Page]) -> None:
     assert len(first) + len(second) == MANY
     assert set(first).isdisjoint(second)
     expect(page.locator('a[rel="next"]')).to_have_count(0)
+
+
+def test_the_overview_counts_and_charts(page_as: Callable[..., Page]) -> None:
+    page = page_as(READER)
+    row = page.locator("#by-workspace tbody tr", has_text="ws-many")
+    expect(row).to_contain_text(str(MANY))
+    expect(page.get_by_role("img", name=re.compile("per minute"))).to_be_visible()
+    row.get_by_role("link", name="ws-many").click()
+    expect(page.locator("#conversations tbody tr")).to_have_count(50)  # a page of them, the filter in the URL
+    expect(page).to_have_url(re.compile(r"workspace=ws-many"))
