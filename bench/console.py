@@ -183,8 +183,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     directory = Path(args.keep)
     directory.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{directory / f'console-{args.conversations}.db'}"
-    source = scale.corpus(args.conversations)
-    built = scale.build(url, source, args.conversations, reuse=True)
+    built = None
+    if scale.stored(url) < args.conversations:  # a kept database is reused: no corpus needed
+        built = scale.build(url, scale.corpus(args.conversations), args.conversations, reuse=False)
     # A database built by an older kbms gets the console's indexes (and any later migration) here.
     subprocess.run([str(KBMS), "migrate", "--database-url", url], check=True, capture_output=True)  # noqa: S603
     key = new_key()
