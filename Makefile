@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint format bench bench-quick bench-hardening clean
+.PHONY: install browser run test lint format bench bench-quick bench-hardening bench-console clean
 
 # Reinstall only when the dependency pins change.
 $(STAMP): pyproject.toml constraints.txt
@@ -24,7 +24,22 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-logo
 
-test: lint
+# The browser tests (tests/browser) drive Debian's Chromium through Playwright: installed here when missing (as root),
+# never downloaded by `playwright install` (KBMS_CHROMIUM names another). Without it those tests are skipped, and the
+# run says so.
+KBMS_CHROMIUM ?= /usr/bin/chromium
+export KBMS_CHROMIUM
+browser:
+	@if [ -x "$(KBMS_CHROMIUM)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "Installing Debian's chromium for the browser tests"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; }; \
+	else \
+		echo "No Chromium at $(KBMS_CHROMIUM): the browser tests will be skipped (install it: sudo apt-get install chromium)"; \
+	fi
+
+test: lint browser
 	$(BIN)/pytest
 
 # The A/B benchmark against the reference implementation (about 15 minutes; installs wrk if it can).
@@ -37,6 +52,11 @@ bench-quick: install
 # Slow clients and overload against a real kbms serve (about 4 minutes): bench/out/hardening.json.
 bench-hardening: install
 	$(BIN)/python bench/hardening.py all
+
+# The console's pages against a million stored conversations (about an hour to build the database the first time):
+# bench/out/console.json.
+bench-console: install
+	$(BIN)/python bench/console.py
 
 format: install
 	$(BIN)/ruff format .

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 POSTGRES_URL = os.environ.get("KBMS_TEST_POSTGRES_URL", "")
 REQUIRE_POSTGRES = os.environ.get("KBMS_REQUIRE_POSTGRES") == "1"
 NO_POSTGRES = "skipped: no PostgreSQL (set KBMS_TEST_POSTGRES_URL to run the PostgreSQL half of the suite)"
+# The browser tests (tests/browser) drive Debian's Chromium; `make test` installs it when it can.
+CHROMIUM = Path(os.environ.get("KBMS_CHROMIUM") or "/usr/bin/chromium")
+REQUIRE_BROWSER = os.environ.get("KBMS_REQUIRE_BROWSER") == "1"
+NO_BROWSER = f"skipped: no Chromium at {CHROMIUM} (as root: apt-get install chromium; `make test` does it)"
 ENGINES = [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
 
 
@@ -52,6 +56,14 @@ def require_postgres() -> str:
             pytest.fail("KBMS_REQUIRE_POSTGRES=1 but KBMS_TEST_POSTGRES_URL is not set")
         pytest.skip(NO_POSTGRES)
     return POSTGRES_URL
+
+
+def require_browser() -> Path:
+    if not CHROMIUM.is_file():
+        if REQUIRE_BROWSER:
+            pytest.fail(f"KBMS_REQUIRE_BROWSER=1 but there is no Chromium at {CHROMIUM}")
+        pytest.skip(NO_BROWSER)
+    return CHROMIUM
 
 
 @contextmanager
@@ -105,16 +117,22 @@ def sqlite_url(tmp_path: Path) -> str:
     return migrated_sqlite_url(tmp_path)
 
 
-def pytest_report_header() -> str:
-    return f"PostgreSQL: {make_url(POSTGRES_URL).render_as_string()}" if POSTGRES_URL else NO_POSTGRES
+def pytest_report_header() -> list[str]:
+    return [
+        f"PostgreSQL: {make_url(POSTGRES_URL).render_as_string()}" if POSTGRES_URL else NO_POSTGRES,
+        f"Chromium: {CHROMIUM}" if CHROMIUM.is_file() else NO_BROWSER,
+    ]
+
+
+def _skipped(reporter: object, marker: str) -> int:
+    return sum(1 for r in getattr(reporter, "stats", {}).get("skipped", []) if marker in r.keywords)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int) -> None:
-    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "postgres" in r.keywords]
-    if skipped:
-        terminalreporter.write_line(
-            f"{NO_POSTGRES}: {len(skipped)} PostgreSQL tests did not run", yellow=True, bold=True
-        )
+    if skipped := _skipped(terminalreporter, "postgres"):
+        terminalreporter.write_line(f"{NO_POSTGRES}: {skipped} PostgreSQL tests did not run", yellow=True, bold=True)
+    if skipped := _skipped(terminalreporter, "browser"):
+        terminalreporter.write_line(f"{NO_BROWSER}: {skipped} browser tests did not run", yellow=True, bold=True)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -123,8 +141,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    skipped = [r for r in getattr(reporter, "stats", {}).get("skipped", []) if "postgres" in r.keywords]
-    if REQUIRE_POSTGRES and skipped:
+    required = ("postgres", REQUIRE_POSTGRES), ("browser", REQUIRE_BROWSER)
+    if any(require and _skipped(reporter, marker) for marker, require in required):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
