@@ -14,6 +14,7 @@ from jinja2 import Environment
 
 from kbms.api.console.guard import Viewer, session_cookie, viewer_of
 from kbms.api.console.session import FLASH_COOKIE, Signer
+from kbms.api.console.tally import Tally
 from kbms.api.console.views import render
 from kbms.api.errors import status_of
 from kbms.auth import Keyring
@@ -32,8 +33,8 @@ class Console:
     ttl: int
     providers: Mapping[str, Provider]
     static: Mapping[str, tuple[bytes, str]]  # file name: (content, media type)
-    # The overview's aggregates by the workspaces a viewer may see: (monotonic expiry, value). See pages.overview.
-    aggregates: dict[frozenset[str] | None, tuple[float, Any]] = field(default_factory=dict)
+    # The overview's aggregates, kept by the workspaces a viewer may see (tally.py).
+    tally: Tally = field(default_factory=Tally)
 
 
 def console_of(request: Request) -> Console:

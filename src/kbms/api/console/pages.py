@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from datetime import UTC, datetime
-from typing import Annotated, Any, cast, get_args
+from typing import Annotated, Any, get_args
 from urllib.parse import urlencode
 
 from fastapi import Request, Response
@@ -29,10 +28,6 @@ from kbms.storage.base import DeliveryRecord
 PAGE = 50
 DELIVERIES = 100
 PAYLOAD_CHARS = 64 * 1024  # of a raw payload shown on a page (the ledger keeps it whole)
-MINUTE = 60_000_000
-DAY = 24 * 60 * MINUTE
-AGGREGATES_TTL = 15.0  # seconds
-SLOW = 0.25  # seconds
 FORM_FIELDS = ("q", "provider", "workspace", "state", "tag", "updated_after", "updated_before", "cursor")
 REJECT_FIELDS = ("provider", "workspace", "since", "cursor")
 SINCE = Query("since", TIME, None, "Received at or after this time")
@@ -59,39 +54,14 @@ def shown(record: DeliveryRecord) -> dict[str, Any]:
 
 async def overview(request: Request) -> Response:
     who = viewer(request)
-    counts, minutes, since, until = await aggregates(request, who.workspaces)
+    now = micros(datetime.now(UTC))
+    tally = await console_of(request).tally.overview(store_of(request), who.workspaces, now=now)
     context = base_context(request, "Overview", active="overview")
-    context.update(counts=counts, chart=chart(minutes, since=since), since=since, until=until)
+    context.update(
+        counts=tally.counts, chart=chart(tally.minutes, since=tally.since), since=tally.since, until=tally.until
+    )
     context["sources"] = await source_statuses(request)
     return render(console_of(request).env, "overview.html", context)
-
-
-async def aggregates(request: Request, within: frozenset[str] | None) -> tuple[Any, Any, int, int]:
-    """Conversations per workspace and deliveries per minute. Both scan an index (storage/overview.py): at
-    1,000,000 live conversations and as many deliveries in the last 24 hours, 0.1-0.2 s and 0.4-0.6 s on SQLite (a
-    busy 2-core machine). When they took longer than ``SLOW`` they are kept ``AGGREGATES_TTL`` seconds per
-    process: a chart by the minute loses nothing by being some seconds old, and repeated views (a page left open,
-    several operators) cost one scan per period. A small database is always read fresh."""
-    cache = console_of(request).aggregates
-    started = time.monotonic()
-    kept = cache.get(within)
-    if kept is not None and kept[0] > started:
-        return cast(tuple[Any, Any, int, int], kept[1])
-    store = store_of(request)
-    until = (micros(datetime.now(UTC)) // MINUTE + 1) * MINUTE
-    since = until - DAY
-    value = (
-        await store.workspace_counts(within=within),
-        await store.activity(since=since, until=until, within=within),
-        since,
-        until,
-    )
-    finished = time.monotonic()
-    if finished - started > SLOW:
-        if len(cache) > 1000:  # one entry per distinct set of workspaces: bounded all the same
-            cache.clear()
-        cache[within] = (finished + AGGREGATES_TTL, value)
-    return value
 
 
 async def source_statuses(request: Request) -> list[Any]:
