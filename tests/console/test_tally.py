@@ -3,10 +3,12 @@ one, with the same result as counting the whole day again."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
+from kbms.api.console import tally as tally_module
 from kbms.api.console.tally import DAY, MINUTE, Tally
 from kbms.storage.base import Activity, WorkspaceCount
 
@@ -66,3 +68,28 @@ async def test_viewers_who_may_see_different_workspaces_are_tallied_apart() -> N
     await tally.overview(ledger, frozenset({"b"}), now=NOW)  # type: ignore[arg-type]
     assert set(tally.minutes) == {frozenset({"a"}), frozenset({"b"})}
     assert len(ledger.calls) == 2  # one whole day each: no viewer reads another's tally
+
+
+async def test_slow_counts_are_shown_while_they_are_counted_again_in_the_background(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tally_module, "SLOW", -1.0)  # every count is slow: kept
+    monkeypatch.setattr(tally_module, "COUNTS_TTL", 0.0)  # and at once old enough to count again
+    ledger = Ledger()
+    counted = [WorkspaceCount("intercom", "w", 1)]
+
+    async def workspace_counts(*, within: Any = None) -> list[WorkspaceCount]:
+        ledger.calls.append((-1, -1))
+        return list(counted)
+
+    ledger.workspace_counts = workspace_counts  # type: ignore[method-assign]
+    tally = Tally()
+    assert (await tally.overview(ledger, None, now=NOW)).counts == counted  # type: ignore[arg-type]
+    counted[0] = WorkspaceCount("intercom", "w", 2)
+    shown = await tally.overview(ledger, None, now=NOW)  # type: ignore[arg-type]
+    assert shown.counts == [WorkspaceCount("intercom", "w", 1)]  # the kept counts, without waiting
+    await asyncio.gather(*tally.counting.values())  # the count it started meanwhile
+    assert tally.counting == {}
+    again = await tally.overview(ledger, None, now=NOW)  # type: ignore[arg-type]
+    assert again.counts == [WorkspaceCount("intercom", "w", 2)]
+    await asyncio.gather(*tally.counting.values())

@@ -7,18 +7,24 @@
   ``RECOUNT`` seconds, which also takes in what changes an old minute: ``kbms reprocess`` reclassifying a refused
   delivery.
 - **Conversations per provider and workspace** (an index scan of the live ones, 0.1-0.2 s at a million): when
-  counting took longer than ``SLOW``, the counts are kept ``COUNTS_TTL`` seconds; a small database is read fresh.
+  counting took longer than ``SLOW``, the counts are kept, and once they are ``COUNTS_TTL`` seconds old a view
+  shows them while they are counted again in the background (one count at a time): a view never waits for a
+  count but a process's first. A small database is read fresh.
 
 Both are kept by the set of workspaces a viewer may see (an API key's), so no viewer sees another's counts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from kbms.storage.base import Activity, Store, WorkspaceCount
+
+log = logging.getLogger(__name__)
 
 MINUTE = 60_000_000  # microseconds
 DAY = 24 * 60 * MINUTE
@@ -49,6 +55,7 @@ class Overview:
 @dataclass(slots=True)
 class Tally:
     counts: dict[Within, tuple[float, list[WorkspaceCount]]] = field(default_factory=dict)
+    counting: dict[Within, asyncio.Task[list[WorkspaceCount]]] = field(default_factory=dict)  # in the background
     minutes: dict[Within, _Minutes] = field(default_factory=dict)
 
     async def overview(self, store: Store, within: Within, *, now: int) -> Overview:
@@ -60,16 +67,31 @@ class Tally:
         )
 
     async def _counts(self, store: Store, within: Within) -> list[WorkspaceCount]:
-        started = time.monotonic()
         kept = self.counts.get(within)
-        if kept is not None and kept[0] > started:
-            return kept[1]
+        if kept is None:
+            return await self._count(store, within)
+        if kept[0] <= time.monotonic() and within not in self.counting:
+            task = asyncio.create_task(self._count(store, within), name="console: count conversations")
+            self.counting[within] = task
+            task.add_done_callback(lambda done: self._counted(within, done))
+        return kept[1]
+
+    async def _count(self, store: Store, within: Within) -> list[WorkspaceCount]:
+        started = time.monotonic()
         counts = await store.workspace_counts(within=within)
         finished = time.monotonic()
         if finished - started > SLOW:
             _bound(self.counts)
             self.counts[within] = (finished + COUNTS_TTL, counts)
+        else:
+            self.counts.pop(within, None)  # cheap again (or never slow): read fresh
         return counts
+
+    def _counted(self, within: Within, done: asyncio.Task[list[WorkspaceCount]]) -> None:
+        self.counting.pop(within, None)
+        if not done.cancelled() and done.exception() is not None:
+            # The kept counts stay; the next view past their age tries again. Named by type: no payload in it.
+            log.warning("console: counting conversations failed: %s", type(done.exception()).__name__)
 
     async def _minutes(self, store: Store, within: Within, since: int, until: int) -> list[Activity]:
         clock = time.monotonic()
