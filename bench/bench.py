@@ -205,6 +205,9 @@ def harness(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
     if skipped:
         names.remove("postgres")
         print(f"PostgreSQL comparison {skipped}", flush=True)
+    usable = os.sched_getaffinity(0)
+    if not {SERVER_CPU, CLIENT_CPU} <= usable:
+        sys.exit(f"per core needs CPUs {SERVER_CPU} and {CLIENT_CPU}; this process may use {sorted(usable)}")
     corpus = harness_corpus(args.n)
     records: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     try:
@@ -309,8 +312,9 @@ def summary(
         f"n={args.n}, {args.rounds} round(s) alternating across the comparisons, {args.duration:g} s per phase, "
         "32 connections; medians"
     )
+    invocation = "`make bench-quick`: a development run, not figures to publish" if args.quick else "`make bench`"
     lines = [
-        f"Measured {today}: `make bench` ({setup}).",
+        f"Measured {today}: {invocation} ({setup}).",
         "",
         f"**Per core** (the headline): each server pinned to CPU {SERVER_CPU}, one process each (kbms `--workers 1`, "
         f"the reference's one uvicorn process), the load generator (wrk) pinned to CPU {CLIENT_CPU}.",
