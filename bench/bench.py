@@ -336,12 +336,19 @@ def summary(
             "",
         ]
     else:
-        lines += [f"**kbms on PostgreSQL**: {postgres_skipped}.", ""]
-    lines += [
+        lines += [f"**kbms on PostgreSQL** (and its reads at scale): {postgres_skipped}.", ""]
+    caption = (
         "**Server CPU per request** (user + system CPU of the server's processes, read from /proc before and after "
-        "each phase, divided by the requests answered; PostgreSQL's own: its backends serving kbms's database, "
-        "background processes such as the WAL writer not counted; the whole server's column counts those, and "
-        "the backends that exited during the phase, but also whatever other clients asked of it meanwhile):",
+        "each phase, divided by the requests answered"
+    )
+    if "postgres" in results:
+        caption += (
+            "; PostgreSQL's own: its backends serving kbms's database, background processes such as the WAL writer "
+            "not counted; the whole server's column counts those, and the backends that exited during the phase, "
+            "but also whatever other clients asked of it meanwhile"
+        )
+    lines += [
+        caption + "):",
         "",
         *cpu_table(results, args.workers),
     ]
