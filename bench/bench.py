@@ -209,6 +209,8 @@ def harness(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
     if not {SERVER_CPU, CLIENT_CPU} <= usable:
         sys.exit(f"per core needs CPUs {SERVER_CPU} and {CLIENT_CPU}; this process may use {sorted(usable)}")
     corpus = harness_corpus(args.n)
+    # run.py's "--rounds < 2" warning is expected: it runs one round per call; the medians are taken across calls.
+    print("each run.py call measures one round; bench.py takes the medians across its calls", flush=True)
     records: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     try:
         for round_no in range(1, args.rounds + 1):
