@@ -42,7 +42,9 @@ browser:
 test: lint browser
 	$(BIN)/pytest
 
-# The A/B benchmark against the reference implementation (about 15 minutes; installs wrk if it can).
+# The A/B benchmark against the reference implementation, per core (the headline), whole machine and on PostgreSQL
+# (about 30 minutes; installs wrk if it can), then the reads at 1,000,000 conversations on SQLite and PostgreSQL
+# (hours, up to 30 GB of disk at a time): `$(BIN)/python bench/bench.py --scale 0 --pg-scale 0` skips those.
 bench: install
 	$(BIN)/python bench/bench.py
 

@@ -1,4 +1,4 @@
-"""Reads at scale, on SQLite: the consumer endpoints with 10,000 and then 1,000,000 conversations stored.
+"""Reads at scale, on SQLite or PostgreSQL: the consumer endpoints with 10,000 and then 1,000,000 conversations stored.
 
 Two databases are built with ``kbms ingest`` of the harness corpus (its first 10,000 lines; all of it), then each
 is served by one ``kbms serve`` process in turn, in alternating rounds, and measured sequentially from one client:
@@ -9,9 +9,16 @@ is served by one ``kbms serve`` process in turn, in alternating rounds, and meas
   with the server's resident memory sampled every 20 ms (its peak, VmHWM, too).
 
 Targets (issue 7): list p50 at 1M within 1.5x of the p50 at 10k; single-word search p50 under 50 ms; the export of
-everything with server RSS under 200 MB. Writes ``bench/out/scale.json``; ``bench.py`` puts the table in the summary.
+everything with server RSS under 200 MB. Writes ``bench/out/scale.json`` (``scale-postgres.json`` on PostgreSQL);
+``bench.py`` puts the table in the summary.
 
-    python bench/scale.py [--large 1000000] [--small 10000] [--rounds 2] [--keep DIR [--reuse]]
+    python bench/scale.py [--engine sqlite|postgres] [--large 1000000] [--small 10000] [--rounds 2]
+                          [--keep DIR [--reuse]] [--postgres postgresql://postgres@127.0.0.1:5432]
+
+On PostgreSQL (``--engine postgres``) the two databases are made on the ``--postgres`` server,
+``kbms_scale_<pid>_small`` and ``_large``, dropped at the end; with ``--keep`` (its DIR then only holds the log and
+the corpus head) they are ``kbms_scale_<small>`` and ``kbms_scale_<large>``, named after their sizes and kept, so
+that ``--reuse`` finds them.
 """
 
 from __future__ import annotations
@@ -31,6 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import psycopg  # only to count what a PostgreSQL database holds and its size
+
+from pgdb import create as create_database  # bench/pgdb.py, next to this file
+from pgdb import database_url
+from pgdb import drop as drop_databases
 
 HERE = Path(__file__).resolve().parent
 HARNESS = HERE / "harness"
@@ -43,6 +55,7 @@ WORDS = [
     "refund", "invoice", "webhook", "password", "android", "calendar", "warranty", "coupon", "timezone", "backup",
     "export", "dashboard", "login", "shipping", "crash", "subscription", "permission", "attachment", "slow", "thanks",
 ]  # fmt: skip
+ENGINES = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
 LIST_PAGES = 100  # pages followed through next_cursor
 FIRST_PAGE_REPEATS = 100
 SEARCH_REPEATS = 5
@@ -204,6 +217,13 @@ def measure_export(server: Server) -> dict[str, Any]:
 
 
 def stored(url: str) -> int:
+    if url.startswith("postgresql://"):
+        try:
+            with psycopg.connect(url, connect_timeout=10) as db:
+                row = db.execute("SELECT count(*) FROM conversations").fetchone()
+        except psycopg.Error:  # no such database, or not migrated yet
+            return 0
+        return int(row[0]) if row else 0
     path = Path(url.removeprefix("sqlite:///"))
     if not path.exists():
         return 0
@@ -218,9 +238,21 @@ def build(url: str, source: Path, count: int, reuse: bool) -> float | None:
     """The database at ``url`` with the first ``count`` conversations of ``source``; None if reused."""
     if reuse and stored(url) >= count:
         return None
-    Path(url.removeprefix("sqlite:///")).unlink(missing_ok=True)
+    if url.startswith("postgresql://"):
+        server, name = url.rsplit("/", 1)
+        create_database(server, name, None)
+    else:
+        Path(url.removeprefix("sqlite:///")).unlink(missing_ok=True)
     subprocess.run([str(KBMS), "migrate", "--database-url", url], check=True, capture_output=True)  # noqa: S603
     return round(ingest(source, url), 1)
+
+
+def database_bytes(url: str, directory: Path) -> int:
+    if url.startswith("postgresql://"):
+        with psycopg.connect(url, connect_timeout=10) as db:
+            row = db.execute("SELECT pg_database_size(current_database())").fetchone()
+        return int(row[0]) if row else 0
+    return sum(p.stat().st_size for p in directory.glob("large.db*"))
 
 
 def median_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -233,14 +265,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     large = corpus(args.large)
     directory = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="kbms-scale-"))
     directory.mkdir(parents=True, exist_ok=True)
-    urls = {"small": f"sqlite:///{directory / 'small.db'}", "large": f"sqlite:///{directory / 'large.db'}"}
+    if args.engine == "postgres":
+        prefix = "kbms_scale_" if args.keep else f"kbms_scale_{os.getpid()}_"
+        names = (
+            {"small": str(args.small), "large": str(args.large)} if args.keep else {"small": "small", "large": "large"}
+        )
+        urls = {size: database_url(args.postgres, prefix + name) for size, name in names.items()}
+    else:
+        urls = {"small": f"sqlite:///{directory / 'small.db'}", "large": f"sqlite:///{directory / 'large.db'}"}
     log = directory / "server.log"
-    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "engine": "sqlite"}
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "engine": args.engine}
     try:
         small = head(large, args.small, directory / f"first-{args.small}.ndjson")
         results["ingest_small_seconds"] = build(urls["small"], small, args.small, args.reuse)
         results["ingest_large_seconds"] = build(urls["large"], large, args.large, args.reuse)
-        results["database_bytes"] = sum(p.stat().st_size for p in directory.glob("large.db*"))
+        results["database_bytes"] = database_bytes(urls["large"], directory)
         # The two sizes alternate, round after round, so that both see the same machine.
         measured: dict[str, list[dict[str, Any]]] = {"small": [], "large": []}
         for _ in range(args.rounds):
@@ -261,6 +300,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if not args.keep:
             shutil.rmtree(directory, ignore_errors=True)
+            if args.engine == "postgres":
+                drop_databases(args.postgres, f"kbms_scale_{os.getpid()}_")
     small_p50, large_p50 = results["small"]["list_p50_ms"], results["large"]["list_p50_ms"]
     results["targets"] = {
         "list_p50_ratio": round(large_p50 / small_p50, 2),
@@ -268,7 +309,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "search_p50_met": results["large"]["search_p50_ms"] < 50,
         "export_rss_met": results["export"]["server_rss_peak_mib"] < 200,
     }
-    (OUT / "scale.json").write_text(json.dumps(results, indent=2) + "\n")
+    (OUT / ("scale.json" if args.engine == "sqlite" else f"scale-{args.engine}.json")).write_text(
+        json.dumps(results, indent=2) + "\n"
+    )
     return results
 
 
@@ -277,8 +320,8 @@ def table(results: dict[str, Any]) -> str:
     targets = results["targets"]
     return "\n".join(
         [
-            f"Reads at scale (SQLite, one `kbms serve` process, sequential requests, medians of "
-            f"{large['rounds']} alternating rounds; {results['date']}):",
+            f"Reads at scale ({ENGINES[results.get('engine', 'sqlite')]}, one `kbms serve` process, sequential "
+            f"requests, medians of {large['rounds']} alternating rounds; {results['date']}):",
             "",
             f"| metric | {small['stored']:,} stored | {large['stored']:,} stored | target |",
             "|---|---:|---:|---|",
@@ -302,6 +345,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the two sizes (medians)")
     parser.add_argument("--keep", help="build the databases in this folder and keep them (default: a temporary one)")
     parser.add_argument("--reuse", action="store_true", help="with --keep: use the databases already there")
+    parser.add_argument("--engine", choices=sorted(ENGINES), default="sqlite")
+    parser.add_argument(
+        "--postgres", default="postgresql://postgres@127.0.0.1:5432", help="with --engine postgres: the server"
+    )
     args = parser.parse_args()
     results = run(args)
     print()
