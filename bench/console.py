@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -48,35 +47,6 @@ TARGET_P50_MS = 100
 REFUSED = 20
 # The Sources page needs a configured source; its API is a closed local port (nothing leaves the machine).
 SOURCE = {"provider": "intercom", "workspace": "bench", "token": "bench-token", "base_url": "http://127.0.0.1:9"}
-
-
-class Server:
-    def __init__(self, url: str, port: int, log: Path, env: dict[str, str]) -> None:
-        self.base = f"http://127.0.0.1:{port}"
-        with log.open("ab") as output:
-            self.process = subprocess.Popen(  # noqa: S603 (our own command)
-                [str(KBMS), "serve", "--port", str(port), "--database-url", url, "--workers", "1"],
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "KBMS_LOG_LEVEL": "warning", **env},
-            )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx2.get(f"{self.base}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx2.TransportError:
-                time.sleep(0.1)
-        self.stop()
-        sys.exit(f"kbms serve did not start:\n{log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 def sign_in(client: httpx2.Client, key: str) -> None:
@@ -135,7 +105,7 @@ def timed(client: httpx2.Client, paths: Callable[[], str], requests: int) -> dic
     }
 
 
-def measure(server: Server, key: str, requests: int, fresh: int) -> dict[str, Any]:
+def measure(server: scale.Server, key: str, requests: int, fresh: int) -> dict[str, Any]:
     with httpx2.Client(base_url=server.base, timeout=120) as client:
         refuse_some(client, key)
         sign_in(client, key)
@@ -202,7 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     key = new_key()
     keys = [{"name": "bench-admin", "sha256": digest(key), "scopes": ["admin"]}]
     env = {"KBMS_API_KEYS": json.dumps(keys), "KBMS_SOURCES": json.dumps([SOURCE]), "KBMS_SYNC_INTERVAL": "86400"}
-    server = Server(url, args.port, directory / "server.log", env)
+    server = scale.Server(url, args.port, directory / "server.log", env, start_timeout=120)
     try:
         pages = measure(server, key, args.requests, args.fresh)
     finally:

@@ -92,16 +92,20 @@ def ingest(path: Path, url: str) -> float:
 
 
 class Server:
-    def __init__(self, url: str, port: int, log: Path) -> None:
+    """One ``kbms serve`` process on ``url`` (``env``: more ``KBMS_*`` settings), once it answers ``/ready``."""
+
+    def __init__(
+        self, url: str, port: int, log: Path, env: dict[str, str] | None = None, *, start_timeout: float = 60
+    ) -> None:
         self.base = f"http://127.0.0.1:{port}"
         with log.open("ab") as output:
             self.process = subprocess.Popen(  # noqa: S603
                 [str(KBMS), "serve", "--port", str(port), "--database-url", url, "--workers", "1"],
                 stdout=output,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "KBMS_LOG_LEVEL": "warning"},
+                env={**os.environ, "KBMS_LOG_LEVEL": "warning", **(env or {})},
             )
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + start_timeout
         while time.monotonic() < deadline:
             try:
                 if httpx2.get(f"{self.base}/ready", timeout=2).status_code == 200:
