@@ -84,10 +84,3 @@ def is_gone(owner: str) -> bool:
     except PermissionError:
         return False  # it runs, as another user
     return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # it runs, as another user
-    return False
