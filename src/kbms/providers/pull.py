@@ -81,10 +81,8 @@ class Fetched:
     # when ``deleted``, the provider's own answer (a 404's body, or the deleted ticket).
     body: bytes
     deleted: bool = False
-    # Completeness: what the provider says the conversation has, and what this answer carried (Intercom returns
-    # at most the 500 newest parts); None when the answer does not say.
-    provider_count: int | None = None
-    returned_count: int | None = None
+    # How complete the conversation is, the mapper reads from ``body`` itself (``completeness`` in the model), as
+    # it does for a push and as ``kbms reprocess`` does again from the ledger.
 
 
 @dataclass(slots=True)

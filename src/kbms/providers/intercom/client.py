@@ -172,19 +172,7 @@ class IntercomClient:
         reply = await self.api.request("GET", path, expect=_is_conversation, allow=(404,))
         if reply.status == 404:
             return self._not_found(listed, path, reply)
-        parts = reply.data.get("conversation_parts")
-        provider_count = returned_count = None
-        if isinstance(parts, dict):
-            total = parts.get("total_count")
-            returned = parts.get("conversation_parts")
-            provider_count = total if isinstance(total, int) and not isinstance(total, bool) else None
-            returned_count = len(returned) if isinstance(returned, list) else None
-        return Fetched(
-            external_id=listed.external_id,
-            body=reply.content,
-            provider_count=provider_count,
-            returned_count=returned_count,
-        )
+        return Fetched(external_id=listed.external_id, body=reply.content)
 
     def _not_found(self, listed: Listed, path: str, reply: Reply) -> Fetched:
         if not _is_not_found(reply.data):

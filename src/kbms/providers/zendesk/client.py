@@ -174,9 +174,7 @@ class ZendeskClient:
                 raise ProviderUnreachable(f"{self.api.host} answered something that is not its API: {exc}") from None
             pages.append(page)
             if not page.has_more:
-                count = sum(len(page.comments) for page in pages)
-                body = assemble(ticket, pages)
-                return Fetched(external_id=ticket_id, body=body, provider_count=count, returned_count=count)
+                return Fetched(external_id=ticket_id, body=assemble(ticket, pages))
             if page.after_cursor == after:
                 break
             after = page.after_cursor
