@@ -83,6 +83,16 @@ def ingest(client: TestClient, payload: dict[str, Any], *, workspace: str) -> st
     return str(response.json()["id"])
 
 
+def batch(client: TestClient, lines: bytes, *, workspace: str) -> None:
+    """Push NDJSON lines in one batch (the admin key's), each accepted or refused as it may."""
+    response = client.post(
+        f"/integrations/intercom/conversations/batch?workspace={workspace}",
+        content=lines,
+        headers={"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/x-ndjson"},
+    )
+    assert response.status_code == 200, response.text
+
+
 def refuse(client: TestClient, body: bytes, *, workspace: str) -> None:
     response = client.post(
         f"/integrations/intercom/conversations?workspace={workspace}",

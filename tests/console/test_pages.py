@@ -10,6 +10,7 @@ import pytest
 from tests.console.support import (
     ADMIN,
     READER_B,
+    batch,
     console,
     ingest,
     settings_for,
@@ -133,12 +134,7 @@ def test_next_page_link_keeps_the_filters(database_url: str) -> None:
     lines = b"\n".join(dumps(intercom_payload(f"page-{n}", updated_at=1_700_000_000 + n)) for n in range(51))
     with console(settings_for(database_url)) as client:
         signed_in(client, ADMIN)
-        response = client.post(
-            "/integrations/intercom/conversations/batch?workspace=ws-a",
-            content=lines,
-            headers={"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/x-ndjson"},
-        )
-        assert response.status_code == 200, response.text
+        batch(client, lines, workspace="ws-a")
         first = client.get("/console/conversations", params={"workspace": "ws-a"})
         link = re.search(r'<a rel="next" href="([^"]+)">Next page</a>', first.text)
         assert link is not None
@@ -284,12 +280,7 @@ def test_rejects_are_paged_newest_first(database_url: str) -> None:
     lines = b"\n".join(dumps({"type": "conversation", "id": f"bad-{n}"}) for n in range(51))
     with console(settings_for(database_url)) as client:
         signed_in(client, ADMIN)
-        response = client.post(
-            "/integrations/intercom/conversations/batch?workspace=ws-a",
-            content=lines,
-            headers={"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/x-ndjson"},
-        )
-        assert response.status_code == 200, response.text
+        batch(client, lines, workspace="ws-a")
         first = client.get("/console/rejects", params={"workspace": "ws-a", "provider": "", "since": ""})
         link = re.search(r'<a rel="next" href="([^"]+)">Next page</a>', first.text)
         assert link is not None
