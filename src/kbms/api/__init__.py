@@ -15,6 +15,7 @@ from kbms.api import conversations, health, integrations, metrics, sources, webh
 from kbms.api.admission import Admission
 from kbms.api.auth import ApiKeyMiddleware, required_scope
 from kbms.api.console import install_console
+from kbms.api.console import router as console_router
 from kbms.api.docs import install_docs
 from kbms.api.errors import install_error_handlers
 from kbms.api.openapi import install_openapi
@@ -115,7 +116,8 @@ def create_app(
     app.state.metrics = metrics.Metrics(providers, multiprocess_dir=metrics.multiprocess_dir())
     # The last added is the outermost: telemetry sees (and counts, with a request id) what auth refuses.
     keyring = Keyring.configured(settings.api_keys, settings.api_keys_file)
-    # The operator console at /console: its own sign-in (a session cookie for an API key) and its own guard.
+    # The operator console at /console: its own sign-in (a session cookie for an API key) and its own guard; its
+    # routes are included last (see below).
     install_console(app, settings, keyring=keyring, providers=providers)
     if keyring:
         app.add_middleware(ApiKeyMiddleware, keyring=keyring)
@@ -125,14 +127,8 @@ def create_app(
     app.add_middleware(
         Admission, capacity=settings.max_in_flight, queued=settings.max_queued, wait=settings.queue_timeout
     )
-    routers = (
-        health.router,
-        metrics.router,
-        integrations.router(providers.values()),
-        webhooks.router(providers.values()),
-        conversations.router(providers),
-        sources.router,
-    )
+    ingestion, reads = integrations.router(providers.values()), conversations.router(providers)
+    routers = (health.router, metrics.router, ingestion, webhooks.router(providers.values()), reads, sources.router)
     # What no route answered (a refused key, a 503) is labelled with the template its path matches, among the app's
     # own routes (the documentation pages, mounts) and the routers' (read on first need, when all are in place). The
     # routers are listed apart because this FastAPI keeps each included router as one entry of app.routes.
@@ -142,10 +138,21 @@ def create_app(
         routes=lambda: [*app.routes, *(route for router in routers for route in router.routes)],
     )
     install_error_handlers(app)
-    for router in routers:
+    # A request is matched against the routes in order, and this FastAPI tries every route of an included router
+    # before the next one, whatever its prefix: the busiest routers go first and the console's (14 routes) last.
+    # Matching a detail read went from 36 to 4 us, an ingestion from 24 to 6 (bench: the console had come first).
+    # The document still lists the paths in ``routers``' order.
+    busiest = (reads, ingestion)
+    for router in (*busiest, *(router for router in routers if router not in busiest)):
         app.include_router(router)
     install_docs(app)
-    install_openapi(app, (provider.push_schema for provider in providers.values()), protected=required_scope)
+    app.include_router(console_router())
+    install_openapi(
+        app,
+        (provider.push_schema for provider in providers.values()),
+        protected=required_scope,
+        order=routers,
+    )
     return app
 
 

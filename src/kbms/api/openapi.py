@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
+from starlette.routing import BaseRoute
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 
@@ -21,14 +22,23 @@ def link(path: str, method: str, description: str, **parameters: str) -> dict[st
 
 
 def install_openapi(
-    app: FastAPI, payload_schemas: Iterable[type[BaseModel]], *, protected: Callable[[str], str | None]
+    app: FastAPI,
+    payload_schemas: Iterable[type[BaseModel]],
+    *,
+    protected: Callable[[str], str | None],
+    order: Sequence[APIRouter] = (),
 ) -> None:
-    """``protected``: the API-key scope a path needs, or None (see ``kbms.api.auth``)."""
+    """``protected``: the API-key scope a path needs, or None (see ``kbms.api.auth``). ``order``: the routers in
+    the order the document lists their paths (they are matched in another); the app's other routes come first."""
     schemas = list(payload_schemas)
+
+    def rank(route: BaseRoute) -> int:
+        router = getattr(route, "original_router", None)
+        return order.index(router) + 1 if router in order else 0
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            document = get_openapi(title=app.title, version=app.version, description=app.description, routes=sorted(app.routes, key=rank))
             components = document.setdefault("components", {}).setdefault("schemas", {})
             for model in schemas:
                 schema = model.model_json_schema(ref_template=REF_TEMPLATE)

@@ -51,8 +51,8 @@ def router() -> APIRouter:
 
 
 def install_console(app: FastAPI, settings: Settings, *, keyring: Keyring, providers: Mapping[str, Provider]) -> None:
-    """Serve the console from ``app``: its routes, and the guard over ``/console`` (add it before the middleware
-    that must see console requests first). Without ``KBMS_CONSOLE_SECRET``, a secret of this app's own: its sessions
+    """Make ``app`` ready to serve the console: its state, and the guard over ``/console`` (add it before the
+    middleware that must see console requests first). Its routes are ``router()``, to include after the others. Without ``KBMS_CONSOLE_SECRET``, a secret of this app's own: its sessions
     end with it (``kbms serve`` makes one secret for all its workers)."""
     secret = settings.console_secret.encode() or secrets.token_bytes(32)
     signer = Signer(secret)
@@ -66,7 +66,6 @@ def install_console(app: FastAPI, settings: Settings, *, keyring: Keyring, provi
     )
     app.state.providers = providers
     app.add_middleware(ConsoleGuard, signer=signer, keyring=keyring, ttl=settings.console_session_ttl)
-    app.include_router(router())
 
 
-__all__ = ["install_console"]
+__all__ = ["install_console", "router"]
