@@ -38,7 +38,8 @@ def install_openapi(
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            document = get_openapi(title=app.title, version=app.version, description=app.description, routes=sorted(app.routes, key=rank))
+            routes = sorted(app.routes, key=rank)
+            document = get_openapi(title=app.title, version=app.version, description=app.description, routes=routes)
             components = document.setdefault("components", {}).setdefault("schemas", {})
             for model in schemas:
                 schema = model.model_json_schema(ref_template=REF_TEMPLATE)

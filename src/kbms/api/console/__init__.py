@@ -52,8 +52,9 @@ def router() -> APIRouter:
 
 def install_console(app: FastAPI, settings: Settings, *, keyring: Keyring, providers: Mapping[str, Provider]) -> None:
     """Make ``app`` ready to serve the console: its state, and the guard over ``/console`` (add it before the
-    middleware that must see console requests first). Its routes are ``router()``, to include after the others. Without ``KBMS_CONSOLE_SECRET``, a secret of this app's own: its sessions
-    end with it (``kbms serve`` makes one secret for all its workers)."""
+    middleware that must see console requests first); its routes are ``router()``, to include after the others.
+    Without ``KBMS_CONSOLE_SECRET``, a secret of this app's own: its sessions end with it (``kbms serve`` makes one
+    secret for all its workers)."""
     secret = settings.console_secret.encode() or secrets.token_bytes(32)
     signer = Signer(secret)
     app.state.console = Console(
