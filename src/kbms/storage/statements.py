@@ -7,6 +7,7 @@ What the engines' SQL differs in, each engine gives as its ``SqlFlavor``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +63,10 @@ class SqlFlavor:
     search_query: Callable[[Sequence[str]], str]
     # What a writer runs before numbering the feed's rows, so that numbers become visible in commit order (see
     # ``feed.flush_changes``); None: writers are one at a time already.
-    feed_lock: str | None
+    feed_lock: TextClause | None
+    # A block of statements whose results nobody reads, sent together: one round trip to a server (PostgreSQL's
+    # pipeline mode) instead of one each; an error surfaces by the block's end at the latest.
+    pipelined: Callable[[Connection], AbstractContextManager[object]]
 
 
 CHILD_TABLES: tuple[tuple[Table, tuple[str, ...]], ...] = (
@@ -212,6 +216,7 @@ class Sql:
         self.unindex = flavor.unindex
         self.search_query = flavor.search_query
         self.feed_lock = flavor.feed_lock
+        self.pipelined = flavor.pipelined
         self._statements: dict[tuple[object, ...], Any] = {}
 
     @property

@@ -96,13 +96,14 @@ class WriteTransaction:
         if row is None:
             return None
         pk = int(row[0])
-        for (table, _keys), rows in zip(CHILD_TABLES, new.children, strict=True):
-            if rows:
-                for child in rows:
-                    child["conversation_pk"] = pk  # the rows are this write's own (a retry sets them again)
-                # A fresh conversation has no children yet: a plain insert is enough (and cheaper).
-                sql.run_many(conn, sql.children[table][1], rows)
-        write_index(sql, conn, pk, new.index, fresh=True)
+        with sql.pipelined(conn):  # nothing here is read back: one round trip
+            for (table, _keys), rows in zip(CHILD_TABLES, new.children, strict=True):
+                if rows:
+                    for child in rows:
+                        child["conversation_pk"] = pk  # the rows are this write's own (a retry sets them again)
+                    # A fresh conversation has no children yet: a plain insert is enough (and cheaper).
+                    sql.run_many(conn, sql.children[table][1], rows)
+            write_index(sql, conn, pk, new.index, fresh=True)
         return pk, new.state
 
     def create_tombstone(self, grave: ConversationState) -> int | None:

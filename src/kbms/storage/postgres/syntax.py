@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
-from sqlalchemy import ColumnElement, Subquery, bindparam, column, func, select, text
+from sqlalchemy import ColumnElement, Connection, Subquery, bindparam, column, func, select, text
 from sqlalchemy import table as table_
 from sqlalchemy.dialects.postgresql import insert
 
@@ -30,6 +31,11 @@ def ranked(conditions: Sequence[ColumnElement[bool]]) -> Subquery:
     )
 
 
+def pipelined(conn: Connection) -> AbstractContextManager[object]:
+    """psycopg's pipeline mode on the connection's driver: the block's statements go in one round trip."""
+    return conn.connection.driver_connection.pipeline()  # type: ignore[union-attr, no-any-return]
+
+
 def tsquery(terms: Sequence[str]) -> str:
     """A ``to_tsquery('simple', ...)`` expression: terms are letters and digits only, all required."""
     return " & ".join(terms)
@@ -49,5 +55,6 @@ FLAVOR = SqlFlavor(
     search_query=tsquery,
     # Sequence values are handed out in one order and transactions commit in another: writers draw the feed's
     # numbers under one transaction-scoped lock (see kbms.storage.feed.flush_changes).
-    feed_lock=f"SELECT pg_advisory_xact_lock({FEED_LOCK})",
+    feed_lock=text(f"SELECT pg_advisory_xact_lock({FEED_LOCK})"),
+    pipelined=pipelined,
 )
