@@ -163,3 +163,39 @@ async def test_a_value_the_database_refuses_is_rolled_back_alone_in_a_batch(
         assert sorted(item.external_id for item in page.items) == ["a", "c"]
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("idle", [True, False])
+async def test_a_pooled_connection_that_died_while_idle_is_replaced_before_use(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, idle: bool
+) -> None:
+    """The pool tests a connection that has been idle (``PING_AFTER_IDLE``) before handing it out: one whose
+    server session ended meanwhile (a restart, an idle timeout) is replaced, and the request never sees it. One in
+    steady use is not tested: its request fails (503, retry) and the pool is renewed."""
+    from sqlalchemy import make_url
+
+    from kbms.errors import StorageUnavailable
+    from kbms.storage.postgres import connect
+
+    monkeypatch.setattr(connect, "PING_AFTER_IDLE", 0.0 if idle else 3600.0)
+    name = f"kbms-ping-{random.getrandbits(48):012x}"
+    url = make_url(postgres_url).update_query_dict({"application_name": name}).render_as_string(hide_password=False)
+    store = open_store(Settings(database_url=url, db_pool_size=1))
+    admin = admin_engine(postgres_url)
+    try:
+        assert await store.find_delivery("intercom", "no-such-key") is None  # the pool's one connection is made
+        with admin.connect() as conn:
+            killed = conn.execute(
+                text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = :n"),
+                {"n": name},
+            ).scalar_one()
+        assert killed == 1
+        if idle:
+            assert await store.find_delivery("intercom", "no-such-key") is None
+        else:
+            with pytest.raises(StorageUnavailable):
+                await store.find_delivery("intercom", "no-such-key")
+            assert await store.find_delivery("intercom", "no-such-key") is None  # the pool renewed itself
+    finally:
+        admin.dispose()
+        await store.close()
