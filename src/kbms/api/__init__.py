@@ -9,6 +9,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 
 from kbms import __version__
 from kbms.api import conversations, health, integrations, metrics, sources, webhooks
@@ -53,6 +54,9 @@ Every error has the body `{error_code, message, details}`:
 | 500 | internal_error | a bug (the trace is logged, never returned) |
 | 503 | unavailable | the database cannot be used right now, or the service is at capacity; retry after `Retry-After` |
 """
+
+
+NO_OPENTELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
 
 
 def create_app(
@@ -104,6 +108,9 @@ def create_app(
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        # kbms's telemetry is its own (the access log, /metrics): FastAPI's OpenTelemetry hooks, which look for
+        # providers on every request and wrap each endpoint in operation spans, are off.
+        telemetry=NO_OPENTELEMETRY,
     )
     app.state.settings = settings
     app.state.limits = PayloadLimits.of(settings)
