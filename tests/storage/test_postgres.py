@@ -199,3 +199,19 @@ async def test_a_pooled_connection_that_died_while_idle_is_replaced_before_use(
     finally:
         admin.dispose()
         await store.close()
+
+
+async def test_a_lookup_runs_without_a_transaction_and_leaves_none_behind(postgres_url: str) -> None:
+    """Lookups (one statement) run in autocommit, sparing a COMMIT; the pooled connection they used goes back to
+    transactions for the next write (one connection in the pool: the same one)."""
+    store = open_store(Settings(database_url=postgres_url, db_pool_size=1))
+
+    def autocommit(conn: object) -> bool:
+        return bool(conn.connection.driver_connection.autocommit)  # type: ignore[attr-defined]
+
+    try:
+        assert await store._lookup(autocommit) is True  # type: ignore[attr-defined]
+        assert await store._write(autocommit) is False  # type: ignore[attr-defined]
+        assert await store._read(autocommit) is False  # type: ignore[attr-defined]
+    finally:
+        await store.close()

@@ -87,6 +87,11 @@ class SqlStore(SyncStateStore, abc.ABC):
     async def _read(self, job: Job[T]) -> T:
         """Run ``job`` on a connection that sees committed data (a short, bounded read)."""
 
+    async def _lookup(self, job: Job[T]) -> T:
+        """A read of one statement (a ledger lookup, a detail): it sees one snapshot without a transaction, which
+        backends may spare it."""
+        return await self._read(job)
+
     async def _read_long(self, job: Job[T]) -> T:
         """A read that may take long (scans): backends that read on the event loop move it elsewhere."""
         return await self._read(job)
@@ -182,7 +187,7 @@ class SqlStore(SyncStateStore, abc.ABC):
         await self._write(partial(rebuild.reclassify, ledger_pk=ledger_pk, outcome=outcome, error=error))
 
     async def find_delivery(self, provider: str, delivery_key: str) -> KnownDelivery | None:
-        return await self._read(partial(reads.find_delivery, self._sql, provider=provider, delivery_key=delivery_key))
+        return await self._lookup(partial(reads.find_delivery, self._sql, provider=provider, delivery_key=delivery_key))
 
     async def find_deliveries(self, provider: str, delivery_keys: Sequence[str]) -> dict[str, KnownDelivery]:
         if not delivery_keys:
@@ -196,7 +201,7 @@ class SqlStore(SyncStateStore, abc.ABC):
         self, conversation_id: str, *, within: frozenset[str] | None = None
     ) -> bytes | None:
         job = partial(reads.get_detail_json, self._sql, conversation_id=conversation_id, within=within)
-        text = await self._read(job)
+        text = await self._lookup(job)
         return None if text is None else text.encode()
 
     async def list_conversations(self, *, limit: int, cursor: Cursor | None, filters: Filters = ALL) -> Page:

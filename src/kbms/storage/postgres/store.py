@@ -91,6 +91,18 @@ class PostgresStore(SqlStore):
         finally:
             self._slots.release()
 
+    async def _lookup(self, job: Job[T]) -> T:
+        # One statement needs no transaction: in autocommit, no COMMIT (a round trip each, and the server's work).
+        await self._take_slot()
+        try:
+            return await self._in_thread(partial(self._call, partial(self._autocommit, job)))
+        finally:
+            self._slots.release()
+
+    def _autocommit(self, job: Job[T]) -> T:
+        with self._engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            return job(conn)
+
     async def _take_slot(self) -> None:
         # A free slot is taken at once, without the timer (a cancel scope) that only a wait needs.
         try:
