@@ -215,3 +215,35 @@ async def test_a_lookup_runs_without_a_transaction_and_leaves_none_behind(postgr
         assert await store._read(autocommit) is False  # type: ignore[attr-defined]
     finally:
         await store.close()
+
+
+async def test_a_failed_commit_leaves_the_pooled_connection_usable(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The feed's statements and the COMMIT go in one pipeline: when one of them fails, COMMIT never runs and the
+    transaction is left open in error on the driver. The store ends it, so the pool's one connection serves the
+    next write (it was handed out as it was, and every write on it failed with InFailedSqlTransaction)."""
+    from kbms.storage.postgres import store as postgres_store
+
+    original = postgres_store.flush_changes
+    failures = [True]
+
+    def failing(sql: object, conn: object) -> None:
+        if failures:
+            failures.pop()
+            conn.connection.driver_connection.execute("SELECT 1/0")  # type: ignore[attr-defined]
+        original(sql, conn)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(postgres_store, "flush_changes", failing)
+    store = open_store(Settings(database_url=postgres_url, db_pool_size=1))
+    provider = get_provider("intercom")
+    try:
+        first, second = (json.dumps(intercom_payload(name)).encode() for name in ("first", "second"))
+        with pytest.raises(ValidationFailed):  # a data exception: what a value the database refuses raises
+            await ingest_batch(store, provider, [first], workspace=None)
+        outcomes = await ingest_batch(store, provider, [second], workspace=None)
+        assert [type(o).__name__ for o in outcomes] == ["IngestOutcome"]
+        page = await store.list_conversations(limit=10, cursor=None)
+        assert [item.external_id for item in page.items] == ["second"]
+    finally:
+        await store.close()

@@ -101,8 +101,7 @@ def flush_changes(sql: Sql, conn: Connection) -> None:
     rows = conn.info.get(PENDING_CHANGES)
     if not rows:
         return
-    with sql.pipelined(conn):  # the lock, then the numbers: in that order, in one round trip
-        if sql.feed_lock is not None:
-            sql.run(conn, sql.feed_lock, {})
-        sql.run_many(conn, sql.record, rows)
+    if sql.feed_lock is not None:
+        sql.run(conn, sql.feed_lock, {})
+    sql.run_many(conn, sql.record, rows)
     rows.clear()

@@ -138,7 +138,15 @@ class PostgresStore(SqlStore):
                 with self._engine.begin() as conn:
                     discard_changes(conn)  # whatever an earlier, failed attempt left on this connection
                     result = job(conn)
-                    flush_changes(self._sql, conn)  # last: numbered in commit order (see flush_changes)
+                    # Last: numbered in commit order (see flush_changes). The feed's lock and rows and the COMMIT
+                    # go in one round trip.
+                    try:
+                        with self._sql.pipelined(conn):
+                            flush_changes(self._sql, conn)
+                            conn.commit()
+                    except BaseException:
+                        _end_failed_commit(conn)
+                        raise
                     return result
             except (DBAPIError, psycopg.Error) as exc:
                 if _sqlstate(exc) in RETRIED_SQLSTATES and attempt < ATTEMPTS:
@@ -198,6 +206,17 @@ class PostgresStore(SqlStore):
     async def close(self) -> None:
         self._engine.dispose()
         self._threads.shutdown(wait=False)
+
+
+def _end_failed_commit(conn: Connection) -> None:
+    """After a pipelined COMMIT that failed: a statement before it failed, so COMMIT never ran and the transaction
+    is still open, in error, on the driver. SQLAlchemy took it for ended (commit was called) and would hand the
+    connection back to the pool as it is, and its next user would fail (InFailedSqlTransaction): end it here,
+    or, if even that fails, drop the connection."""
+    try:
+        conn.connection.driver_connection.rollback()  # type: ignore[union-attr]
+    except Exception:
+        conn.invalidate()
 
 
 class _Handoff:
