@@ -120,45 +120,33 @@ class SqlStore(SyncStateStore, abc.ABC):
         order = sorted(range(len(items)), key=lambda i: _sort_key(items[i]))
         now = micros(self._clock())
 
-        def apply(conn: Connection, index: int) -> Applied | None:
-            item = items[index]
-            if item.issues is not None:
-                writes.record_rejection(self._sql, conn, item.delivery, item.issues)
-                return None
-            return writes.apply_delivery(
-                self._sql, conn, item.delivery, item.change, now=now, redact=redact, creation=creations[index]
-            )
-
         def job(conn: Connection) -> list[Applied | ValidationFailed | None]:
-            # All the items at once, then one at a time only if the database refused a value (PostgreSQL may;
-            # SQLite never does). A savepoint per item cost 150 us a conversation on SQLite, nested in the write's
-            # own: releasing one walks the statement journal the whole batch has written so far.
-            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            cursor.execute("SAVEPOINT items")
-            mark = feed.pending_changes(conn)
             results: list[Applied | ValidationFailed | None] = [None] * len(items)
-            try:
-                for index in order:
-                    results[index] = apply(conn, index)
-            except Exception as exc:
-                if not self._is_refused(exc):
-                    raise  # the database failed, or a bug: the whole batch goes
-                cursor.execute("ROLLBACK TO items")
-                feed.discard_changes(conn, mark)
-                results = [None] * len(items)
-                for index in order:
-                    cursor.execute("SAVEPOINT item")
-                    mark = feed.pending_changes(conn)
-                    try:
-                        results[index] = apply(conn, index)
-                    except Exception as exc:
-                        if not self._is_refused(exc):
-                            raise
-                        cursor.execute("ROLLBACK TO item")
-                        feed.discard_changes(conn, mark)
-                        results[index] = refused(exc)
-                    cursor.execute("RELEASE item")
-            cursor.execute("RELEASE items")
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            for index in order:
+                item = items[index]
+                cursor.execute("SAVEPOINT item")
+                mark = feed.pending_changes(conn)
+                try:
+                    if item.issues is not None:
+                        writes.record_rejection(self._sql, conn, item.delivery, item.issues)
+                    else:
+                        results[index] = writes.apply_delivery(
+                            self._sql,
+                            conn,
+                            item.delivery,
+                            item.change,
+                            now=now,
+                            redact=redact,
+                            creation=creations[index],
+                        )
+                except Exception as exc:
+                    if not self._is_refused(exc):
+                        raise  # the database failed, or a bug: the whole batch goes
+                    cursor.execute("ROLLBACK TO item")
+                    feed.discard_changes(conn, mark)
+                    results[index] = refused(exc)
+                cursor.execute("RELEASE item")
             return results
 
         return await self._write(job)
