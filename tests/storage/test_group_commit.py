@@ -30,7 +30,7 @@ async def test_a_write_that_fails_in_a_group_commit_fails_alone_and_leaves_nothi
 
     def failing_after_writing(statements: Any, conn: Any, delivery: Any, *args: Any, **kwargs: Any) -> Any:
         applied = original(statements, conn, delivery, *args, **kwargs)  # its ledger row and conversation, written
-        calls.append(applied.external_id)
+        calls.append(str(applied.external_id))
         if applied.external_id == "bad":
             raise RuntimeError("a bug in a write")
         return applied

@@ -223,9 +223,10 @@ async def test_a_failed_commit_leaves_the_pooled_connection_usable(
     """The feed's statements and the COMMIT go in one pipeline: when one of them fails, COMMIT never runs and the
     transaction is left open in error on the driver. The store ends it, so the pool's one connection serves the
     next write (it was handed out as it was, and every write on it failed with InFailedSqlTransaction)."""
+    from kbms.storage import feed
     from kbms.storage.postgres import store as postgres_store
 
-    original = postgres_store.flush_changes
+    original = feed.flush_changes  # what the store calls, under its own name
     failures = [True]
 
     def failing(sql: object, conn: object) -> None:
