@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import json
+import logging
 import multiprocessing
 import os
 from collections import Counter
@@ -28,6 +29,8 @@ from kbms.process import tune_garbage_collection
 from kbms.providers import Provider, get_provider
 from kbms.settings import Settings
 from kbms.storage import Store, failure_reason, open_store
+
+log = logging.getLogger(__name__)
 
 CHUNK_LINES = 500
 CHUNK_BYTES = 4 << 20
@@ -180,8 +183,24 @@ def ingest_file(
     """
     processes = jobs or os.cpu_count() or 1
     if processes > 1 and path.stat().st_size >= POOL_MIN_BYTES:
-        return _in_workers(settings, provider, path, workspace=workspace, processes=processes, advance=advance)
-    return asyncio.run(_in_process(settings, provider, path, workspace=workspace, advance=advance))
+        report = _in_workers(settings, provider, path, workspace=workspace, processes=processes, advance=advance)
+    else:
+        report = asyncio.run(_in_process(settings, provider, path, workspace=workspace, advance=advance))
+    if report.unavailable is None and (report.results["created"] or report.results["updated"]):
+        asyncio.run(_refresh_statistics(settings))
+    return report
+
+
+async def _refresh_statistics(settings: Settings) -> None:
+    """A bulk load leaves the planner's statistics stale until autovacuum comes by (PostgreSQL): refresh them now,
+    so that the first searches after a backfill are planned on what is there. Best effort: autovacuum will."""
+    store = open_store(settings, command=True)
+    try:
+        await store.refresh_statistics()
+    except StorageUnavailable as exc:
+        log.warning("statistics not refreshed after the backfill (%s): autovacuum will", exc)
+    finally:
+        await store.close()
 
 
 async def _in_process(

@@ -268,6 +268,10 @@ class Store(SyncStore, Protocol):
         """How busy the store's connection pools are (cheap: read from memory, no database call)."""
         ...
 
+    async def refresh_statistics(self) -> None:
+        """After a bulk load: bring the planner's statistics up to date where the engine plans with them."""
+        ...
+
     async def close(self) -> None:
         """Finish pending writes and release connections."""
         ...

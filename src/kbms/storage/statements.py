@@ -67,6 +67,9 @@ class SqlFlavor:
     # A block of statements whose results nobody reads, sent together: one round trip to a server (PostgreSQL's
     # pipeline mode) instead of one each; an error surfaces by the block's end at the latest.
     pipelined: Callable[[Connection], AbstractContextManager[object]]
+    # What refreshes the planner's statistics of the tables lists and searches read, after a bulk load (``kbms
+    # ingest``); None: the engine plans those reads without them.
+    analyze: TextClause | None
 
 
 CHILD_TABLES: tuple[tuple[Table, tuple[str, ...]], ...] = (
@@ -217,6 +220,7 @@ class Sql:
         self.search_query = flavor.search_query
         self.feed_lock = flavor.feed_lock
         self.pipelined = flavor.pipelined
+        self.analyze = flavor.analyze
         self._statements: dict[tuple[object, ...], Any] = {}
 
     @property

@@ -183,6 +183,11 @@ class SqlStore(SyncStateStore, abc.ABC):
     async def reclassify(self, ledger_pk: int, outcome: Outcome, error: str | None) -> None:
         await self._write(partial(rebuild.reclassify, ledger_pk=ledger_pk, outcome=outcome, error=error))
 
+    async def refresh_statistics(self) -> None:
+        statement = self._sql.analyze
+        if statement is not None:
+            await self._read_long(lambda conn: self._sql.run(conn, statement, {}))
+
     async def find_delivery(self, provider: str, delivery_key: str) -> KnownDelivery | None:
         return await self._lookup(partial(reads.find_delivery, self._sql, provider=provider, delivery_key=delivery_key))
 

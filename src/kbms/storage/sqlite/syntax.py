@@ -40,4 +40,5 @@ FLAVOR = SqlFlavor(
     search_query=fts5_query,
     feed_lock=None,  # one writer at a time
     pipelined=lambda _conn: nullcontext(),  # in process: no round trips to save
+    analyze=None,  # lists and searches take their index whatever the statistics (FTS5 for searches)
 )
