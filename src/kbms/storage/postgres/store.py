@@ -204,8 +204,15 @@ class PostgresStore(SqlStore):
         return [PoolUsage("postgresql", self._pool_size - self._slots.value, self._pool_size, waiting)]
 
     async def close(self) -> None:
+        # Jobs not started yet are dropped, and those running are waited for (as long as one may take to answer):
+        # a job left running, or one started after close, would use the database after its owner let it go (a test
+        # dropping its schema met one mid-query: a deadlock). A thread stuck on a frozen server is left behind.
+        waiting = asyncio.get_running_loop().run_in_executor(
+            None, partial(self._threads.shutdown, wait=True, cancel_futures=True)
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waiting, self._answer_timeout)
         self._engine.dispose()
-        self._threads.shutdown(wait=False)
 
 
 def _end_failed_commit(conn: Connection) -> None:
