@@ -74,17 +74,14 @@ class SqlStore(SyncStateStore, abc.ABC):
         self,
         statements: Sql,
         *,
-        is_refused: Callable[[BaseException], bool],
-        refuses_values: bool = True,
+        is_refused: Callable[[BaseException], bool] | None,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
-        """``is_refused``: the engine's test for an error that is a value the database will not store;
-        ``refuses_values``: False when the engine never refuses one (SQLite), so a batch needs no savepoint per item
-        to fail one alone."""
+        """``is_refused``: the engine's test for an error that is a value the database will not store; None when it
+        never refuses one (SQLite), so that a batch needs no savepoint per item to fail one alone."""
         self._sql = statements
         self._sync = SyncSql(statements.flavor)
         self._is_refused = is_refused
-        self._refuses_values = refuses_values
         self._clock = clock
 
     @abc.abstractmethod
@@ -140,8 +137,9 @@ class SqlStore(SyncStateStore, abc.ABC):
         def job(conn: Connection) -> list[Applied | ValidationFailed | None]:
             results: list[Applied | ValidationFailed | None] = [None] * len(items)
             cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            is_refused = self._is_refused
             for index in order:
-                if not self._refuses_values:
+                if is_refused is None:
                     # Nothing to fail alone: a savepoint per item cost a third of a backfill's time on SQLite.
                     results[index] = apply(conn, index)
                     continue
@@ -150,7 +148,7 @@ class SqlStore(SyncStateStore, abc.ABC):
                 try:
                     results[index] = apply(conn, index)
                 except Exception as exc:
-                    if not self._is_refused(exc):
+                    if not is_refused(exc):
                         raise  # the database failed, or a bug: the whole batch goes
                     cursor.execute("ROLLBACK TO item")
                     feed.discard_changes(conn, mark)

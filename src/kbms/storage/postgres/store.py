@@ -85,17 +85,16 @@ class PostgresStore(SqlStore):
         return await self._run(job)
 
     async def _run(self, job: Job[T]) -> T:
-        await self._take_slot()
-        try:
-            return await self._in_thread(partial(self._transaction, job))
-        finally:
-            self._slots.release()
+        return await self._in_slot(partial(self._transaction, job))
 
     async def _lookup(self, job: Job[T]) -> T:
         # One statement needs no transaction: in autocommit, no COMMIT (a round trip each, and the server's work).
+        return await self._in_slot(partial(self._call, partial(self._autocommit, job)))
+
+    async def _in_slot(self, function: Callable[[], T]) -> T:
         await self._take_slot()
         try:
-            return await self._in_thread(partial(self._call, partial(self._autocommit, job)))
+            return await self._in_thread(function)
         finally:
             self._slots.release()
 

@@ -45,7 +45,7 @@ from kbms.errors import StorageUnavailable
 from kbms.storage.base import PoolUsage
 from kbms.storage.feed import discard_changes, flush_changes, pending_changes
 from kbms.storage.sqlite.connect import BUSY_TIMEOUT_MS, make_engine, sqlite_path
-from kbms.storage.sqlite.failures import is_refused, is_unavailable
+from kbms.storage.sqlite.failures import is_unavailable
 from kbms.storage.sqlite.lock import FileIdentity, WriterLock, identity_of
 from kbms.storage.sqlite.syntax import FLAVOR
 from kbms.storage.statements import Sql
@@ -86,9 +86,8 @@ class SqliteStore(SqlStore):
         instead of waiting for the thread when it closes the store."""
         busy_timeout = BUSY_TIMEOUT_MS / 1000 if lock_wait is None else lock_wait
         self._writer_engine = make_engine(url, immediate=True, busy_timeout=busy_timeout)
-        super().__init__(
-            Sql(FLAVOR, self._writer_engine.dialect), is_refused=is_refused, refuses_values=False, clock=clock
-        )
+        # SQLite stores any value kbms writes (``failures.is_refused``): no test, and no savepoint per batch item.
+        super().__init__(Sql(FLAVOR, self._writer_engine.dialect), is_refused=None, clock=clock)
         self._max_batch = max_batch
         self._lock_timeout = lock_timeout
         self._path = sqlite_path(url)
