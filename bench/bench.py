@@ -39,7 +39,8 @@ from typing import Any
 
 from pgdb import database_url, postmaster_pid, reachable  # bench/pgdb.py, next to this file
 from pgdb import drop as drop_databases
-from scale import table as scale_table  # bench/scale.py, next to this file
+from scale import corpus as make_corpus  # bench/scale.py, next to this file
+from scale import table as scale_table
 
 HERE = Path(__file__).resolve().parent
 HARNESS = HERE / "harness"
@@ -122,11 +123,7 @@ def comparison_args(name: str, args: argparse.Namespace) -> list[str]:
 
 def harness_corpus(count: int) -> Path:
     """The harness's corpus (seed 1, as run.py makes it), once for every comparison and round."""
-    path = OUT / f"harness-corpus-{count}.ndjson"
-    if not path.exists():
-        generate = [str(PYTHON), str(HARNESS / "corpus.py"), "--n", str(count), "--seed", "1", "--out", str(path)]
-        subprocess.run(generate, check=True)  # noqa: S603 (our own interpreter and generator)
-    return path
+    return make_corpus(count, seed=1, name="harness-corpus")
 
 
 def harness_round(name: str, round_no: int, corpus: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -225,16 +222,13 @@ def harness(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
 
 
 def bulk_ingest(count: int) -> dict[str, Any]:
-    corpus = OUT / f"corpus-{count}.ndjson"
-    if not corpus.exists():
-        generate = [str(PYTHON), str(HARNESS / "corpus.py"), "--n", str(count), "--seed", "7", "--out", str(corpus)]
-        subprocess.run(generate, check=True)  # noqa: S603
+    source = make_corpus(count)
     with tempfile.TemporaryDirectory(prefix="kbms-bench-") as directory:
         url = f"sqlite:///{directory}/kbms.db"
         subprocess.run([str(KBMS), "migrate", "--database-url", url], check=True, capture_output=True)  # noqa: S603
         started = time.perf_counter()
         done = subprocess.run(  # noqa: S603
-            [str(KBMS), "ingest", str(corpus), "--database-url", url], capture_output=True, text=True
+            [str(KBMS), "ingest", str(source), "--database-url", url], capture_output=True, text=True
         )
         elapsed = time.perf_counter() - started
     if done.returncode != 0:

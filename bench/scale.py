@@ -66,10 +66,11 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def corpus(count: int) -> Path:
-    path = OUT / f"corpus-{count}.ndjson"
+def corpus(count: int, *, seed: int = 7, name: str = "corpus") -> Path:
+    """The harness generator's corpus of ``count`` conversations, made once and kept in ``bench/out``."""
+    path = OUT / f"{name}-{count}.ndjson"
     if not path.exists():
-        generate = [str(PYTHON), str(HARNESS / "corpus.py"), "--n", str(count), "--seed", "7", "--out", str(path)]
+        generate = [str(PYTHON), str(HARNESS / "corpus.py"), "--n", str(count), "--seed", str(seed), "--out", str(path)]
         subprocess.run(generate, check=True)  # noqa: S603 (our own interpreter and generator)
     return path
 
