@@ -59,3 +59,15 @@ def test_a_string_id_is_accepted_exactly_when_documented(text: str) -> None:
     except ValidationError:
         accepted = False
     assert ID_SCHEMA.is_valid(text) == accepted
+
+
+def test_the_document_lists_paths_as_the_routers_are_listed_not_as_they_are_matched(tmp_path: Path) -> None:
+    """Routes are matched busiest first (reads, ingestion) and the console's last; the document keeps the order of
+    ``create_app``'s routers: health, metrics, ingestion, webhooks, reads, sources."""
+    from kbms.api import create_app
+    from kbms.settings import Settings
+
+    paths = list(create_app(Settings(database_url=f"sqlite:///{tmp_path}/kbms.db")).openapi()["paths"])
+    firsts = ["/health", "/metrics", "/integrations/intercom/conversations", "/webhooks/intercom"]
+    assert [p for p in paths if p in firsts] == firsts
+    assert paths.index("/webhooks/intercom") < paths.index("/internal/conversations") < paths.index("/internal/sources")
