@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import re
 from pathlib import Path
@@ -116,6 +118,33 @@ def test_sending_a_batch_again_changes_nothing(client: TestClient, database_url:
     assert [r["id"] for r in first["results"]] == [r["id"] for r in again["results"]]
     assert all(r["deduplicated"] for r in again["results"])
     assert (stored(database_url), stored(database_url, ledger)) == (20, 20)
+
+
+def test_a_redaction_scrubs_the_raw_copy_an_earlier_line_of_its_batch_kept(
+    client: TestClient, database_url: str
+) -> None:
+    # Each line's ledger row learns its conversation at the end of the batch's transaction (with the commit, on
+    # PostgreSQL): the redaction must still find the first line's raw copy of the text, in the same transaction.
+    secret = "my card is 4242 4242 4242 4242"
+    original = intercom_payload("c9", updated_at=1_700_000_200, parts=[part("p1", f"<p>{secret}</p>")])
+    deleted = part("p1", "<p><i>This message was deleted</i></p>", updated_at=1_700_000_300, redacted=True)
+    redaction = intercom_payload("c9", updated_at=1_700_000_300, parts=[deleted])
+    # A batch applies one conversation's lines in the order of their delivery keys (the body's SHA-256): the
+    # original must come first, or it would be scrubbed before it is kept, another path.
+    for attempt in itertools.count():
+        if hashlib.sha256(dumps(original)).hexdigest() < hashlib.sha256(dumps(redaction)).hexdigest():
+            break
+        original["title"] = f"Card {attempt}"
+    response = client.post(BATCH, content=ndjson(original, redaction), headers=NDJSON)
+    assert [line["result"] for line in response.json()["results"]] == ["created", "updated"]
+    engine = admin_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            kept = conn.execute(select(ledger.c.body, ledger.c.outcome).order_by(ledger.c.pk)).all()
+    finally:
+        engine.dispose()
+    assert [outcome for _body, outcome in kept] == ["created", "updated"]
+    assert not [body for body, _outcome in kept if secret.encode() in body]
 
 
 def test_crlf_line_endings_and_media_type_parameters(client: TestClient) -> None:

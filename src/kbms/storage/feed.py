@@ -1,5 +1,6 @@
-"""The change feed and the search documents: recorded on the connection as a write goes, written at the end of
-its transaction (``flush_changes``), and forgotten when a write is rolled back to its savepoint.
+"""The change feed, the search documents and the ledger's settling updates: recorded on the connection as a write
+goes, written at the end of its transaction (``flush_changes``), and forgotten when a write is rolled back to its
+savepoint.
 
 A conversation's tags are written at once (``write_index``); only its search document may take the side channel, on
 the engines that defer it (``SqlFlavor.defer_documents``: SQLite).
@@ -13,9 +14,9 @@ from kbms.merge import ConversationState
 from kbms.storage.state import Index
 from kbms.storage.statements import Sql
 
-# The change feed and the search documents. A write records them on its connection as it goes; the store writes
-# them at the end of the transaction, with ``flush_changes``, and drops those of a write rolled back to its
-# savepoint (``discard_changes``).
+# The change feed, the search documents and the ledger's settling updates. A write records them on its connection
+# as it goes; the store writes them at the end of the transaction, with ``flush_changes``, and drops those of a
+# write rolled back to its savepoint (``discard_changes``).
 # - The feed, at the end: on PostgreSQL the rows are numbered under a lock held until the commit, so the numbering
 #   is the commit order (see ``flush_changes``); taking that lock last means a transaction holding it never waits
 #   for anything else, and cannot deadlock with one that holds a row it needs.
@@ -23,9 +24,13 @@ from kbms.storage.statements import Sql
 #   savepoint, and a statement that needs a statement journal opens one. Inline, every write of a batch flushed
 #   its own small index segment (and the ledger's settling UPDATE, checked against its foreign key, paid about
 #   65 us for it, profiled); at the end, the batch's documents go into one segment.
+# - The ledger's settling updates (a delivery's outcome and conversation), at the end: on PostgreSQL they then go in
+#   the commit's round trip, one fewer per write. Within
+#   the transaction, only ``settled_ledger`` reads what they write; it runs them first.
 PENDING_CHANGES = "kbms.pending_changes"
 PENDING_DOCUMENTS = "kbms.pending_documents"
-Mark = tuple[int, int]
+PENDING_SETTLES = "kbms.pending_settles"
+Mark = tuple[int, int, int]
 
 
 def record_change(conn: Connection, state: ConversationState, action: str, now: int) -> None:
@@ -39,6 +44,21 @@ def record_change(conn: Connection, state: ConversationState, action: str, now: 
         "changed_at": now,
     }
     conn.info.setdefault(PENDING_CHANGES, []).append(row)
+
+
+def settle_later(conn: Connection, claim: int, outcome: str, conversation_pk: int | None) -> None:
+    """Record a claimed ledger row's outcome and conversation, written at the end of the transaction."""
+    row = {"b_pk": claim, "outcome": outcome, "conversation_pk": conversation_pk}
+    conn.info.setdefault(PENDING_SETTLES, []).append(row)
+
+
+def settled_ledger(sql: Sql, conn: Connection) -> None:
+    """Write the settling updates recorded so far, before a statement of this transaction reads the ledger's
+    outcomes or conversations. They stay recorded, and are written again at the end (the same values): rolling the
+    current write back to its savepoint undoes them all, and forgets only that write's own."""
+    rows = conn.info.get(PENDING_SETTLES)
+    if rows:
+        sql.run_many(conn, sql.settle, rows)
 
 
 def write_index(sql: Sql, conn: Connection, pk: int, index: Index | None, *, fresh: bool) -> None:
@@ -64,17 +84,23 @@ def write_index(sql: Sql, conn: Connection, pk: int, index: Index | None, *, fre
 
 def pending_changes(conn: Connection) -> Mark:
     """How much this transaction has recorded so far (a mark for ``discard_changes``)."""
-    return len(conn.info.get(PENDING_CHANGES, ())), len(conn.info.get(PENDING_DOCUMENTS, ()))
+    info = conn.info
+    return (
+        len(info.get(PENDING_CHANGES, ())),
+        len(info.get(PENDING_DOCUMENTS, ())),
+        len(info.get(PENDING_SETTLES, ())),
+    )
 
 
-def discard_changes(conn: Connection, mark: Mark = (0, 0)) -> None:
+def discard_changes(conn: Connection, mark: Mark = (0, 0, 0)) -> None:
     """Forget what was recorded after ``mark`` (its write was rolled back)."""
     del conn.info.setdefault(PENDING_CHANGES, [])[mark[0] :]
     del conn.info.setdefault(PENDING_DOCUMENTS, [])[mark[1] :]
+    del conn.info.setdefault(PENDING_SETTLES, [])[mark[2] :]
 
 
 def flush_changes(sql: Sql, conn: Connection) -> None:
-    """Write the recorded search documents and changes; the last statements of a write transaction.
+    """Write the recorded ledger outcomes, search documents and changes; the last statements of a write transaction.
 
     On PostgreSQL, sequence values are handed out in one order and transactions commit in another, so a reader
     following ``seq`` could pass a number whose transaction commits later, and miss it for good. Here every writer
@@ -83,6 +109,10 @@ def flush_changes(sql: Sql, conn: Connection) -> None:
     releases the transaction's locks), so numbers become visible in increasing order and a reader that has seen
     ``seq`` n will never later see a smaller one (``sql.feed_lock``). SQLite has one writer at a time already.
     """
+    settles = conn.info.get(PENDING_SETTLES)
+    if settles:
+        sql.run_many(conn, sql.settle, settles)
+        settles.clear()
     documents = conn.info.get(PENDING_DOCUMENTS)
     if documents:
         # The last document of each conversation wins; one that existed before this transaction is removed first.

@@ -19,7 +19,7 @@ from kbms.deliveries import Applied, Delivery
 from kbms.errors import FieldIssue, describe
 from kbms.merge import ConversationState
 from kbms.model import Change, Conversation, ConversationSnapshot, Message, Redactor, micros
-from kbms.storage.feed import record_change, write_index
+from kbms.storage.feed import record_change, settle_later, settled_ledger, write_index
 from kbms.storage.rows import conversation_values
 from kbms.storage.state import Creation, Index, load_state, prepare, write_children
 from kbms.storage.statements import CHILD_TABLES, Sql, key_params
@@ -82,8 +82,7 @@ class WriteTransaction:
         return _record(self._sql, self._conn, delivery, outcome="pending", error=None)
 
     def settle(self, claim: int, outcome: str, conversation_pk: int | None) -> None:
-        params = {"outcome": outcome, "conversation_pk": conversation_pk, "b_pk": claim}
-        self._sql.run(self._conn, self._sql.settle, params)
+        settle_later(self._conn, claim, outcome, conversation_pk)
 
     def stored_id(self, change: Change) -> str | None:
         existing = self._sql.run(self._conn, self._sql.conversation_id, key_params(change)).fetchone()
@@ -155,6 +154,7 @@ class WriteTransaction:
 
     def redactable_bodies(self, pk: int, change: Change) -> Iterator[tuple[int, bytes]]:
         params = {"b_pk": pk, "b_provider": change.provider, "b_workspace": change.workspace}
+        settled_ledger(self._sql, self._conn)  # this batch's earlier deliveries of the conversation are found by it
         return _stream(self._sql.run(self._conn, self._sql.redactable_bodies, params))
 
     def rewrite_body(self, ledger_pk: int, body: bytes) -> None:
