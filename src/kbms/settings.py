@@ -42,7 +42,7 @@ class Settings(BaseSettings):
         gt=0,
         le=300,
         description="Seconds a request waits on the database (SQLite: for the write lock; PostgreSQL: for its "
-        "transaction) before a 503",
+        "transaction, a batch's once per 100 lines) before a 503",
     )
     workers: int = Field(default=1, ge=1, le=64, description="HTTP worker processes of `kbms serve`")
     allow_unsigned_webhooks: bool = Field(

@@ -143,9 +143,10 @@ def test_workspace_option_is_validated(tmp_path: Path, database_url: str) -> Non
 
 
 def test_large_files_are_spread_over_worker_processes(
-    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """Workers ingest chunks in any order; the database ends up as one process would leave it."""
+    """Workers ingest chunks in any order; the database ends up as one process would leave it; and they end
+    quietly (they write to this process's standard error, which capfd holds)."""
     lines = []
     for i in range(30):
         lines.append(json.dumps(intercom_payload(f"c{i % 12}", updated_at=1_700_000_000 + i, parts=[part(f"p{i}")])))
@@ -163,6 +164,7 @@ def test_large_files_are_spread_over_worker_processes(
         "line 16: rejected: Malformed JSON body",
         "line 27: rejected: Malformed JSON body",
     ]
+    assert capfd.readouterr().err == ""
 
     alone = migrate(f"sqlite:///{tmp_path / 'alone.db'}")
     assert kbms("ingest", str(path), "--jobs", "1", "--database-url", alone)[0] == 1

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from kbms.deliveries import Applied, Delivery, Pending
-from kbms.errors import FieldIssue
+from kbms.errors import FieldIssue, ValidationFailed
 from kbms.model import ConversationDeletion, ConversationSnapshot, micros
 from kbms.providers import get_provider
 from kbms.storage import Store, admin_engine
@@ -247,3 +247,20 @@ async def test_a_document_the_engine_refuses_fails_its_own_write_only(store: Sto
     kinds = [type(result).__name__ for result in applied]
     assert kinds == ["Applied", "ValidationFailed" if refused else "Applied", "Applied"]
     assert count(database_url, conversations) == (2 if refused else 3)
+
+
+async def test_a_document_the_engine_refuses_fails_a_write_alone_whole(store: Store, database_url: str) -> None:
+    """One ingestion on PostgreSQL sends its children, tags and search document with the COMMIT: a refusal found
+    there still fails the write with its 422 issue, leaves nothing of it, and the store goes on writing."""
+    words = "<p>" + " ".join(f"x{i:06d}" for i in range(100_000)) + "</p>"
+    big = intercom_payload("c-big", parts=[part("p1", words), part("p2", words.replace("x", "y"))])
+    refused = database_url.startswith("postgresql")
+    if refused:
+        with pytest.raises(ValidationFailed) as failure:
+            await put(store, big)
+        assert failure.value.issues[0].issue == "unstorable_value"
+        assert [count(database_url, table) for table in (conversations, messages, ledger)] == [0, 0, 0]
+    else:
+        assert (await put(store, big)).result == "created"
+    assert (await put(store, intercom_payload("c-after", parts=[part("p1")]))).result == "created"
+    assert count(database_url, conversations) == (1 if refused else 2)

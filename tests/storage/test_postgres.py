@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +16,8 @@ from sqlalchemy import text
 
 from kbms.api import create_app
 from kbms.deliveries import Delivery
-from kbms.errors import ValidationFailed
-from kbms.ingest import Refused, ingest_batch
+from kbms.errors import StorageUnavailable, ValidationFailed
+from kbms.ingest import Refused, ingest_batch, ingest_push
 from kbms.providers import get_provider
 from kbms.providers.intercom.signature import sign
 from kbms.settings import Settings
@@ -246,6 +247,66 @@ async def test_a_failed_commit_leaves_the_pooled_connection_usable(
         assert [type(o).__name__ for o in outcomes] == ["IngestOutcome"]
         page = await store.list_conversations(limit=10, cursor=None)
         assert [item.external_id for item in page.items] == ["second"]
+    finally:
+        await store.close()
+
+
+async def test_one_ingestion_sends_what_it_reads_nothing_back_from_with_the_commit(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write alone in its transaction keeps its children, tags, search document and ledger outcome for the
+    commit's round trip; a batch writes them as it goes, inside each line's savepoint."""
+    from kbms.storage import feed
+    from kbms.storage.postgres import store as postgres_store
+    from kbms.storage.statements import Sql
+
+    flushing: list[bool] = []
+    seen: list[tuple[str, bool]] = []  # (what was written, whether by the end-of-transaction flush)
+    original_flush, original_run_many = feed.flush_changes, Sql.run_many
+
+    def flush(sql: Sql, conn: object) -> None:
+        flushing.append(True)
+        try:
+            original_flush(sql, conn)  # type: ignore[arg-type]
+        finally:
+            flushing.pop()
+
+    def run_many(self: Sql, conn: object, statement: object, rows: list[dict[str, object]]) -> None:
+        name = getattr(getattr(statement, "table", None), "name", type(statement).__name__)
+        seen.append((name, bool(flushing)))
+        original_run_many(self, conn, statement, rows)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(postgres_store, "flush_changes", flush)
+    monkeypatch.setattr(Sql, "run_many", run_many)
+    store = open_store(Settings(database_url=postgres_url))
+    provider = get_provider("intercom")
+    payload = intercom_payload("alone", parts=[part("p1")], tags={"tags": [{"name": "vip"}]})
+    try:
+        await ingest_push(store, provider, json.dumps(payload).encode(), workspace=None)
+        alone, seen[:] = list(seen), []
+        await ingest_batch(store, provider, [json.dumps(intercom_payload(n)).encode() for n in "ab"], workspace=None)
+        in_batch = list(seen)
+    finally:
+        await store.close()
+    written = {name for name, _ in alone}
+    assert {"participants", "messages", "conversation_tags", "ledger", "changes"} <= written
+    assert all(at_commit for _name, at_commit in alone)
+    assert [name for name, at_commit in in_batch if not at_commit] == ["participants", "messages"] * 2
+
+
+async def test_a_batch_may_take_the_database_timeout_once_per_hundred_lines(postgres_url: str) -> None:
+    """KBMS_DB_TIMEOUT bounds a batch's transaction once per 100 of its lines: `kbms ingest` writes 500 a
+    transaction, and a single bound failed it whenever the server slowed down (here: a 1 s job, a 0.5 s timeout)."""
+    store = open_store(Settings(database_url=postgres_url, db_timeout=0.5))
+
+    def slow(conn: object) -> str:
+        time.sleep(1)
+        return "committed"
+
+    try:
+        assert await store._write_many(slow, lines=500) == "committed"  # type: ignore[attr-defined]
+        with pytest.raises(StorageUnavailable):
+            await store._write(slow)  # type: ignore[attr-defined]
     finally:
         await store.close()
 

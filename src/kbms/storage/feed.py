@@ -8,11 +8,16 @@ the engines that defer it (``SqlFlavor.defer_documents``: SQLite).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any
+
 from sqlalchemy import Connection
 
 from kbms.merge import ConversationState
-from kbms.storage.state import Index
 from kbms.storage.statements import Sql
+
+if TYPE_CHECKING:  # kbms.storage.state writes through this module
+    from kbms.storage.state import Index
 
 # The change feed, the search documents and the ledger's settling updates. A write records them on its connection
 # as it goes; the store writes them at the end of the transaction, with ``flush_changes``, and drops those of a
@@ -27,10 +32,39 @@ from kbms.storage.statements import Sql
 # - The ledger's settling updates (a delivery's outcome and conversation), at the end: on PostgreSQL they then go in
 #   the commit's round trip, one fewer per write. Within
 #   the transaction, only ``settled_ledger`` reads what they write; it runs them first.
+# - On PostgreSQL, a write alone in its transaction (``writing_alone``) keeps all its statements that read nothing back
+#   (a conversation's children, its row, tags and search document) until the commit, and they go in its round trip
+#   too: a new conversation then costs three round trips in its transaction (claim, create, commit). Batches write
+#   them at once, within each write's savepoint, where a value PostgreSQL refuses fails that write alone.
 PENDING_CHANGES = "kbms.pending_changes"
 PENDING_DOCUMENTS = "kbms.pending_documents"
 PENDING_SETTLES = "kbms.pending_settles"
+PENDING_WRITES = "kbms.pending_writes"  # present only while a write alone is under way (``writing_alone``)
 Mark = tuple[int, int, int]
+
+
+def writing_alone(sql: Sql, conn: Connection) -> None:
+    """This transaction holds one write and no savepoint: where the engine has round trips to save
+    (``SqlFlavor.late_writes``), what it reads nothing back from waits for the commit (``write``)."""
+    if sql.late_writes:
+        conn.info[PENDING_WRITES] = []
+
+
+def write(sql: Sql, conn: Connection, statement: Any, params: dict[str, Any] | list[dict[str, Any]]) -> None:
+    """A statement whose result nobody reads (``params``: a list for many rows): at once, or at the commit, in
+    order, for a write alone (``writing_alone``)."""
+    pending = conn.info.get(PENDING_WRITES)
+    if pending is not None:
+        pending.append((statement, params))
+    elif isinstance(params, list):
+        sql.run_many(conn, statement, params)
+    else:
+        sql.run(conn, statement, params)
+
+
+def together(sql: Sql, conn: Connection) -> AbstractContextManager[object]:
+    """A block of ``write``s in one round trip: nothing to do when they wait for the commit anyway."""
+    return nullcontext() if PENDING_WRITES in conn.info else sql.pipelined(conn)
 
 
 def record_change(conn: Connection, state: ConversationState, action: str, now: int) -> None:
@@ -70,16 +104,16 @@ def write_index(sql: Sql, conn: Connection, pk: int, index: Index | None, *, fre
     write alone, not its whole batch.
     """
     if not fresh:
-        sql.run(conn, sql.untag, {"b_pk": pk})
+        write(sql, conn, sql.untag, {"b_pk": pk})
     if index is not None and index.tags:
-        sql.run_many(conn, sql.tag, [{"conversation_pk": pk, "tag": tag} for tag in index.tags])
+        write(sql, conn, sql.tag, [{"conversation_pk": pk, "tag": tag} for tag in index.tags])
     if sql.defer_documents:
         conn.info.setdefault(PENDING_DOCUMENTS, []).append((pk, None if index is None else index.document, fresh))
         return
     if not fresh:
-        sql.run(conn, sql.unindex, {"b_pk": pk})
+        write(sql, conn, sql.unindex, {"b_pk": pk})
     if index is not None:
-        sql.run(conn, sql.index_document, {"b_pk": pk, "b_document": index.document})
+        write(sql, conn, sql.index_document, {"b_pk": pk, "b_document": index.document})
 
 
 def pending_changes(conn: Connection) -> Mark:
@@ -97,6 +131,8 @@ def discard_changes(conn: Connection, mark: Mark = (0, 0, 0)) -> None:
     del conn.info.setdefault(PENDING_CHANGES, [])[mark[0] :]
     del conn.info.setdefault(PENDING_DOCUMENTS, [])[mark[1] :]
     del conn.info.setdefault(PENDING_SETTLES, [])[mark[2] :]
+    if mark == (0, 0, 0):  # the whole transaction: a write alone is gone too (a savepoint never holds one)
+        conn.info.pop(PENDING_WRITES, None)
 
 
 def flush_changes(sql: Sql, conn: Connection) -> None:
@@ -109,6 +145,9 @@ def flush_changes(sql: Sql, conn: Connection) -> None:
     releases the transaction's locks), so numbers become visible in increasing order and a reader that has seen
     ``seq`` n will never later see a smaller one (``sql.feed_lock``). SQLite has one writer at a time already.
     """
+    writes = conn.info.pop(PENDING_WRITES, None)
+    for statement, params in writes or ():
+        write(sql, conn, statement, params)
     settles = conn.info.get(PENDING_SETTLES)
     if settles:
         sql.run_many(conn, sql.settle, settles)

@@ -15,6 +15,7 @@ from sqlalchemy import Connection, RowMapping, Table
 from kbms import lifecycle, search
 from kbms.merge import ConversationState
 from kbms.model import Conversation, ConversationSnapshot
+from kbms.storage.feed import write
 from kbms.storage.rows import (
     conversation_values,
     decode_registers,
@@ -86,7 +87,7 @@ def write_children(
         if values:
             _load, insert, upsert = sql.children[table]
             # A fresh conversation has no children yet: a plain insert is enough (and cheaper).
-            sql.run_many(conn, insert if fresh else upsert, values)
+            write(sql, conn, insert if fresh else upsert, values)
 
 
 def load_state(sql: Sql, conn: Connection, key: dict[str, str]) -> tuple[int, ConversationState]:

@@ -67,6 +67,10 @@ class SqlFlavor:
     # A block of statements whose results nobody reads, sent together: one round trip to a server (PostgreSQL's
     # pipeline mode) instead of one each; an error surfaces by the block's end at the latest.
     pipelined: Callable[[Connection], AbstractContextManager[object]]
+    # True: a write alone in its transaction (one ingestion) keeps the statements it reads nothing back from until
+    # the commit, and they go in the commit's block (``feed.write``). False: they run at once, since a round trip
+    # costs nothing in process.
+    late_writes: bool
     # What refreshes the planner's statistics of the tables lists and searches read, after a bulk load (``kbms
     # ingest``); None: the engine plans those reads without them.
     analyze: TextClause | None
@@ -220,6 +224,7 @@ class Sql:
         self.search_query = flavor.search_query
         self.feed_lock = flavor.feed_lock
         self.pipelined = flavor.pipelined
+        self.late_writes = flavor.late_writes
         self.analyze = flavor.analyze
         self._statements: dict[tuple[object, ...], Any] = {}
 

@@ -92,6 +92,16 @@ class SqlStore(SyncStateStore, abc.ABC):
     async def _read(self, job: Job[T]) -> T:
         """Run ``job`` on a connection that sees committed data (a short, bounded read)."""
 
+    async def _write_many(self, job: Job[T], *, lines: int) -> T:
+        """``_write`` of a job of ``lines`` writes (a batch): backends that bound a transaction's time bound it by
+        its size."""
+        return await self._write(job)
+
+    async def _write_alone(self, job: Job[T]) -> T:
+        """``_write`` of a job that is one write (one delivery): backends that give it a transaction of its own may
+        send its statements with the commit (``feed.writing_alone``)."""
+        return await self._write(job)
+
     async def _lookup(self, job: Job[T]) -> T:
         """A read of one statement (a ledger lookup, a detail): it sees one snapshot without a transaction, which
         backends may spare it."""
@@ -114,7 +124,7 @@ class SqlStore(SyncStateStore, abc.ABC):
             redact=redact,
             creation=creation,
         )
-        return await self._write(job)
+        return await self._write_alone(job)
 
     async def ingest_many(
         self, items: Sequence[Pending], *, redact: Redactor | None = None
@@ -156,7 +166,7 @@ class SqlStore(SyncStateStore, abc.ABC):
                 cursor.execute("RELEASE item")
             return results
 
-        return await self._write(job)
+        return await self._write_many(job, lines=len(items))
 
     async def reject(self, delivery: Delivery, issues: list[FieldIssue]) -> None:
         await self._write(partial(writes.record_rejection, self._sql, delivery=delivery, issues=issues))

@@ -19,7 +19,7 @@ from kbms.deliveries import Applied, Delivery
 from kbms.errors import FieldIssue, describe
 from kbms.merge import ConversationState
 from kbms.model import Change, Conversation, ConversationSnapshot, Message, Redactor, micros
-from kbms.storage.feed import record_change, settle_later, settled_ledger, write_index
+from kbms.storage.feed import record_change, settle_later, settled_ledger, together, write, write_index
 from kbms.storage.rows import conversation_values
 from kbms.storage.state import Creation, Index, load_state, prepare, write_children
 from kbms.storage.statements import CHILD_TABLES, Sql, key_params
@@ -95,13 +95,13 @@ class WriteTransaction:
         if row is None:
             return None
         pk = int(row[0])
-        with sql.pipelined(conn):  # nothing here is read back: one round trip
+        with together(sql, conn):  # nothing here is read back: one round trip
             for (table, _keys), rows in zip(CHILD_TABLES, new.children, strict=True):
                 if rows:
                     for child in rows:
                         child["conversation_pk"] = pk  # the rows are this write's own (a retry sets them again)
                     # A fresh conversation has no children yet: a plain insert is enough (and cheaper).
-                    sql.run_many(conn, sql.children[table][1], rows)
+                    write(sql, conn, sql.children[table][1], rows)
             write_index(sql, conn, pk, new.index, fresh=True)
         return pk, new.state
 
@@ -124,7 +124,7 @@ class WriteTransaction:
     ) -> None:
         sql, conn = self._sql, self._conn
         write_children(sql, conn, pk, state, participants, messages, events, fresh=False)
-        sql.run(conn, sql.save, {**conversation_values(state, changed_at=self._now, detail=detail), "b_pk": pk})
+        write(sql, conn, sql.save, {**conversation_values(state, changed_at=self._now, detail=detail), "b_pk": pk})
 
     def bury(self, pk: int, state: ConversationState) -> None:
         sql, conn = self._sql, self._conn

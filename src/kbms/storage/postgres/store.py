@@ -25,9 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
@@ -40,7 +41,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from kbms.errors import StorageUnavailable
 from kbms.storage.base import PoolUsage
-from kbms.storage.feed import discard_changes, flush_changes
+from kbms.storage.feed import discard_changes, flush_changes, writing_alone
 from kbms.storage.postgres.connect import make_engine
 from kbms.storage.postgres.failures import is_refused, is_unavailable
 from kbms.storage.postgres.syntax import FLAVOR
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 RETRIED_SQLSTATES = frozenset(("40001", "40P01"))  # serialization_failure, deadlock_detected
 ATTEMPTS = 3
+LINES_PER_TIMEOUT = 100  # a batch's lines per KBMS_DB_TIMEOUT (see _write_many): about 0.6 s of work here
 EXPORT_IDLE_MS = 600_000
 
 
@@ -77,9 +79,20 @@ class PostgresStore(SqlStore):
         self._pool_size = pool_size
         self._slots = anyio.Semaphore(pool_size)
         self._threads = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="kbms-postgres")
+        self._jobs: set[Future[Any]] = set()  # submitted to the threads and not yet done
 
     async def _write(self, job: Job[T]) -> T:
         return await self._run(job)
+
+    async def _write_alone(self, job: Job[T]) -> T:
+        return await self._in_slot(partial(self._transaction, job, alone=True))
+
+    async def _write_many(self, job: Job[T], *, lines: int) -> T:
+        # A batch's transaction takes as long as its lines need: KBMS_DB_TIMEOUT bounds each LINES_PER_TIMEOUT of
+        # them. A single bound made `kbms ingest` (500 lines a transaction, about 3 s here with two workers) fail
+        # whenever the server slowed down, and always on a slower one.
+        seconds = self._answer_timeout * max(1, math.ceil(lines / LINES_PER_TIMEOUT))
+        return await self._in_slot(partial(self._transaction, job), seconds=seconds)
 
     async def _read(self, job: Job[T]) -> T:
         return await self._run(job)
@@ -91,10 +104,10 @@ class PostgresStore(SqlStore):
         # One statement needs no transaction: in autocommit, no COMMIT (a round trip each, and the server's work).
         return await self._in_slot(partial(self._call, partial(self._autocommit, job)))
 
-    async def _in_slot(self, function: Callable[[], T]) -> T:
+    async def _in_slot(self, function: Callable[[], T], *, seconds: float | None = None) -> T:
         await self._take_slot()
         try:
-            return await self._in_thread(function)
+            return await self._in_thread(function, self._answer_timeout if seconds is None else seconds)
         finally:
             self._slots.release()
 
@@ -115,30 +128,36 @@ class PostgresStore(SqlStore):
         except TimeoutError:
             raise StorageUnavailable("Database busy: no connection free") from None
 
-    async def _in_thread(self, function: Callable[[], T]) -> T:
-        """``function()`` in a worker thread, answered within ``answer_timeout`` (see the module's docstring).
+    async def _in_thread(self, function: Callable[[], T], seconds: float) -> T:
+        """``function()`` in a worker thread, answered within ``seconds`` (see the module's docstring).
 
-        asyncio's executor rather than ``anyio.to_thread``, whose limiter, cancel scope and backend lookup were
+        The store's executor rather than ``anyio.to_thread``, whose limiter, cancel scope and backend lookup were
         the main thread's largest cost after parsing on PostgreSQL (py-spy). Cancelling the wait abandons the
-        thread, as above: it finishes on its own, and its result is dropped.
+        thread, as above: it finishes on its own, and its result is dropped (``close`` waits for it).
         """
-        timeout = asyncio.timeout(self._answer_timeout)
+        timeout = asyncio.timeout(seconds)
+        job = self._threads.submit(function)
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
         try:
             async with timeout:
-                return await asyncio.get_running_loop().run_in_executor(self._threads, function)
+                return await asyncio.wrap_future(job)
         except TimeoutError:
             if timeout.expired():
                 raise StorageUnavailable("Database did not answer in time") from None
             raise
 
-    def _transaction(self, job: Job[T]) -> T:
+    def _transaction(self, job: Job[T], *, alone: bool = False) -> T:
+        """``job`` in a transaction, committed; ``alone``: the job is one write (see ``feed.writing_alone``)."""
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 with self._engine.begin() as conn:
                     discard_changes(conn)  # whatever an earlier, failed attempt left on this connection
+                    if alone:
+                        writing_alone(self._sql, conn)
                     result = job(conn)
-                    # Last: numbered in commit order (see flush_changes). The feed's lock and rows and the COMMIT
-                    # go in one round trip.
+                    # Last: numbered in commit order (see flush_changes). What the job kept for the commit, the
+                    # feed's lock and rows and the COMMIT go in one round trip.
                     try:
                         with self._sql.pipelined(conn):
                             flush_changes(self._sql, conn)
@@ -174,17 +193,17 @@ class PostgresStore(SqlStore):
             return opened
 
         try:
-            conn = await self._in_thread(partial(self._call, begin))
+            conn = await self._in_thread(partial(self._call, begin), self._answer_timeout)
 
             async def run(job: Job[T]) -> T:
-                return await self._in_thread(partial(self._call, partial(job, conn)))
+                return await self._in_thread(partial(self._call, partial(job, conn)), self._answer_timeout)
 
             yield run
         finally:
             opened = handoff.release()
             if opened is not None:
                 with contextlib.suppress(StorageUnavailable):
-                    await self._in_thread(opened.close)
+                    await self._in_thread(opened.close, self._answer_timeout)
             self._slots.release()
 
     def _call(self, function: Callable[[], T]) -> T:
@@ -206,11 +225,11 @@ class PostgresStore(SqlStore):
         # Jobs not started yet are dropped, and those running are waited for (as long as one may take to answer):
         # a job left running, or one started after close, would use the database after its owner let it go (a test
         # dropping its schema met one mid-query: a deadlock). A thread stuck on a frozen server is left behind.
-        waiting = asyncio.get_running_loop().run_in_executor(
-            None, partial(self._threads.shutdown, wait=True, cancel_futures=True)
-        )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(waiting, self._answer_timeout)
+        # No thread is asked to wait: at interpreter exit (a backfill worker closes its store then) none can start.
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        running = [asyncio.wrap_future(job) for job in list(self._jobs) if not job.done()]
+        if running:
+            await asyncio.wait(running, timeout=self._answer_timeout)
         self._engine.dispose()
 
 

@@ -57,6 +57,7 @@ FLAVOR = SqlFlavor(
     # numbers under one transaction-scoped lock (see kbms.storage.feed.flush_changes).
     feed_lock=text(f"SELECT pg_advisory_xact_lock({FEED_LOCK})"),
     pipelined=pipelined,
+    late_writes=True,
     # Right after a bulk load, before autovacuum has analyzed the tables, the planner guessed 500 rows for a common
     # word and ranked all its matches (160 ms at 100,000 conversations) instead of walking the newest (6.5 ms).
     analyze=text("ANALYZE conversations, search_documents"),

@@ -40,5 +40,6 @@ FLAVOR = SqlFlavor(
     search_query=fts5_query,
     feed_lock=None,  # one writer at a time
     pipelined=lambda _conn: nullcontext(),  # in process: no round trips to save
+    late_writes=False,
     analyze=None,  # lists and searches take their index whatever the statistics (FTS5 for searches)
 )
