@@ -295,8 +295,9 @@ async def test_one_ingestion_sends_what_it_reads_nothing_back_from_with_the_comm
 
 
 async def test_a_batch_may_take_the_database_timeout_once_per_hundred_lines(postgres_url: str) -> None:
-    """KBMS_DB_TIMEOUT bounds a batch's transaction once per 100 of its lines: `kbms ingest` writes 500 a
-    transaction, and a single bound failed it whenever the server slowed down (here: a 1 s job, a 0.5 s timeout)."""
+    """KBMS_DB_TIMEOUT bounds a batch's transaction, and its ledger lookup, once per 100 of its lines: `kbms ingest`
+    writes 500 a transaction, and a single bound failed it whenever the server slowed down (here: a 1 s job, a 0.5 s
+    timeout)."""
     store = open_store(Settings(database_url=postgres_url, db_timeout=0.5))
 
     def slow(conn: object) -> str:
@@ -305,6 +306,7 @@ async def test_a_batch_may_take_the_database_timeout_once_per_hundred_lines(post
 
     try:
         assert await store._write_many(slow, lines=500) == "committed"  # type: ignore[attr-defined]
+        assert await store._read_many(slow, lines=500) == "committed"  # type: ignore[attr-defined]
         with pytest.raises(StorageUnavailable):
             await store._write(slow)  # type: ignore[attr-defined]
     finally:

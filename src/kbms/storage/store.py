@@ -97,6 +97,10 @@ class SqlStore(SyncStateStore, abc.ABC):
         its size."""
         return await self._write(job)
 
+    async def _read_many(self, job: Job[T], *, lines: int) -> T:
+        """``_read`` of a job about ``lines`` items at once (a batch's ledger lookup): bounded by its size too."""
+        return await self._read(job)
+
     async def _write_alone(self, job: Job[T]) -> T:
         """``_write`` of a job that is one write (one delivery): backends that give it a transaction of its own may
         send its statements with the commit (``feed.writing_alone``)."""
@@ -202,7 +206,8 @@ class SqlStore(SyncStateStore, abc.ABC):
     async def find_deliveries(self, provider: str, delivery_keys: Sequence[str]) -> dict[str, KnownDelivery]:
         if not delivery_keys:
             return {}
-        return await self._read(partial(reads.find_deliveries, self._sql, provider=provider, keys=delivery_keys))
+        job = partial(reads.find_deliveries, self._sql, provider=provider, keys=delivery_keys)
+        return await self._read_many(job, lines=len(delivery_keys))
 
     async def get_conversation(self, conversation_id: str) -> Conversation | None:
         return await self._read(partial(reads.get_detail, self._sql, conversation_id=conversation_id))
