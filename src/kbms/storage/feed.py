@@ -30,8 +30,8 @@ if TYPE_CHECKING:  # kbms.storage.state writes through this module
 #   its own small index segment (and the ledger's settling UPDATE, checked against its foreign key, paid about
 #   65 us for it, profiled); at the end, the batch's documents go into one segment.
 # - The ledger's settling updates (a delivery's outcome and conversation), at the end: on PostgreSQL they then go in
-#   the commit's round trip, one fewer per write. Within
-#   the transaction, only ``settled_ledger`` reads what they write; it runs them first.
+#   the commit's round trip, one fewer per write. Within the transaction, only a redaction's search for the raw
+#   copies of a conversation reads what they write; it runs them first (``settled_ledger``).
 # - On PostgreSQL, a write alone in its transaction (``writing_alone``) keeps all its statements that read nothing back
 #   (a conversation's children, its row, tags and search document) until the commit, and they go in its round trip
 #   too: a new conversation then costs three round trips in its transaction (claim, create, commit). Batches write
