@@ -148,10 +148,8 @@ def flush_changes(sql: Sql, conn: Connection) -> None:
     writes = conn.info.pop(PENDING_WRITES, None)
     for statement, params in writes or ():
         write(sql, conn, statement, params)
-    settles = conn.info.get(PENDING_SETTLES)
-    if settles:
-        sql.run_many(conn, sql.settle, settles)
-        settles.clear()
+    settled_ledger(sql, conn)
+    conn.info.get(PENDING_SETTLES, []).clear()
     documents = conn.info.get(PENDING_DOCUMENTS)
     if documents:
         # The last document of each conversation wins; one that existed before this transaction is removed first.

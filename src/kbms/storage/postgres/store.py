@@ -91,13 +91,10 @@ class PostgresStore(SqlStore):
         # A batch's transaction takes as long as its lines need: KBMS_DB_TIMEOUT bounds each LINES_PER_TIMEOUT of
         # them. A single bound made `kbms ingest` (500 lines a transaction, about 3 s here with two workers) fail
         # whenever the server slowed down, and always on a slower one.
-        return await self._in_slot(partial(self._transaction, job), seconds=self._for_lines(lines))
+        seconds = self._answer_timeout * max(1, math.ceil(lines / LINES_PER_TIMEOUT))
+        return await self._in_slot(partial(self._transaction, job), seconds=seconds)
 
-    async def _read_many(self, job: Job[T], *, lines: int) -> T:
-        return await self._in_slot(partial(self._transaction, job), seconds=self._for_lines(lines))
-
-    def _for_lines(self, lines: int) -> float:
-        return self._answer_timeout * max(1, math.ceil(lines / LINES_PER_TIMEOUT))
+    _read_many = _write_many  # a batch's ledger lookup: a transaction too, bounded the same way
 
     async def _read(self, job: Job[T]) -> T:
         return await self._run(job)
